@@ -1,0 +1,52 @@
+//! Raft wiring: the openraft type configuration, the codec for what crosses
+//! the wire, and the peer network over gRPC (client side in [`network`],
+//! server side in [`service`]).
+//!
+//! Log entries carry [`crate::scheduler::Command`] as plain serde data; the
+//! peer protocol sends openraft's own messages encoded by [`codec`] inside a
+//! `bytes` field, so protobuf never reaches the scheduler or the stores.
+
+pub mod codec;
+pub mod network;
+pub mod service;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{Command, Response};
+use crate::storage::{SnapshotFile, StateMachineStore};
+
+/// What the cluster knows about each member: where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    /// The client API address, used to forward writes to the leader.
+    pub api_addr: String,
+    /// The peer (Raft) address.
+    pub raft_addr: String,
+}
+
+impl fmt::Display for PeerNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "api={} raft={}", self.api_addr, self.raft_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of taskraft.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = PeerNode,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+pub type Membership = openraft::Membership<NodeId, PeerNode>;

@@ -1,0 +1,1 @@
+//! Client side of the peer network (placeholder until written below).

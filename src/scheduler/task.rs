@@ -1,0 +1,188 @@
+//! The task model: what a user submits ([`TaskSpec`]), what the cluster keeps
+//! ([`Task`]), and the states a task moves through ([`TaskState`]).
+//!
+//! These are plain serde types. They are stored in the Raft log, in the state
+//! machine and in snapshots, so a change to them is a change to the on-disk
+//! format. Protobuf types never appear here; `api/convert.rs` translates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A task's id: assigned by the state machine in submission order, so ids
+/// also order tasks by submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A Raft node id.
+pub type NodeId = u64;
+
+/// The name of the queue a task goes to when the spec names none.
+pub const QUEUE_DEFAULT: &str = "default";
+
+/// When a task should first run, as the user asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// As soon as possible.
+    Now,
+    /// At an absolute time, milliseconds since the Unix epoch.
+    AtUnixMs(u64),
+    /// This long after the submission is applied.
+    DelayMs(u64),
+}
+
+/// The program a task runs. No shell is involved unless `program` is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// `None` runs in the executor's own working directory.
+    pub working_dir: Option<String>,
+}
+
+/// Exponential backoff between attempts of one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    /// The factor between consecutive delays, in thousandths (2000 doubles).
+    pub multiplier_milli: u32,
+}
+
+impl Backoff {
+    pub const DEFAULT: Backoff =
+        Backoff { initial_ms: 1_000, max_ms: 60_000, multiplier_milli: 2_000 };
+}
+
+/// Everything a user says about a task when submitting it, after defaults
+/// have been filled in by the API edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub queue: String,
+    /// Higher runs first.
+    pub priority: i32,
+    pub schedule: Schedule,
+    pub command: CommandSpec,
+    /// How long one attempt may run before it is killed.
+    pub timeout_ms: u64,
+    /// How many attempts in all, the first one included. At least 1.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// A second submission with the same key returns the first task.
+    pub idempotency_key: Option<String>,
+    /// Labels a node must carry, with equal values, to run the task.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The lifecycle of a task.
+///
+/// `Pending` → `Ready` when its run-at time has come; `Ready` → `Assigned`
+/// when the leader places it; `Assigned` → `Running` when the executor starts
+/// it; then one of the three terminal states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    Ready,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Pending,
+        TaskState::Ready,
+        TaskState::Assigned,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+
+    /// The upper-case name used by the API, the CLI and the docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "PENDING",
+            TaskState::Ready => "READY",
+            TaskState::Assigned => "ASSIGNED",
+            TaskState::Running => "RUNNING",
+            TaskState::Succeeded => "SUCCEEDED",
+            TaskState::Failed => "FAILED",
+            TaskState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|state| state.name().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Exited {
+        code: i32,
+    },
+    Signalled {
+        signal: i32,
+    },
+    TimedOut,
+    Cancelled,
+    /// The executor's lease expired, so the attempt counts as lost.
+    Lost,
+    /// The program could not be started.
+    StartFailed {
+        message: String,
+    },
+}
+
+/// One execution of a task on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    pub node_id: NodeId,
+    /// The Raft log index of the assignment; grows with every attempt.
+    pub fencing_token: u64,
+    pub assigned_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub ended_at_ms: Option<u64>,
+    pub outcome: Option<Outcome>,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+}
+
+/// A task as the cluster keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    /// The resolved run-at time; the earliest time the next attempt may start.
+    pub run_at_ms: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// The Raft log index of the last change to this task.
+    pub revision: u64,
+    pub attempts: Vec<Attempt>,
+}

@@ -1,0 +1,373 @@
+//! Unit tests of the state machine: transitions, ordering, delays, dedupe,
+//! limits and bad input. Each test drives `State::apply` with commands, as the
+//! Raft log would, and checks the answers and the indexes.
+
+use std::collections::BTreeMap;
+
+use crate::scheduler::{
+    Backoff, Command, CommandSpec, Counters, Limits, RejectionKind, Response, Schedule, State,
+    Task, TaskId, TaskSpec, TaskState,
+};
+
+const NOW_MS: u64 = 1_700_000_000_000;
+
+fn spec(program: &str) -> TaskSpec {
+    TaskSpec {
+        queue: "default".into(),
+        priority: 0,
+        schedule: Schedule::Now,
+        command: CommandSpec {
+            program: program.into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: None,
+        },
+        timeout_ms: 60_000,
+        max_attempts: 3,
+        backoff: Backoff::DEFAULT,
+        idempotency_key: None,
+        labels: BTreeMap::new(),
+    }
+}
+
+struct Harness {
+    state: State,
+    revision: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness { state: State::default(), revision: 0 }
+    }
+
+    fn apply(&mut self, command: Command) -> Response {
+        self.revision += 1;
+        let applied = self.state.apply(self.revision, &command);
+        self.state.check_invariants().expect("indexes match the tasks after every command");
+        for id in &applied.changed {
+            assert_eq!(
+                self.state.task(*id).unwrap().revision,
+                self.revision,
+                "changed task carries the revision"
+            );
+        }
+        applied.response
+    }
+
+    fn submit_at(&mut self, now_ms: u64, specs: Vec<TaskSpec>) -> Response {
+        self.apply(Command::SubmitTasks {
+            now_ms,
+            queued_tasks_max: Limits::default().queued_tasks_max,
+            specs,
+        })
+    }
+
+    fn submit_one(&mut self, spec: TaskSpec) -> Task {
+        match self.submit_at(NOW_MS, vec![spec]) {
+            Response::Submitted(mut results) => {
+                assert_eq!(results.len(), 1);
+                results.remove(0).task
+            }
+            other => panic!("expected a submission, got {other:?}"),
+        }
+    }
+
+    fn rejection(&mut self, command: Command) -> (RejectionKind, String) {
+        let n_tasks = self.state.n_tasks();
+        match self.apply(command) {
+            Response::Rejected(rejection) => {
+                assert_eq!(self.state.n_tasks(), n_tasks, "a rejection changes nothing");
+                (rejection.kind, rejection.message)
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    fn ready_ids(&self, queue: &str) -> Vec<u64> {
+        self.state.ready_in_queue(queue).map(|task| task.id.0).collect()
+    }
+}
+
+#[test]
+fn submitted_task_is_ready_with_sequential_ids() {
+    let mut h = Harness::new();
+    let first = h.submit_one(spec("true"));
+    let second = h.submit_one(spec("true"));
+    assert_eq!((first.id, second.id), (TaskId(0), TaskId(1)));
+    assert_eq!(first.state, TaskState::Ready);
+    assert_eq!(first.run_at_ms, NOW_MS);
+    assert_eq!(first.created_at_ms, NOW_MS);
+    assert_eq!(h.state.n_tasks_queued(), 2);
+}
+
+#[test]
+fn ready_order_is_priority_then_run_at_then_submission() {
+    let mut h = Harness::new();
+    let mut low = spec("low");
+    low.priority = -5;
+    let mut high = spec("high");
+    high.priority = 10;
+    let mut early = spec("early");
+    early.schedule = Schedule::AtUnixMs(NOW_MS - 1_000);
+    h.submit_one(low); // 0
+    h.submit_one(spec("plain-a")); // 1
+    h.submit_one(high); // 2
+    h.submit_one(spec("plain-b")); // 3
+    h.submit_one(early); // 4: priority 0 like 1 and 3 but an earlier run-at time
+    assert_eq!(h.ready_ids("default"), vec![2, 4, 1, 3, 0]);
+}
+
+#[test]
+fn queues_are_indexed_separately() {
+    let mut h = Harness::new();
+    let mut mail = spec("send");
+    mail.queue = "mail".into();
+    h.submit_one(mail);
+    h.submit_one(spec("true"));
+    assert_eq!(h.state.ready_queues().collect::<Vec<_>>(), vec!["default", "mail"]);
+    assert_eq!(h.ready_ids("mail"), vec![0]);
+    assert_eq!(h.ready_ids("default"), vec![1]);
+}
+
+#[test]
+fn delayed_task_is_pending_until_promoted_at_its_time() {
+    let mut h = Harness::new();
+    let mut delayed = spec("later");
+    delayed.schedule = Schedule::DelayMs(5_000);
+    let mut at = spec("at");
+    at.schedule = Schedule::AtUnixMs(NOW_MS + 2_000);
+    let delayed = h.submit_one(delayed);
+    let at = h.submit_one(at);
+    assert_eq!((delayed.state, delayed.run_at_ms), (TaskState::Pending, NOW_MS + 5_000));
+    assert_eq!(at.state, TaskState::Pending);
+    assert_eq!(h.state.next_pending_run_at_ms(), Some(NOW_MS + 2_000));
+    assert!(h.ready_ids("default").is_empty());
+
+    assert_eq!(h.apply(Command::PromoteDue { now_ms: NOW_MS + 1_999 }), Response::Promoted(vec![]));
+    assert_eq!(
+        h.apply(Command::PromoteDue { now_ms: NOW_MS + 2_000 }),
+        Response::Promoted(vec![at.id])
+    );
+    assert_eq!(h.state.task(at.id).unwrap().state, TaskState::Ready);
+    assert_eq!(h.state.task(delayed.id).unwrap().state, TaskState::Pending);
+    assert_eq!(h.state.next_pending_run_at_ms(), Some(NOW_MS + 5_000));
+    assert_eq!(
+        h.apply(Command::PromoteDue { now_ms: NOW_MS + 60_000 }),
+        Response::Promoted(vec![delayed.id])
+    );
+    assert_eq!(h.state.next_pending_run_at_ms(), None);
+}
+
+#[test]
+fn run_at_in_the_past_is_ready_at_once() {
+    let mut h = Harness::new();
+    let mut past = spec("past");
+    past.schedule = Schedule::AtUnixMs(NOW_MS - 60_000);
+    assert_eq!(h.submit_one(past).state, TaskState::Ready);
+}
+
+#[test]
+fn same_idempotency_key_returns_the_same_task() {
+    let mut h = Harness::new();
+    let mut keyed = spec("once");
+    keyed.idempotency_key = Some("order-42".into());
+    let first = h.submit_one(keyed.clone());
+    match h.submit_at(NOW_MS + 10, vec![keyed.clone()]) {
+        Response::Submitted(results) => {
+            assert!(results[0].already_existed);
+            assert_eq!(results[0].task, first);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.state.n_tasks(), 1);
+    // Also within one batch: the second spec with the key gets the first's task.
+    let mut other = spec("twice");
+    other.idempotency_key = Some("order-43".into());
+    match h.submit_at(NOW_MS, vec![other.clone(), other]) {
+        Response::Submitted(results) => {
+            assert!(!results[0].already_existed);
+            assert!(results[1].already_existed);
+            assert_eq!(results[0].task.id, results[1].task.id);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.state.n_tasks(), 2);
+}
+
+#[test]
+fn cancel_moves_a_live_task_to_cancelled_and_refuses_a_finished_one() {
+    let mut h = Harness::new();
+    let ready = h.submit_one(spec("a"));
+    let mut delayed = spec("b");
+    delayed.schedule = Schedule::DelayMs(1_000);
+    let pending = h.submit_one(delayed);
+    for id in [ready.id, pending.id] {
+        match h.apply(Command::CancelTask { now_ms: NOW_MS + 1, id }) {
+            Response::Cancelled(task) => assert_eq!(task.state, TaskState::Cancelled),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(h.state.n_tasks_queued(), 0);
+    assert!(h.ready_ids("default").is_empty());
+    assert_eq!(h.state.next_pending_run_at_ms(), None);
+
+    let (kind, message) = h.rejection(Command::CancelTask { now_ms: NOW_MS, id: ready.id });
+    assert_eq!(kind, RejectionKind::FailedPrecondition);
+    assert!(message.contains("already CANCELLED"), "{message}");
+    let (kind, _) = h.rejection(Command::CancelTask { now_ms: NOW_MS, id: TaskId(99) });
+    assert_eq!(kind, RejectionKind::NotFound);
+}
+
+#[test]
+fn full_queue_is_resource_exhausted_and_changes_nothing() {
+    let mut h = Harness::new();
+    let submit = |_: &mut Harness, n: usize| Command::SubmitTasks {
+        now_ms: NOW_MS,
+        queued_tasks_max: 3,
+        specs: (0..n).map(|_| spec("x")).collect::<Vec<_>>(),
+    };
+    let command = submit(&mut h, 2);
+    assert!(matches!(h.apply(command), Response::Submitted(_)));
+    let command = submit(&mut h, 2);
+    let (kind, message) = h.rejection(command);
+    assert_eq!(kind, RejectionKind::ResourceExhausted);
+    assert!(message.contains("queue is full"), "{message}");
+    assert_eq!(h.state.n_tasks_queued(), 2);
+    // Cancelling frees a place.
+    h.apply(Command::CancelTask { now_ms: NOW_MS, id: TaskId(0) });
+    let command = submit(&mut h, 2);
+    assert!(matches!(h.apply(command), Response::Submitted(_)));
+}
+
+#[test]
+fn invalid_spec_in_a_batch_rejects_the_whole_batch() {
+    let mut h = Harness::new();
+    let mut bad = spec("");
+    bad.queue = "default".into();
+    let (kind, message) = h.rejection(Command::SubmitTasks {
+        now_ms: NOW_MS,
+        queued_tasks_max: 10,
+        specs: vec![spec("good"), bad],
+    });
+    assert_eq!(kind, RejectionKind::InvalidArgument);
+    assert!(message.contains("task 1 of the batch") && message.contains("no program"), "{message}");
+    assert_eq!(h.state.counters(), &Counters { next_task_id: 0 });
+}
+
+#[test]
+fn bad_specs_are_refused_with_a_message() {
+    type Mutation = Box<dyn Fn(&mut TaskSpec)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("no program", Box::new(|s| s.command.program.clear())),
+        ("queue name", Box::new(|s| s.queue = "bad queue!".into())),
+        ("queue is empty", Box::new(|s| s.queue.clear())),
+        ("NUL", Box::new(|s| s.command.args = vec!["a\0b".into()])),
+        ("timeout", Box::new(|s| s.timeout_ms = 0)),
+        ("max attempts", Box::new(|s| s.max_attempts = 0)),
+        ("backoff", Box::new(|s| s.backoff.initial_ms = s.backoff.max_ms + 1)),
+        ("multiplier", Box::new(|s| s.backoff.multiplier_milli = 10)),
+        ("NAME=VALUE", Box::new(|s| _ = s.command.env.insert("A=B".into(), "c".into()))),
+        (
+            "delay 18446744073709551615 ms is more than the limit",
+            Box::new(|s| s.schedule = Schedule::DelayMs(u64::MAX)),
+        ),
+        ("ahead of now", Box::new(|s| s.schedule = Schedule::AtUnixMs(u64::MAX))),
+        ("idempotency key is empty", Box::new(|s| s.idempotency_key = Some(String::new()))),
+        ("label name is empty", Box::new(|s| _ = s.labels.insert(String::new(), "v".into()))),
+        (
+            "arguments",
+            Box::new(|s| s.command.args = vec![String::new(); Limits::CEILING.args_max + 1]),
+        ),
+    ];
+    for (expected, mutate) in cases {
+        let mut h = Harness::new();
+        let mut bad = spec("true");
+        mutate(&mut bad);
+        let (kind, message) = h.rejection(Command::SubmitTasks {
+            now_ms: NOW_MS,
+            queued_tasks_max: 10,
+            specs: vec![bad],
+        });
+        assert_eq!(kind, RejectionKind::InvalidArgument, "{expected}");
+        assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+    }
+}
+
+#[test]
+fn configured_limits_are_tighter_than_the_ceiling() {
+    let limits = Limits { args_max: 2, labels_max: 1, ..Limits::default() };
+    let mut s = spec("echo");
+    s.command.args = vec!["a".into(), "b".into(), "c".into()];
+    assert!(limits.check_spec(&s, NOW_MS).unwrap_err().0.contains("3 arguments"));
+    s.command.args.pop();
+    assert_eq!(limits.check_spec(&s, NOW_MS), Ok(()));
+    s.labels.insert("zone".into(), "a".into());
+    s.labels.insert("gpu".into(), "yes".into());
+    assert!(limits.check_spec(&s, NOW_MS).unwrap_err().0.contains("2 labels"));
+}
+
+#[test]
+fn empty_batch_is_refused() {
+    let mut h = Harness::new();
+    let (kind, _) =
+        h.rejection(Command::SubmitTasks { now_ms: NOW_MS, queued_tasks_max: 10, specs: vec![] });
+    assert_eq!(kind, RejectionKind::InvalidArgument);
+}
+
+#[test]
+fn state_rebuilt_from_parts_has_the_same_indexes() {
+    let mut h = Harness::new();
+    for priority in [3, -1, 7] {
+        let mut s = spec("x");
+        s.priority = priority;
+        h.submit_one(s);
+    }
+    let mut delayed = spec("later");
+    delayed.schedule = Schedule::DelayMs(10);
+    delayed.idempotency_key = Some("k".into());
+    h.submit_one(delayed);
+    let rebuilt = State::from_parts(h.state.counters().clone(), h.state.tasks().cloned()).unwrap();
+    assert_eq!(
+        rebuilt.ready_in_queue("default").map(|t| t.id.0).collect::<Vec<_>>(),
+        vec![2, 0, 1]
+    );
+    assert_eq!(rebuilt.next_pending_run_at_ms(), Some(NOW_MS + 10));
+    assert_eq!(rebuilt.n_tasks_queued(), 4);
+}
+
+#[test]
+fn parts_no_command_could_produce_are_refused() {
+    let mut h = Harness::new();
+    let task = h.submit_one(spec("x"));
+    let err = State::from_parts(Counters { next_task_id: 0 }, vec![task.clone()]).unwrap_err();
+    assert!(err.contains("beyond the next task id"), "{err}");
+    let err =
+        State::from_parts(Counters { next_task_id: 5 }, vec![task.clone(), task]).unwrap_err();
+    assert!(err.contains("twice"), "{err}");
+}
+
+#[test]
+fn the_same_log_gives_the_same_state() {
+    let commands: Vec<Command> = (0..50u64)
+        .map(|i| match i % 5 {
+            0 | 1 => Command::SubmitTasks {
+                now_ms: NOW_MS + i,
+                queued_tasks_max: 1_000,
+                specs: vec![TaskSpec {
+                    priority: (i % 7) as i32,
+                    schedule: Schedule::DelayMs(i % 3 * 10),
+                    ..spec("t")
+                }],
+            },
+            2 => Command::PromoteDue { now_ms: NOW_MS + i * 3 },
+            3 => Command::CancelTask { now_ms: NOW_MS + i, id: TaskId(i / 3) },
+            _ => Command::CancelTask { now_ms: NOW_MS + i, id: TaskId(1_000) },
+        })
+        .collect();
+    let run = || {
+        let mut h = Harness::new();
+        let responses: Vec<Response> = commands.iter().map(|c| h.apply(c.clone())).collect();
+        (responses, h.state.tasks().cloned().collect::<Vec<_>>())
+    };
+    assert_eq!(run(), run());
+}

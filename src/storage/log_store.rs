@@ -1,0 +1,226 @@
+//! The Raft log and Raft metadata in sled, with group commit.
+//!
+//! `append` writes entries to the `raft_log` tree at once, so they are
+//! readable on return, and hands openraft's completion callback to a single
+//! flusher loop. The loop drains every callback queued so far, calls
+//! `Db::flush_async` once (sled fsyncs its whole page cache, so one flush
+//! covers every tree), and only then completes the callbacks in order. So no
+//! callback fires before its entries are on disk, and concurrent appends share
+//! one fsync. `save_vote` and `purge` flush inline before they return.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{EntryPayload, OptionalSend};
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::raft::codec;
+use crate::raft::{Entry, LogId, TypeConfig, Vote};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// The Raft log store. Cheap to clone: clones share the trees and the flusher.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    flush_tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Opens the log trees of `db` and starts the flusher loop. At most
+    /// `flush_queue_max` appends wait for a flush at once; more wait to queue.
+    pub fn open(db: &sled::Db, flush_queue_max: usize) -> io::Result<LogStore> {
+        let log = db.open_tree("raft_log").map_err(sled_err)?;
+        let meta = db.open_tree("raft_meta").map_err(sled_err)?;
+        let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
+        tokio::spawn(flush_loop(db.clone(), flush_rx));
+        Ok(LogStore { db: db.clone(), log, meta, flush_tx })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &'static [u8],
+    ) -> io::Result<Option<T>> {
+        let what = match key {
+            KEY_VOTE => "stored vote",
+            KEY_COMMITTED => "stored committed log id",
+            _ => "stored last purged log id",
+        };
+        match self.meta.get(key).map_err(sled_err)? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(what, &bytes).map(Some).map_err(io::Error::other),
+        }
+    }
+
+    fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
+        match self.log.last().map_err(sled_err)? {
+            None => Ok(None),
+            Some((_, bytes)) => Ok(Some(decode_entry(&bytes)?.log_id)),
+        }
+    }
+}
+
+/// Completes append callbacks only after a flush that covers them.
+async fn flush_loop(db: sled::Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    let mut waiting = Vec::new();
+    while let Some(callback) = flush_rx.recv().await {
+        waiting.push(callback);
+        while let Ok(callback) = flush_rx.try_recv() {
+            waiting.push(callback);
+        }
+        let result = db.flush_async().await;
+        if let Err(err) = &result {
+            error!(cause = %err, "flushing the Raft log failed");
+        }
+        for callback in waiting.drain(..) {
+            callback.io_completed(
+                result.as_ref().map(|_| ()).map_err(|err| io::Error::other(err.to_string())),
+            );
+        }
+    }
+    info!("log flusher stopped");
+}
+
+fn sled_err(err: sled::Error) -> io::Error {
+    io::Error::other(format!("sled: {err}"))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
+    codec::decode("Raft log entry", bytes).map_err(io::Error::other)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(index) => *index,
+            Bound::Excluded(index) => index.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        for item in self.log.range(index_key(start)..) {
+            let (key, bytes) = item.map_err(sled_err)?;
+            let index = u64::from_be_bytes(
+                key.as_ref().try_into().map_err(|_| io::Error::other("bad log key"))?,
+            );
+            if !range.contains(&index) {
+                break;
+            }
+            let entry = decode_entry(&bytes)?;
+            if entry.log_id.index() != index {
+                return Err(io::Error::other(format!(
+                    "log entry under key {index} has index {}",
+                    entry.log_id.index()
+                )));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.read_meta(KEY_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogId> = self.read_meta(KEY_LAST_PURGED)?;
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.meta.insert(KEY_VOTE, codec::encode(vote)).map_err(sled_err)?;
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not flushed on purpose: losing it only means re-applying from the
+        // state machine's own last_applied, which is always safe.
+        match committed {
+            Some(log_id) => {
+                self.meta.insert(KEY_COMMITTED, codec::encode(&log_id)).map_err(sled_err)?
+            }
+            None => self.meta.remove(KEY_COMMITTED).map_err(sled_err)?,
+        };
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        self.read_meta(KEY_COMMITTED)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            if let EntryPayload::Membership(_) = &entry.payload {
+                info!(log_id = %entry.log_id, "appending a membership entry");
+            }
+            batch.insert(&index_key(entry.log_id.index()), codec::encode(&entry));
+        }
+        self.log.apply_batch(batch).map_err(sled_err)?;
+        if self.flush_tx.send(callback).await.is_err() {
+            return Err(io::Error::other("the log flusher has stopped"));
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |log_id| log_id.index() + 1);
+        // Delete from the tail backwards so no hole is ever left.
+        let keys: Vec<sled::IVec> =
+            self.log.range(index_key(from)..).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        for key in keys.into_iter().rev() {
+            self.log.remove(key).map_err(sled_err)?;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point first, so the log state stays right whatever
+        // part of the deletion survives a crash.
+        self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id)).map_err(sled_err)?;
+        self.db.flush_async().await.map_err(sled_err)?;
+        let keys: Vec<sled::IVec> = self
+            .log
+            .range(..=index_key(log_id.index()))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(sled_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,34 @@
+//! Durable storage of one node in one sled database: the Raft log and Raft
+//! metadata ([`log_store`]), the state machine ([`state_machine`]), and
+//! snapshot files beside them ([`snapshot`]).
+//!
+//! **Durability invariant:** openraft's IO callbacks fire only after sled has
+//! fsynced the data they cover, and `save_vote` returns only after its flush.
+
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+use std::io;
+use std::path::Path;
+
+pub use log_store::LogStore;
+pub use snapshot::SnapshotFile;
+pub use state_machine::{EventLimits, StateMachineStore, TaskEvent};
+
+/// Opens (or creates) the sled database of a node under `data_dir`, with its
+/// page cache bounded by `cache_bytes_max`.
+pub fn open_db(data_dir: &Path, cache_bytes_max: u64) -> io::Result<sled::Db> {
+    std::fs::create_dir_all(data_dir)?;
+    sled::Config::new()
+        .path(data_dir.join("db"))
+        .cache_capacity(cache_bytes_max)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|err| {
+            io::Error::other(format!("cannot open the database in {}: {err}", data_dir.display()))
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! Snapshot files: the whole task state at one log index, written durably
+//! (temporary file, fsync, rename, fsync of the directory) and checked by a
+//! CRC when read back.
+//!
+//! Layout: the magic `TRSNAP01`, a little-endian CRC-32 of everything after
+//! it, the length of the metadata as a little-endian u64, the postcard-encoded
+//! [`SnapshotMeta`], then the postcard-encoded body (counters and tasks).
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::raft::SnapshotMeta;
+use crate::raft::codec;
+use crate::scheduler::{Counters, State, Task};
+
+const MAGIC: &[u8; 8] = b"TRSNAP01";
+const HEADER_BYTES: u64 = 8 + 4 + 8;
+/// The metadata of a snapshot is small; anything larger is a corrupt file.
+const META_BYTES_MAX: u64 = 64 * 1024 * 1024;
+pub const CURRENT_FILE_NAME: &str = "current.snap";
+
+/// A snapshot on disk, held open so that a newer snapshot renamed over its
+/// path cannot change what a reader of this one sees.
+pub struct SnapshotFile {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+impl fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SnapshotFile({})", self.path.display())
+    }
+}
+
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    counters: &'a Counters,
+    #[serde(serialize_with = "serialize_tasks")]
+    tasks: &'a State,
+}
+
+fn serialize_tasks<S: Serializer>(state: &&State, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(state.tasks())
+}
+
+#[derive(Deserialize)]
+struct Body {
+    counters: Counters,
+    tasks: Vec<Task>,
+}
+
+/// Encodes a snapshot of `state` into bytes. Cheap enough to run under the
+/// state lock; the slow part, writing the file, is [`write_file`].
+pub fn encode(meta: &SnapshotMeta, state: &State) -> Vec<u8> {
+    let meta_bytes = codec::encode(meta);
+    let body = codec::encode(&BodyRef { counters: state.counters(), tasks: state });
+    let mut bytes = Vec::with_capacity(HEADER_BYTES as usize + meta_bytes.len() + body.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&[0; 4]);
+    bytes.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&meta_bytes);
+    bytes.extend_from_slice(&body);
+    let crc = crc32fast::hash(&bytes[12..]);
+    bytes[8..12].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// Writes `bytes` durably as `dir/name`, replacing any file of that name.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<SnapshotFile> {
+    let path = dir.join(name);
+    let tmp_path = dir.join(format!("{name}.tmp"));
+    {
+        let mut tmp = File::create(&tmp_path)?;
+        tmp.write_all(bytes)?;
+        tmp.sync_all()?;
+    }
+    fs::rename(&tmp_path, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(SnapshotFile { file: File::open(&path)?, path })
+}
+
+/// Moves a received snapshot file into place as the current snapshot.
+pub fn make_current(dir: &Path, received: SnapshotFile) -> io::Result<SnapshotFile> {
+    let path = dir.join(CURRENT_FILE_NAME);
+    if received.path != path {
+        received.file.sync_all()?;
+        fs::rename(&received.path, &path)?;
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(SnapshotFile { file: received.file, path })
+}
+
+/// Opens the current snapshot of `dir`, if there is one.
+pub fn open_current(dir: &Path) -> io::Result<Option<SnapshotFile>> {
+    let path = dir.join(CURRENT_FILE_NAME);
+    match File::open(&path) {
+        Ok(file) => Ok(Some(SnapshotFile { file, path })),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Reads only the metadata of a snapshot file.
+pub fn read_meta(file: &mut File) -> io::Result<SnapshotMeta> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut header = [0u8; HEADER_BYTES as usize];
+    file.read_exact(&mut header).map_err(|err| corrupt(format!("short header: {err}")))?;
+    let meta_len = check_header(&header, file.metadata()?.len())?;
+    let mut meta_bytes = vec![0u8; meta_len as usize];
+    file.read_exact(&mut meta_bytes)?;
+    codec::decode("snapshot metadata", &meta_bytes).map_err(|err| corrupt(err.to_string()))
+}
+
+/// Reads and checks a whole snapshot file.
+pub fn read_all(file: &mut File) -> io::Result<(SnapshotMeta, State)> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    decode(&bytes)
+}
+
+/// Checks and decodes the bytes of a snapshot file.
+pub fn decode(bytes: &[u8]) -> io::Result<(SnapshotMeta, State)> {
+    if bytes.len() < HEADER_BYTES as usize {
+        return Err(corrupt(format!("{} bytes is shorter than the header", bytes.len())));
+    }
+    let meta_len = check_header(&bytes[..HEADER_BYTES as usize], bytes.len() as u64)? as usize;
+    let crc_stored = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let crc_actual = crc32fast::hash(&bytes[12..]);
+    if crc_stored != crc_actual {
+        return Err(corrupt(format!(
+            "checksum {crc_actual:08x} does not match the stored {crc_stored:08x}"
+        )));
+    }
+    let meta_end = HEADER_BYTES as usize + meta_len;
+    let meta: SnapshotMeta =
+        codec::decode("snapshot metadata", &bytes[HEADER_BYTES as usize..meta_end])
+            .map_err(|err| corrupt(err.to_string()))?;
+    let body: Body = codec::decode("snapshot body", &bytes[meta_end..])
+        .map_err(|err| corrupt(err.to_string()))?;
+    let state = State::from_parts(body.counters, body.tasks).map_err(corrupt)?;
+    Ok((meta, state))
+}
+
+fn check_header(header: &[u8], file_len: u64) -> io::Result<u64> {
+    if &header[..8] != MAGIC {
+        return Err(corrupt("it does not start with the snapshot magic".into()));
+    }
+    let meta_len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
+    if meta_len > META_BYTES_MAX || HEADER_BYTES + meta_len > file_len {
+        return Err(corrupt(format!(
+            "metadata length {meta_len} does not fit a file of {file_len} bytes"
+        )));
+    }
+    Ok(meta_len)
+}
+
+fn corrupt(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("corrupt snapshot: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_bytes_give_an_error_not_a_panic() {
+        let meta = SnapshotMeta::default();
+        let bytes = encode(&meta, &State::default());
+        assert!(decode(&bytes).is_ok());
+        for cut in [0, 5, 12, 19, bytes.len() - 1] {
+            let err = decode(&bytes[..cut]).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "cut at {cut}: {err}");
+        }
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 0xff;
+        assert!(decode(&flipped).unwrap_err().to_string().contains("checksum"));
+        let mut bad_len = bytes;
+        bad_len[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode(&bad_len).unwrap_err().to_string().contains("metadata length"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Storage tests: openraft's conformance suite on the sled stores, and
+//! reopening a store to check that what was acknowledged is still there.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use openraft::storage::{
+    IOFlushed, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
+};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderId;
+use openraft::{EntryPayload, StorageError};
+use tempfile::TempDir;
+
+use crate::raft::{Entry, LogId, TypeConfig, Vote};
+use crate::scheduler::{Backoff, Command, CommandSpec, Schedule, TaskSpec};
+use crate::storage::{EventLimits, LogStore, StateMachineStore, open_db};
+
+const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
+
+fn open_stores(dir: &std::path::Path) -> io::Result<(LogStore, StateMachineStore)> {
+    let db = open_db(dir, 16 * 1024 * 1024)?;
+    let log_store = LogStore::open(&db, 128)?;
+    let state_machine = StateMachineStore::open(&db, &dir.join("snapshots"), EVENT_LIMITS)?;
+    Ok((log_store, state_machine))
+}
+
+struct SledStoreBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledStoreBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+        let dir = TempDir::new().expect("temporary directory");
+        let (log_store, state_machine) = open_stores(dir.path())
+            .map_err(|err| StorageError::write(TypeConfig::err_from_error(&err)))?;
+        Ok((dir, log_store, state_machine))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_stores_pass_the_openraft_storage_suite() {
+    Suite::test_all(SledStoreBuilder).await.expect("openraft storage suite");
+}
+
+fn submit_entry(index: u64, program: &str) -> Entry {
+    let spec = TaskSpec {
+        queue: "default".into(),
+        priority: 0,
+        schedule: Schedule::Now,
+        command: CommandSpec {
+            program: program.into(),
+            args: vec![],
+            env: BTreeMap::new(),
+            working_dir: None,
+        },
+        timeout_ms: 1_000,
+        max_attempts: 1,
+        backoff: Backoff::DEFAULT,
+        idempotency_key: None,
+        labels: BTreeMap::new(),
+    };
+    Entry {
+        log_id: LogId::new(openraft::impls::leader_id_adv::LeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::SubmitTasks {
+            now_ms: 1,
+            queued_tasks_max: 100,
+            specs: vec![spec],
+        }),
+    }
+}
+
+async fn append_and_wait(log_store: &mut LogStore, entries: Vec<Entry>) {
+    let (tx, rx) = TypeConfig::oneshot();
+    log_store.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopened_store_keeps_log_vote_and_state() {
+    let dir = TempDir::new().unwrap();
+    {
+        let (mut log_store, mut state_machine) = open_stores(dir.path()).unwrap();
+        log_store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        let entries: Vec<Entry> = (1..=3).map(|index| submit_entry(index, "true")).collect();
+        append_and_wait(&mut log_store, entries.clone()).await;
+        let stream = futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None))));
+        state_machine.apply(stream).await.unwrap();
+    }
+    // The flusher loop holds a clone of the Db until its channel closes.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (mut log_store, mut state_machine) = open_stores(dir.path()).unwrap();
+    assert_eq!(log_store.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+    let state = log_store.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(3));
+    assert_eq!(log_store.try_get_log_entries(1..4).await.unwrap().len(), 3);
+    let (applied, _) = state_machine.applied_state().await.unwrap();
+    assert_eq!(applied.map(|log_id| log_id.index()), Some(3));
+    assert_eq!(state_machine.read().state.n_tasks(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_behind_the_snapshot_is_loaded_from_it() {
+    let dir = TempDir::new().unwrap();
+    let other = TempDir::new().unwrap();
+    // Build a snapshot at index 2 elsewhere, then install it into a fresh store.
+    let snapshot = {
+        let (_, mut state_machine) = open_stores(other.path()).unwrap();
+        let entries = vec![submit_entry(1, "a"), submit_entry(2, "b")];
+        state_machine
+            .apply(futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None)))))
+            .await
+            .unwrap();
+        state_machine.build_snapshot().await.unwrap()
+    };
+    {
+        let (_, mut state_machine) = open_stores(dir.path()).unwrap();
+        let received = crate::storage::snapshot::write_file(
+            &dir.path().join("snapshots"),
+            "received.incoming",
+            &std::fs::read(&snapshot.snapshot.path).unwrap(),
+        )
+        .unwrap();
+        state_machine.install_snapshot(&snapshot.meta, received).await.unwrap();
+        assert_eq!(state_machine.read().state.n_tasks(), 2);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Wipe the sm tree as a crash before its batch reached the disk would.
+    {
+        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+        db.drop_tree("sm").unwrap();
+        db.flush().unwrap();
+    }
+    let (_, state_machine) = open_stores(dir.path()).unwrap();
+    let applied = state_machine.read();
+    assert_eq!(applied.last_applied.as_ref().map(|log_id| log_id.index()), Some(2));
+    assert_eq!(applied.state.n_tasks(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_resume_from_history_or_from_the_state() {
+    let dir = TempDir::new().unwrap();
+    let (_, mut state_machine) = open_stores(dir.path()).unwrap();
+    let entries: Vec<Entry> = (1..=100).map(|index| submit_entry(index, "x")).collect();
+    state_machine
+        .apply(futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None)))))
+        .await
+        .unwrap();
+    // History keeps the last 64 events: revisions 37..=100.
+    let from_history = state_machine.subscribe(90);
+    assert_eq!(
+        from_history.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        (91..=100).collect::<Vec<_>>()
+    );
+    // Older than the history: the current state of every task changed since.
+    let from_state = state_machine.subscribe(10);
+    assert_eq!(
+        from_state.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        (11..=100).collect::<Vec<_>>()
+    );
+    assert!(state_machine.subscribe(100).backlog.is_empty());
+    assert!(state_machine.subscribe(0).backlog.is_empty());
+}
