@@ -5,7 +5,17 @@
 //! - [`scheduler`]: the pure core: task model, commands, state and `apply`.
 //! - [`storage`]: sled log store, state machine store and snapshot files.
 //! - [`raft`]: openraft types, the codec and the peer network over gRPC.
+//! - [`api`]: the client gRPC services, forwarding and error mapping.
+//! - [`node`]: wiring one node together and shutting it down.
+//! - [`config`]: the node configuration and its limits.
+//! - [`client`]: the client used by the CLI and the tests.
+//! - [`proto`]: generated protobuf code, used only at the edges.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod node;
+pub mod proto;
 pub mod raft;
 pub mod scheduler;
 pub mod storage;

@@ -1,1 +1,30 @@
-fn main() {}
+//! The `taskraft` binary: `taskraft node` runs a node; every other command is
+//! a client of a running cluster. See `taskraft --help`.
+//!
+//! Exit codes: 0 success; 1 an error from the cluster or the network;
+//! 2 bad usage or a request the cluster refused as invalid; 3 `wait` saw the
+//! task end in a state other than SUCCEEDED; 4 not found.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}

@@ -1,1 +1,129 @@
-//! Server side of the peer network.
+//! Server side of the peer network: the `RaftPeer` gRPC service, which hands
+//! each decoded request to the local openraft instance.
+//!
+//! It is meant for the nodes of one cluster only and listens on its own
+//! address, apart from the client API. A request that does not decode gets
+//! `INVALID_ARGUMENT` and changes nothing. A snapshot is received into a
+//! temporary file, bounded in size, fsynced, and only then installed.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::proto::peer_v1::raft_peer_server::RaftPeer;
+use crate::proto::peer_v1::{RaftMessage, SnapshotChunk};
+use crate::raft::codec;
+use crate::raft::{Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::storage::SnapshotFile;
+
+pub struct PeerService {
+    raft: Raft,
+    snapshot_dir: PathBuf,
+    /// The largest snapshot this node accepts from a peer.
+    snapshot_bytes_max: u64,
+}
+
+impl PeerService {
+    pub fn new(raft: Raft, snapshot_dir: PathBuf, snapshot_bytes_max: u64) -> PeerService {
+        PeerService { raft, snapshot_dir, snapshot_bytes_max }
+    }
+}
+
+fn decode_request<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    request: Request<RaftMessage>,
+) -> Result<T, Status> {
+    codec::decode(what, &request.into_inner().data)
+        .map_err(|err| Status::invalid_argument(err.to_string()))
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    result: Result<T, E>,
+) -> Result<Response<RaftMessage>, Status> {
+    match result {
+        Ok(value) => Ok(Response::new(RaftMessage { data: codec::encode(&value) })),
+        // The local Raft is shutting down or failed: the peer should treat us as gone.
+        Err(err) => Err(Status::unavailable(format!("raft on this node is not running: {err}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode_request("append entries request", request)?;
+        reply(self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode_request("vote request", request)?;
+        reply(self.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode_request("pre-vote request", request)?;
+        reply(self.raft.pre_vote(rpc).await)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: TransferLeaderRequest<TypeConfig> =
+            decode_request("transfer leader request", request)?;
+        reply(self.raft.handle_transfer_leader(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let (vote, meta): (Vote, SnapshotMeta) = codec::decode("snapshot header", &first.header)
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let path = self.snapshot_dir.join(format!("{}.incoming", rand::random::<u64>()));
+        let mut file = std::fs::File::create(&path).map_err(|err| internal_io("create", &err))?;
+        let mut n_bytes: u64 = 0;
+        let received = async {
+            while let Some(chunk) = chunks.message().await? {
+                n_bytes += chunk.data.len() as u64;
+                if n_bytes > self.snapshot_bytes_max {
+                    return Err(Status::resource_exhausted(format!(
+                        "snapshot is larger than the limit of {} bytes",
+                        self.snapshot_bytes_max
+                    )));
+                }
+                file.write_all(&chunk.data).map_err(|err| internal_io("write", &err))?;
+            }
+            file.sync_all().map_err(|err| internal_io("sync", &err))?;
+            Ok(())
+        }
+        .await;
+        if let Err(status) = received {
+            warn!(cause = %status.message(), "receiving a snapshot failed");
+            let _ = std::fs::remove_file(&path);
+            return Err(status);
+        }
+        info!(snapshot = ?meta.last_log_id, n_bytes, "received a snapshot");
+        let file = std::fs::File::open(&path).map_err(|err| internal_io("reopen", &err))?;
+        let snapshot = Snapshot { meta, snapshot: SnapshotFile { path, file } };
+        reply(self.raft.install_full_snapshot(vote, snapshot).await)
+    }
+}
+
+fn internal_io(verb: &str, err: &std::io::Error) -> Status {
+    Status::internal(format!("cannot {verb} the incoming snapshot file: {err}"))
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# A local three-node taskraft cluster on 127.0.0.1.
+#
+#   scripts/cluster.sh up            build (release), start nodes 1-3, wait for a leader
+#   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL after 10 s)
+#   scripts/cluster.sh status        process state of each node, then the cluster's view
+#   scripts/cluster.sh logs N [-f]   the log of node N (-f follows it)
+#   scripts/cluster.sh kill N        SIGKILL node N
+#   scripts/cluster.sh stop N        SIGTERM node N and wait for it
+#   scripts/cluster.sh start N       start node N on its existing data
+#   scripts/cluster.sh pause N       SIGSTOP node N
+#   scripts/cluster.sh resume N      SIGCONT node N
+#
+# Data and logs live under $TASKRAFT_CLUSTER_DIR (default .cluster/). Running
+# `up` again restarts stopped nodes on their data. Node N serves the client
+# API on port $TASKRAFT_API_PORT_BASE+N (7000+N) and Raft on
+# $TASKRAFT_RAFT_PORT_BASE+N (7100+N). The script signals only the processes
+# whose PIDs it recorded, after checking that each PID is still that node.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cluster_dir=${TASKRAFT_CLUSTER_DIR:-$root/.cluster}
+bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
+api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
+raft_port_base=${TASKRAFT_RAFT_PORT_BASE:-7100}
+nodes=(1 2 3)
+
+api_addr() { echo "127.0.0.1:$((api_port_base + $1))"; }
+raft_addr() { echo "127.0.0.1:$((raft_port_base + $1))"; }
+endpoints() { local n list=(); for n in "${nodes[@]}"; do list+=("$(api_addr "$n")"); done; (IFS=,; echo "${list[*]}"); }
+initial_cluster() {
+  local n list=()
+  for n in "${nodes[@]}"; do list+=("$n=$(api_addr "$n")/$(raft_addr "$n")"); done
+  (IFS=,; echo "${list[*]}")
+}
+node_dir() { echo "$cluster_dir/node$1"; }
+pid_file() { echo "$(node_dir "$1")/pid"; }
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+
+check_node() {
+  [[ "${1:-}" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "${#nodes[@]}" ] || die "no node '${1:-}'; nodes are ${nodes[*]}"
+}
+
+# Prints the PID of node N if the recorded process is still that node.
+node_pid() {
+  local file pid
+  file=$(pid_file "$1")
+  [ -f "$file" ] || return 1
+  pid=$(cat "$file")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # Guard against PID reuse: the process must be our node with this id.
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "node --id $1 " || return 1
+  echo "$pid"
+}
+
+build() {
+  if [ "${TASKRAFT_SKIP_BUILD:-0}" != 1 ]; then
+    echo "building taskraft (release)..."
+    (cd "$root" && cargo build --release --quiet --bin taskraft)
+  fi
+  [ -x "$bin" ] || die "no binary at $bin"
+}
+
+start_node() {
+  local n=$1 dir pid
+  dir=$(node_dir "$n")
+  if pid=$(node_pid "$n"); then
+    echo "node $n is already running (pid $pid)"
+    return
+  fi
+  mkdir -p "$dir"
+  "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
+    --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
+    >> "$dir/node.log" 2>&1 < /dev/null &
+  echo $! > "$(pid_file "$n")"
+  echo "node $n started (pid $!): api $(api_addr "$n"), raft $(raft_addr "$n"), log $dir/node.log"
+}
+
+signal_node() {
+  local n=$1 signal=$2 pid
+  pid=$(node_pid "$n") || die "node $n is not running"
+  kill "-$signal" "$pid"
+  echo "sent SIG$signal to node $n (pid $pid)"
+}
+
+stop_node() {
+  local n=$1 pid waited=0
+  pid=$(node_pid "$n") || { echo "node $n is not running"; return; }
+  kill -CONT "$pid" 2>/dev/null || true
+  kill -TERM "$pid"
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$waited" -ge 100 ]; then
+      echo "node $n did not stop within 10 s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  rm -f "$(pid_file "$n")"
+  echo "node $n stopped"
+}
+
+wait_for_leader() {
+  local deadline=$((SECONDS + 60)) leader
+  echo -n "waiting for a leader"
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    leader=$("$bin" --endpoints "$(endpoints)" --timeout 2s --output json cluster status 2>/dev/null \
+      | sed -n 's/.*"leader_id":\([0-9]*\).*/\1/p' | head -n1 || true)
+    if [ -n "$leader" ] && [ "$leader" != 0 ]; then
+      echo " - node $leader leads"
+      return
+    fi
+    echo -n "."
+    sleep 0.5
+  done
+  echo
+  die "no leader after 60 s; see the logs under $cluster_dir"
+}
+
+command=${1:-}
+case "$command" in
+  up)
+    build
+    mkdir -p "$cluster_dir"
+    for n in "${nodes[@]}"; do start_node "$n"; done
+    wait_for_leader
+    echo
+    echo "cluster is up. endpoints: $(endpoints)"
+    echo "try:   $bin submit -- echo hello"
+    echo "       $bin cluster status"
+    echo "stop:  scripts/cluster.sh down"
+    ;;
+  down)
+    for n in "${nodes[@]}"; do stop_node "$n"; done
+    ;;
+  status)
+    for n in "${nodes[@]}"; do
+      if pid=$(node_pid "$n"); then
+        state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo "?")
+        echo "node $n: running (pid $pid, state $state)"
+      else
+        echo "node $n: not running"
+      fi
+    done
+    [ -x "$bin" ] && "$bin" --endpoints "$(endpoints)" --timeout 3s cluster status || true
+    ;;
+  logs)
+    check_node "${2:-}"
+    if [ "${3:-}" = "-f" ]; then tail -n 100 -f "$(node_dir "$2")/node.log"; else tail -n 200 "$(node_dir "$2")/node.log"; fi
+    ;;
+  kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")" ;;
+  stop) check_node "${2:-}"; stop_node "$2" ;;
+  start) check_node "${2:-}"; [ -x "$bin" ] || build; start_node "$2" ;;
+  pause) check_node "${2:-}"; signal_node "$2" STOP ;;
+  resume) check_node "${2:-}"; signal_node "$2" CONT ;;
+  *)
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    [ -z "$command" ] && exit 0
+    die "unknown command '$command'"
+    ;;
+esac

@@ -1,0 +1,216 @@
+//! Conversions between protobuf messages and scheduler types, with the
+//! defaults a spec gets when it leaves a field unset. All of them live here.
+
+use crate::api::error::ApiError;
+use crate::proto::taskraft_v1 as pb;
+use crate::scheduler::task::{Attempt, Outcome, QUEUE_DEFAULT};
+use crate::scheduler::{Backoff, CommandSpec, Limits, Schedule, Task, TaskId, TaskSpec, TaskState};
+
+/// The per-attempt timeout of a spec that names none.
+pub const TIMEOUT_MS_DEFAULT: u64 = 3_600_000;
+/// Attempts of a spec that names none: a task lost with its executor runs again.
+pub const MAX_ATTEMPTS_DEFAULT: u32 = 3;
+
+/// Turns a submitted spec into a scheduler spec and checks it against the
+/// node's configured limits, as judged at `now_ms`.
+pub fn spec_from_pb(
+    spec: pb::TaskSpec,
+    limits: &Limits,
+    now_ms: u64,
+) -> Result<TaskSpec, ApiError> {
+    let command = spec
+        .command
+        .ok_or_else(|| ApiError::InvalidArgument("the task spec has no command".into()))?;
+    let schedule = match spec.schedule {
+        None => Schedule::Now,
+        Some(pb::task_spec::Schedule::RunAtUnixMs(at_ms)) => Schedule::AtUnixMs(at_ms),
+        Some(pb::task_spec::Schedule::DelayMs(0)) => Schedule::Now,
+        Some(pb::task_spec::Schedule::DelayMs(delay_ms)) => Schedule::DelayMs(delay_ms),
+    };
+    let backoff = match spec.backoff {
+        None => Backoff::DEFAULT,
+        Some(backoff) => Backoff {
+            initial_ms: backoff.initial_ms,
+            max_ms: backoff.max_ms,
+            multiplier_milli: backoff.multiplier_milli,
+        },
+    };
+    let spec = TaskSpec {
+        queue: if spec.queue.is_empty() { QUEUE_DEFAULT.to_owned() } else { spec.queue },
+        priority: spec.priority,
+        schedule,
+        command: CommandSpec {
+            program: command.program,
+            args: command.args,
+            env: command.env.into_iter().collect(),
+            working_dir: Some(command.working_dir).filter(|dir| !dir.is_empty()),
+        },
+        timeout_ms: if spec.timeout_ms == 0 {
+            TIMEOUT_MS_DEFAULT.min(limits.timeout_ms_max)
+        } else {
+            spec.timeout_ms
+        },
+        max_attempts: if spec.max_attempts == 0 { MAX_ATTEMPTS_DEFAULT } else { spec.max_attempts },
+        backoff,
+        idempotency_key: Some(spec.idempotency_key).filter(|key| !key.is_empty()),
+        labels: spec.labels.into_iter().collect(),
+    };
+    limits.check_spec(&spec, now_ms).map_err(|err| ApiError::InvalidArgument(err.0))?;
+    Ok(spec)
+}
+
+pub fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
+    id.trim()
+        .parse::<u64>()
+        .map(TaskId)
+        .map_err(|_| ApiError::InvalidArgument(format!("task id {id:?} is not a number")))
+}
+
+pub fn state_to_pb(state: TaskState) -> pb::TaskState {
+    match state {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Ready => pb::TaskState::Ready,
+        TaskState::Assigned => pb::TaskState::Assigned,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Succeeded => pb::TaskState::Succeeded,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+pub fn state_from_pb(value: i32) -> Result<TaskState, ApiError> {
+    match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Pending) => Ok(TaskState::Pending),
+        Ok(pb::TaskState::Ready) => Ok(TaskState::Ready),
+        Ok(pb::TaskState::Assigned) => Ok(TaskState::Assigned),
+        Ok(pb::TaskState::Running) => Ok(TaskState::Running),
+        Ok(pb::TaskState::Succeeded) => Ok(TaskState::Succeeded),
+        Ok(pb::TaskState::Failed) => Ok(TaskState::Failed),
+        Ok(pb::TaskState::Cancelled) => Ok(TaskState::Cancelled),
+        Ok(pb::TaskState::Unspecified) | Err(_) => {
+            Err(ApiError::InvalidArgument(format!("{value} is not a task state")))
+        }
+    }
+}
+
+pub fn task_to_pb(task: &Task) -> pb::Task {
+    let spec = &task.spec;
+    let schedule = match spec.schedule {
+        Schedule::Now => None,
+        Schedule::AtUnixMs(at_ms) => Some(pb::task_spec::Schedule::RunAtUnixMs(at_ms)),
+        Schedule::DelayMs(delay_ms) => Some(pb::task_spec::Schedule::DelayMs(delay_ms)),
+    };
+    pb::Task {
+        id: task.id.to_string(),
+        state: state_to_pb(task.state) as i32,
+        spec: Some(pb::TaskSpec {
+            queue: spec.queue.clone(),
+            priority: spec.priority,
+            schedule,
+            command: Some(pb::Command {
+                program: spec.command.program.clone(),
+                args: spec.command.args.clone(),
+                env: spec.command.env.clone().into_iter().collect(),
+                working_dir: spec.command.working_dir.clone().unwrap_or_default(),
+            }),
+            timeout_ms: spec.timeout_ms,
+            max_attempts: spec.max_attempts,
+            backoff: Some(pb::Backoff {
+                initial_ms: spec.backoff.initial_ms,
+                max_ms: spec.backoff.max_ms,
+                multiplier_milli: spec.backoff.multiplier_milli,
+            }),
+            idempotency_key: spec.idempotency_key.clone().unwrap_or_default(),
+            labels: spec.labels.clone().into_iter().collect(),
+        }),
+        run_at_unix_ms: task.run_at_ms,
+        created_at_unix_ms: task.created_at_ms,
+        updated_at_unix_ms: task.updated_at_ms,
+        revision: task.revision,
+        attempts: task.attempts.iter().map(attempt_to_pb).collect(),
+    }
+}
+
+fn attempt_to_pb(attempt: &Attempt) -> pb::Attempt {
+    let (outcome, exit_code) = match &attempt.outcome {
+        None => (String::new(), 0),
+        Some(Outcome::Exited { code }) => (format!("exited {code}"), *code),
+        Some(Outcome::Signalled { signal }) => (format!("killed by signal {signal}"), -1),
+        Some(Outcome::TimedOut) => ("timed out".into(), -1),
+        Some(Outcome::Cancelled) => ("cancelled".into(), -1),
+        Some(Outcome::Lost) => ("lost".into(), -1),
+        Some(Outcome::StartFailed { message }) => (format!("did not start: {message}"), -1),
+    };
+    pb::Attempt {
+        number: attempt.number,
+        node_id: attempt.node_id,
+        fencing_token: attempt.fencing_token,
+        assigned_at_unix_ms: attempt.assigned_at_ms,
+        started_at_unix_ms: attempt.started_at_ms.unwrap_or_default(),
+        ended_at_unix_ms: attempt.ended_at_ms.unwrap_or_default(),
+        outcome,
+        exit_code,
+        stdout_tail: attempt.stdout_tail.clone(),
+        stderr_tail: attempt.stderr_tail.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb_spec(program: &str) -> pb::TaskSpec {
+        pb::TaskSpec {
+            command: Some(pb::Command { program: program.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unset_fields_get_defaults() {
+        let spec = spec_from_pb(pb_spec("true"), &Limits::default(), 0).unwrap();
+        assert_eq!(spec.queue, "default");
+        assert_eq!(spec.timeout_ms, TIMEOUT_MS_DEFAULT);
+        assert_eq!(spec.max_attempts, MAX_ATTEMPTS_DEFAULT);
+        assert_eq!(spec.schedule, Schedule::Now);
+        assert_eq!(spec.idempotency_key, None);
+    }
+
+    #[test]
+    fn bad_specs_are_invalid_argument() {
+        let no_command = pb::TaskSpec::default();
+        assert!(matches!(
+            spec_from_pb(no_command, &Limits::default(), 0),
+            Err(ApiError::InvalidArgument(_))
+        ));
+        let limits = Limits { program_bytes_max: 4, ..Limits::default() };
+        let err = spec_from_pb(pb_spec("too-long"), &limits, 0).unwrap_err();
+        assert!(err.to_string().contains("limit of 4"), "{err}");
+        assert!(matches!(parse_task_id("abc"), Err(ApiError::InvalidArgument(_))));
+        assert!(matches!(state_from_pb(0), Err(ApiError::InvalidArgument(_))));
+        assert!(matches!(state_from_pb(99), Err(ApiError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn a_task_round_trips_its_spec() {
+        let mut pb = pb_spec("echo");
+        pb.priority = 5;
+        pb.queue = "mail".into();
+        pb.labels.insert("zone".into(), "a".into());
+        pb.schedule = Some(pb::task_spec::Schedule::DelayMs(500));
+        let spec = spec_from_pb(pb, &Limits::default(), 0).unwrap();
+        let task = Task {
+            id: TaskId(7),
+            spec: spec.clone(),
+            state: TaskState::Pending,
+            run_at_ms: 500,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            revision: 3,
+            attempts: vec![],
+        };
+        let back = task_to_pb(&task);
+        assert_eq!((back.id.as_str(), back.state), ("7", pb::TaskState::Pending as i32));
+        assert_eq!(spec_from_pb(back.spec.unwrap(), &Limits::default(), 0).unwrap(), spec);
+    }
+}

@@ -1,0 +1,241 @@
+//! The client API (`taskraft.v1`): the `Tasks` and `Cluster` gRPC services.
+//!
+//! Every node serves it. A write reaching a follower is forwarded once to the
+//! leader's API address, marked so that it is never forwarded again. Reads
+//! are linearizable by default: the leader confirms its leadership with a
+//! read-index round trip before reading; a follower forwards them. Stale
+//! reads and watches are served from the local state.
+//!
+//! - [`convert`]: protobuf ↔ scheduler types; the only place they meet.
+//! - [`error`]: `ApiError` and its conversion into `tonic::Status`.
+//! - [`tasks`], [`cluster`]: the two services.
+
+pub mod cluster;
+pub mod convert;
+pub mod error;
+pub mod tasks;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::ReadPolicy;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::type_config::async_runtime::WatchReceiver;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::error::ApiError;
+use crate::config::NodeConfig;
+use crate::raft::{NodeId, PeerNode, Raft};
+use crate::scheduler::{Command, Response};
+use crate::storage::StateMachineStore;
+
+/// The metadata key that marks a request forwarded by another node.
+pub const FORWARDED_KEY: &str = "x-taskraft-forwarded-by";
+
+/// What the services of one node share.
+pub struct Context {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub state_machine: StateMachineStore,
+    pub config: Arc<NodeConfig>,
+    /// Ends open watch streams when the node shuts down.
+    pub shutdown: CancellationToken,
+    /// One permit per open watch stream.
+    pub watchers: Arc<Semaphore>,
+    /// One lazily connected channel per other node's API address.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Where a request is served.
+pub enum Route {
+    Local,
+    /// Forward to the leader at this API address.
+    Leader(String),
+}
+
+impl Context {
+    pub fn new(
+        raft: Raft,
+        state_machine: StateMachineStore,
+        config: Arc<NodeConfig>,
+        shutdown: CancellationToken,
+    ) -> Context {
+        Context {
+            node_id: config.node_id,
+            raft,
+            state_machine,
+            watchers: Arc::new(Semaphore::new(config.server.watchers_max)),
+            config,
+            shutdown,
+            channels: Mutex::default(),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.server.request_timeout_ms)
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.server.rpc_timeout_ms)
+    }
+
+    /// The current leader as this node sees it.
+    pub fn leader(&self) -> Option<(NodeId, Option<PeerNode>)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader_id = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader_id).cloned();
+        Some((leader_id, node))
+    }
+
+    /// Decides whether this node serves a leader-only request or forwards it.
+    pub fn route<T>(&self, request: &tonic::Request<T>) -> Result<Route, ApiError> {
+        match self.leader() {
+            Some((leader_id, _)) if leader_id == self.node_id => Ok(Route::Local),
+            Some((leader_id, node)) => {
+                let Some(node) = node else {
+                    return Err(ApiError::unavailable(format!(
+                        "leader {leader_id} is not in the membership yet"
+                    )));
+                };
+                if let Some(by) = request.metadata().get(FORWARDED_KEY) {
+                    return Err(ApiError::Unavailable {
+                        message: format!(
+                            "node {} is not the leader either (forwarded by {}); leader is {leader_id}",
+                            self.node_id,
+                            by.to_str().unwrap_or("?")
+                        ),
+                        leader_api_addr: Some(node.api_addr),
+                    });
+                }
+                Ok(Route::Leader(node.api_addr))
+            }
+            None => Err(ApiError::unavailable(format!(
+                "node {} knows no leader: an election may be in progress or there is no quorum",
+                self.node_id
+            ))),
+        }
+    }
+
+    /// A channel to another node's client API.
+    pub fn channel(&self, api_addr: &str) -> Result<Channel, ApiError> {
+        let mut channels = self.channels.lock().expect("channel map lock poisoned");
+        if let Some(channel) = channels.get(api_addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{api_addr}"))
+            .map_err(|err| ApiError::Internal(format!("bad node address {api_addr:?}: {err}")))?
+            .connect_timeout(Duration::from_millis(self.config.server.connect_timeout_ms))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(api_addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends `message` to another node with `call`, marked as forwarded and
+    /// bounded by the RPC timeout. The other node's answer is passed on as is.
+    pub async fn forward<Req, Resp, F, Fut>(
+        &self,
+        api_addr: &str,
+        message: Req,
+        call: F,
+    ) -> Result<Resp, ApiError>
+    where
+        F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let channel = self.channel(api_addr)?;
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.rpc_timeout());
+        if let Ok(value) = self.node_id.to_string().parse() {
+            request.metadata_mut().insert(FORWARDED_KEY, value);
+        }
+        match tokio::time::timeout(self.rpc_timeout(), call(channel, request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(ApiError::Forwarded(status)),
+            Err(_) => Err(ApiError::unavailable(format!(
+                "node {api_addr} did not answer within {} ms",
+                self.config.server.rpc_timeout_ms
+            ))),
+        }
+    }
+
+    /// Proposes a command and waits until it is committed and applied here.
+    pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
+        let timeout_ms = self.config.server.request_timeout_ms;
+        let result =
+            tokio::time::timeout(self.request_timeout(), self.raft.client_write(command)).await;
+        match result {
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(RaftError::APIError(err))) => Err(self.write_error(err)),
+            Ok(Err(RaftError::Fatal(fatal))) => {
+                Err(ApiError::unavailable(format!("raft has stopped: {fatal}")))
+            }
+            Err(_) => Err(ApiError::unavailable(format!(
+                "no quorum: the write did not commit within {timeout_ms} ms; it may still commit later"
+            ))),
+        }
+    }
+
+    fn write_error(&self, err: ClientWriteError<crate::raft::TypeConfig>) -> ApiError {
+        match err {
+            ClientWriteError::ForwardToLeader(forward) => ApiError::Unavailable {
+                message: match forward.leader_id {
+                    Some(leader_id) => {
+                        format!("node {} is not the leader; node {leader_id} is", self.node_id)
+                    }
+                    None => {
+                        format!("node {} cannot reach a quorum and knows no leader", self.node_id)
+                    }
+                },
+                leader_api_addr: forward.leader_node.map(|node| node.api_addr),
+            },
+            ClientWriteError::LogEntryDiscarded(_) => ApiError::unavailable(
+                "leadership changed before the write committed; it did not take effect, retry it",
+            ),
+            ClientWriteError::ChangeMembershipError(err) => {
+                ApiError::FailedPrecondition(err.to_string())
+            }
+            ClientWriteError::PreconditionFailed(err) => ApiError::unavailable(err.to_string()),
+        }
+    }
+
+    /// Makes the following local read linearizable: confirms leadership with
+    /// a quorum and waits until the state machine has applied that far.
+    pub async fn read_index(&self) -> Result<(), ApiError> {
+        let timeout_ms = self.config.server.request_timeout_ms;
+        let result = tokio::time::timeout(
+            self.request_timeout(),
+            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {
+                Err(ApiError::Unavailable {
+                    message: format!("node {} is not the leader", self.node_id),
+                    leader_api_addr: forward.leader_node.map(|node| node.api_addr),
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(err)))) => {
+                Err(ApiError::unavailable(format!("no quorum for a linearizable read: {err}")))
+            }
+            Ok(Err(RaftError::Fatal(fatal))) => {
+                Err(ApiError::unavailable(format!("raft has stopped: {fatal}")))
+            }
+            Err(_) => Err(ApiError::unavailable(format!(
+                "no quorum confirmed leadership within {timeout_ms} ms"
+            ))),
+        }
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch. Only the edges read
+/// it; the state machine gets times inside commands.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}

@@ -1,0 +1,309 @@
+//! The `Tasks` service: submit, get, list, cancel and watch.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info_span};
+
+use crate::api::convert::{parse_task_id, spec_from_pb, state_from_pb, task_to_pb};
+use crate::api::error::ApiError;
+use crate::api::{Context, Route, unix_now_ms};
+use crate::proto::taskraft_v1 as pb;
+use crate::proto::taskraft_v1::tasks_client::TasksClient;
+use crate::proto::taskraft_v1::tasks_server::Tasks;
+use crate::scheduler::{Command, Response as Applied, TaskId, TaskState};
+use crate::storage::TaskEvent;
+
+/// Events buffered per watch stream between the state machine and gRPC.
+const WATCH_STREAM_BUFFER_EVENTS: usize = 256;
+
+pub struct TasksService {
+    ctx: Arc<Context>,
+}
+
+impl TasksService {
+    pub fn new(ctx: Arc<Context>) -> TasksService {
+        TasksService { ctx }
+    }
+
+    async fn submit(
+        &self,
+        specs: Vec<pb::TaskSpec>,
+    ) -> Result<Vec<pb::SubmitTaskResponse>, ApiError> {
+        let limits = &self.ctx.config.limits;
+        if specs.len() > limits.batch_tasks_max {
+            return Err(ApiError::InvalidArgument(format!(
+                "the batch holds {} tasks, more than the limit of {}",
+                specs.len(),
+                limits.batch_tasks_max
+            )));
+        }
+        let now_ms = unix_now_ms();
+        let n_specs = specs.len();
+        let specs = specs
+            .into_iter()
+            .enumerate()
+            .map(|(spec_idx, spec)| {
+                spec_from_pb(spec, limits, now_ms).map_err(|err| match err {
+                    ApiError::InvalidArgument(message) if n_specs > 1 => ApiError::InvalidArgument(
+                        format!("task {spec_idx} of the batch: {message}"),
+                    ),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let command =
+            Command::SubmitTasks { now_ms, queued_tasks_max: limits.queued_tasks_max, specs };
+        match self.ctx.write(command).await? {
+            Applied::Submitted(results) => Ok(results
+                .iter()
+                .map(|submitted| pb::SubmitTaskResponse {
+                    task: Some(task_to_pb(&submitted.task)),
+                    already_existed: submitted.already_existed,
+                })
+                .collect()),
+            Applied::Rejected(rejection) => Err(rejection.into()),
+            other => {
+                Err(ApiError::Internal(format!("unexpected answer to a submission: {other:?}")))
+            }
+        }
+    }
+
+    /// Serves a read here when it may be; otherwise forwards it to the leader.
+    async fn read_route<T>(&self, request: &Request<T>, stale: bool) -> Result<Route, ApiError> {
+        if stale {
+            return Ok(Route::Local);
+        }
+        let route = self.ctx.route(request)?;
+        if let Route::Local = route {
+            self.ctx.read_index().await?;
+        }
+        Ok(route)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tasks for TasksService {
+    async fn submit_task(
+        &self,
+        request: Request<pb::SubmitTaskRequest>,
+    ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
+        if let Route::Leader(addr) = self.ctx.route(&request)? {
+            let message = request.into_inner();
+            let reply = self
+                .ctx
+                .forward(&addr, message, |channel, req| async move {
+                    TasksClient::new(channel).submit_task(req).await
+                })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| ApiError::InvalidArgument("no task spec given".into()))?;
+        let mut results = self.submit(vec![spec]).await?;
+        let result = results
+            .pop()
+            .ok_or_else(|| ApiError::Internal("a submission of one task gave none".into()))?;
+        tracing::info!(task_id = %result.task.as_ref().map_or("", |task| &task.id), "task submitted");
+        Ok(Response::new(result))
+    }
+
+    async fn submit_tasks(
+        &self,
+        request: Request<pb::SubmitTasksRequest>,
+    ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
+        if let Route::Leader(addr) = self.ctx.route(&request)? {
+            let message = request.into_inner();
+            let reply = self
+                .ctx
+                .forward(&addr, message, |channel, req| async move {
+                    TasksClient::new(channel).submit_tasks(req).await
+                })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        let results = self.submit(request.into_inner().specs).await?;
+        Ok(Response::new(pb::SubmitTasksResponse { results }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let id = parse_task_id(&request.get_ref().id)?;
+        let span = info_span!("get_task", task_id = %id);
+        async move {
+            if let Route::Leader(addr) = self.read_route(&request, request.get_ref().stale).await? {
+                let message = request.into_inner();
+                let reply = self
+                    .ctx
+                    .forward(&addr, message, |channel, req| async move {
+                        TasksClient::new(channel).get_task(req).await
+                    })
+                    .await?;
+                return Ok(Response::new(reply));
+            }
+            let task = self.ctx.state_machine.read().state.task(id).map(task_to_pb);
+            match task {
+                Some(task) => Ok(Response::new(pb::GetTaskResponse { task: Some(task) })),
+                None => Err(ApiError::NotFound(format!("task {id} does not exist")).into()),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let message = request.get_ref();
+        let states: BTreeSet<TaskState> =
+            message.states.iter().map(|state| state_from_pb(*state)).collect::<Result<_, _>>()?;
+        let after = match message.page_token.as_str() {
+            "" => None,
+            token => Some(
+                parse_task_id(token)
+                    .map_err(|_| ApiError::InvalidArgument("bad page token".into()))?,
+            ),
+        };
+        let server = &self.ctx.config.server;
+        if message.page_size > server.list_page_size_max {
+            return Err(ApiError::InvalidArgument(format!(
+                "page size {} is more than the limit of {}",
+                message.page_size, server.list_page_size_max
+            ))
+            .into());
+        }
+        let page_size =
+            if message.page_size == 0 { server.list_page_size_default } else { message.page_size };
+        if let Route::Leader(addr) = self.read_route(&request, message.stale).await? {
+            let message = request.into_inner();
+            let reply = self
+                .ctx
+                .forward(&addr, message, |channel, req| async move {
+                    TasksClient::new(channel).list_tasks(req).await
+                })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        let queue = request.get_ref().queue.as_str();
+        let applied = self.ctx.state_machine.read();
+        let mut matching = applied.state.tasks_after(after).filter(|task| {
+            (states.is_empty() || states.contains(&task.state))
+                && (queue.is_empty() || task.spec.queue == queue)
+        });
+        let tasks: Vec<pb::Task> =
+            matching.by_ref().take(page_size as usize).map(task_to_pb).collect();
+        let more = matching.next().is_some();
+        let next_page_token = match (more, tasks.last()) {
+            (true, Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListTasksResponse { tasks, next_page_token }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let id = parse_task_id(&request.get_ref().id)?;
+        if let Route::Leader(addr) = self.ctx.route(&request)? {
+            let message = request.into_inner();
+            let reply = self
+                .ctx
+                .forward(&addr, message, |channel, req| async move {
+                    TasksClient::new(channel).cancel_task(req).await
+                })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        match self.ctx.write(Command::CancelTask { now_ms: unix_now_ms(), id }).await? {
+            Applied::Cancelled(task) => {
+                tracing::info!(task_id = %id, "task cancelled");
+                Ok(Response::new(pb::CancelTaskResponse { task: Some(task_to_pb(&task)) }))
+            }
+            Applied::Rejected(rejection) => Err(ApiError::from(rejection).into()),
+            other => {
+                Err(ApiError::Internal(format!("unexpected answer to a cancellation: {other:?}"))
+                    .into())
+            }
+        }
+    }
+
+    type WatchTasksStream = WatchStream;
+
+    async fn watch_tasks(
+        &self,
+        request: Request<pb::WatchTasksRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let message = request.into_inner();
+        let only: Option<TaskId> = match message.task_id.as_str() {
+            "" => None,
+            id => Some(parse_task_id(id)?),
+        };
+        let permit = self.ctx.watchers.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted(format!(
+                "this node already serves {} watch streams",
+                self.ctx.config.server.watchers_max
+            ))
+        })?;
+        let subscription = self.ctx.state_machine.subscribe(message.after_revision);
+        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER_EVENTS);
+        let shutdown = self.ctx.shutdown.clone();
+        let matches = move |event: &TaskEvent| only.is_none_or(|id| event.task.id == id);
+        let to_pb = |event: &TaskEvent| pb::TaskEvent {
+            revision: event.revision,
+            task: Some(task_to_pb(&event.task)),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut last_revision = message.after_revision;
+            for event in subscription.backlog.iter().filter(|event| matches(event)) {
+                last_revision = event.revision;
+                if tx.send(Ok(to_pb(event))).await.is_err() {
+                    return;
+                }
+            }
+            let mut live = subscription.live;
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the node is shutting down; resume elsewhere"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    event = live.recv() => event,
+                };
+                match event {
+                    Ok(event) if matches(&event) => {
+                        last_revision = event.revision;
+                        if tx.send(Ok(to_pb(&event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(n_missed)) => {
+                        let status = Status::aborted(format!(
+                            "this watcher fell {n_missed} events behind; resume with after_revision={last_revision}"
+                        ));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,242 @@
+//! How the CLI prints: human-readable text, or JSON (one object per line for
+//! streams). A task's JSON has at least `id` and `state`, with the state names
+//! PENDING, READY, ASSIGNED, RUNNING, SUCCEEDED, FAILED and CANCELLED.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use taskraft::proto::taskraft_v1 as pb;
+
+use crate::cli::OutputFormat;
+
+pub struct Printer {
+    format: OutputFormat,
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::TaskState::try_from(state) {
+        Ok(pb::TaskState::Pending) => "PENDING",
+        Ok(pb::TaskState::Ready) => "READY",
+        Ok(pb::TaskState::Assigned) => "ASSIGNED",
+        Ok(pb::TaskState::Running) => "RUNNING",
+        Ok(pb::TaskState::Succeeded) => "SUCCEEDED",
+        Ok(pb::TaskState::Failed) => "FAILED",
+        Ok(pb::TaskState::Cancelled) => "CANCELLED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn time(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return String::new();
+    }
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+fn command_line(task: &pb::Task) -> String {
+    let Some(command) = task.spec.as_ref().and_then(|spec| spec.command.as_ref()) else {
+        return String::new();
+    };
+    std::iter::once(&command.program)
+        .chain(&command.args)
+        .map(
+            |word| {
+                if word.contains(' ') || word.is_empty() {
+                    format!("{word:?}")
+                } else {
+                    word.clone()
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn task_json(task: &pb::Task) -> Value {
+    let spec = task.spec.clone().unwrap_or_default();
+    let command = spec.command.unwrap_or_default();
+    json!({
+        "id": task.id,
+        "state": state_name(task.state),
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "command": { "program": command.program, "args": command.args, "env": command.env, "working_dir": command.working_dir },
+        "run_at": time(task.run_at_unix_ms),
+        "run_at_unix_ms": task.run_at_unix_ms,
+        "created_at": time(task.created_at_unix_ms),
+        "updated_at": time(task.updated_at_unix_ms),
+        "revision": task.revision,
+        "timeout_ms": spec.timeout_ms,
+        "max_attempts": spec.max_attempts,
+        "idempotency_key": spec.idempotency_key,
+        "labels": spec.labels,
+        "attempts": task.attempts.iter().map(|attempt| json!({
+            "number": attempt.number,
+            "node_id": attempt.node_id,
+            "fencing_token": attempt.fencing_token,
+            "assigned_at": time(attempt.assigned_at_unix_ms),
+            "started_at": time(attempt.started_at_unix_ms),
+            "ended_at": time(attempt.ended_at_unix_ms),
+            "outcome": attempt.outcome,
+            "exit_code": attempt.exit_code,
+            "stdout_tail": attempt.stdout_tail,
+            "stderr_tail": attempt.stderr_tail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+impl Printer {
+    pub fn new(format: OutputFormat) -> Printer {
+        Printer { format }
+    }
+
+    fn json(&self, value: &Value) {
+        println!("{value}");
+    }
+
+    pub fn line(&self, text: &str) {
+        println!("{text}");
+    }
+
+    /// A remark for people; JSON output leaves it out.
+    pub fn note(&self, text: &str) {
+        if self.format == OutputFormat::Human {
+            eprintln!("{text}");
+        }
+    }
+
+    pub fn submitted(&self, task: &pb::Task, already_existed: bool) {
+        match self.format {
+            OutputFormat::Json => {
+                let mut value = task_json(task);
+                value["already_existed"] = json!(already_existed);
+                self.json(&value);
+            }
+            OutputFormat::Human => {
+                let how = if already_existed { "already existed" } else { "submitted" };
+                println!(
+                    "task {} {how}: {}  run at {}",
+                    task.id,
+                    state_name(task.state),
+                    time(task.run_at_unix_ms)
+                );
+            }
+        }
+    }
+
+    pub fn task(&self, task: &pb::Task) {
+        if self.format == OutputFormat::Json {
+            return self.json(&task_json(task));
+        }
+        let spec = task.spec.clone().unwrap_or_default();
+        println!("task {}  {}", task.id, state_name(task.state));
+        println!("  command:   {}", command_line(task));
+        println!("  queue:     {}   priority: {}", spec.queue, spec.priority);
+        println!("  run at:    {}", time(task.run_at_unix_ms));
+        println!(
+            "  created:   {}   updated: {}",
+            time(task.created_at_unix_ms),
+            time(task.updated_at_unix_ms)
+        );
+        println!("  timeout:   {} ms   max attempts: {}", spec.timeout_ms, spec.max_attempts);
+        if !spec.labels.is_empty() {
+            let mut labels: Vec<String> =
+                spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            println!("  labels:    {}", labels.join(","));
+        }
+        println!("  revision:  {}", task.revision);
+        if task.attempts.is_empty() {
+            println!("  attempts:  none yet");
+        }
+        for attempt in &task.attempts {
+            println!(
+                "  attempt {} on node {} (token {}): started {} ended {} {}",
+                attempt.number,
+                attempt.node_id,
+                attempt.fencing_token,
+                time(attempt.started_at_unix_ms),
+                time(attempt.ended_at_unix_ms),
+                attempt.outcome
+            );
+        }
+    }
+
+    pub fn task_rows(&self, tasks: &[pb::Task], header: bool) {
+        if self.format == OutputFormat::Json {
+            return tasks.iter().for_each(|task| self.json(&task_json(task)));
+        }
+        if header {
+            println!("{:<10} {:<10} {:<12} {:>8}  COMMAND", "ID", "STATE", "QUEUE", "PRIORITY");
+        }
+        for task in tasks {
+            let spec = task.spec.clone().unwrap_or_default();
+            println!(
+                "{:<10} {:<10} {:<12} {:>8}  {}",
+                task.id,
+                state_name(task.state),
+                spec.queue,
+                spec.priority,
+                command_line(task)
+            );
+        }
+    }
+
+    pub fn event(&self, revision: u64, task: &pb::Task) {
+        match self.format {
+            OutputFormat::Json => {
+                self.json(&json!({ "revision": revision, "id": task.id, "state": state_name(task.state), "task": task_json(task) }))
+            }
+            OutputFormat::Human => {
+                println!("revision {revision:<8} task {:<8} {:<10} {}", task.id, state_name(task.state), command_line(task))
+            }
+        }
+    }
+
+    pub fn leader(&self, leader_id: u64) {
+        match self.format {
+            OutputFormat::Json => self.json(&json!({ "leader_id": leader_id })),
+            OutputFormat::Human => println!("leader is now node {leader_id}"),
+        }
+    }
+
+    pub fn status(&self, status: &pb::StatusResponse) {
+        if self.format == OutputFormat::Json {
+            let nodes: Vec<Value> = status
+                .nodes
+                .iter()
+                .map(|node| {
+                    json!({
+                        "node_id": node.node_id, "api_addr": node.api_addr, "raft_addr": node.raft_addr,
+                        "role": node.role, "voter": node.voter, "term": node.term, "leader_id": node.leader_id,
+                        "last_log_index": node.last_log_index, "commit_index": node.commit_index,
+                        "applied_index": node.applied_index, "executor_slots": node.executor_slots, "error": node.error,
+                    })
+                })
+                .collect();
+            return self.json(
+                &json!({ "leader_id": status.leader_id, "term": status.term, "nodes": nodes }),
+            );
+        }
+        println!("leader: node {}   term: {}", status.leader_id, status.term);
+        println!(
+            "{:<5} {:<11} {:>6} {:>9} {:>9} {:>9} {:>5}  {:<21} {:<21}",
+            "NODE", "ROLE", "TERM", "LAST LOG", "COMMIT", "APPLIED", "SLOTS", "API", "RAFT"
+        );
+        for node in &status.nodes {
+            println!(
+                "{:<5} {:<11} {:>6} {:>9} {:>9} {:>9} {:>5}  {:<21} {:<21} {}",
+                node.node_id,
+                node.role,
+                node.term,
+                node.last_log_index,
+                node.commit_index,
+                node.applied_index,
+                node.executor_slots,
+                node.api_addr,
+                node.raft_addr,
+                node.error
+            );
+        }
+    }
+}

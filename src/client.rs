@@ -1,0 +1,137 @@
+//! A client of the taskraft API that tries the given endpoints in turn and
+//! follows the leader, used by the CLI and the tests.
+//!
+//! A call that fails with `UNAVAILABLE` (node down, no leader yet, not the
+//! leader) is retried on the leader named in the error, else on the next
+//! endpoint, with a short backoff, until the client's deadline. Every other
+//! status is final. Each attempt carries the per-call timeout.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::error::LEADER_HINT_KEY;
+
+/// The default endpoints: the local cluster that `scripts/cluster.sh` starts.
+pub const ENDPOINTS_DEFAULT: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+/// The largest message the client sends or accepts.
+pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+const BACKOFF_MS_MIN: u64 = 50;
+const BACKOFF_MS_MAX: u64 = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given")]
+    NoEndpoints,
+    #[error("bad endpoint {endpoint:?}: {message}")]
+    BadEndpoint { endpoint: String, message: String },
+}
+
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    current: usize,
+    /// How long one call may keep retrying across endpoints.
+    retry_for: Duration,
+    /// The deadline of one attempt.
+    attempt_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(
+        endpoints: &[String],
+        retry_for: Duration,
+        attempt_timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let mut client = Client {
+            endpoints: Vec::new(),
+            channels: Vec::new(),
+            current: 0,
+            retry_for,
+            attempt_timeout,
+        };
+        for endpoint in endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            client.add_endpoint(endpoint)?;
+        }
+        if client.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        Ok(client)
+    }
+
+    fn add_endpoint(&mut self, endpoint: &str) -> Result<usize, ClientError> {
+        if let Some(idx) = self.endpoints.iter().position(|known| known == endpoint) {
+            return Ok(idx);
+        }
+        let url = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let channel = Endpoint::from_shared(url)
+            .map_err(|err| ClientError::BadEndpoint {
+                endpoint: endpoint.into(),
+                message: err.to_string(),
+            })?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        self.endpoints.push(endpoint.to_owned());
+        self.channels.push(channel);
+        Ok(self.endpoints.len() - 1)
+    }
+
+    /// The endpoint the next call goes to first.
+    pub fn current_endpoint(&self) -> &str {
+        &self.endpoints[self.current]
+    }
+
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
+    /// Calls `call` on a channel, retrying `UNAVAILABLE` as described above.
+    pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff_ms = BACKOFF_MS_MIN;
+        loop {
+            let attempt = call(self.channels[self.current].clone(), self.attempt_timeout);
+            let status = match tokio::time::timeout(self.attempt_timeout, attempt).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(status)) if status.code() != tonic::Code::Unavailable => return Err(status),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::unavailable(format!(
+                    "{} did not answer within {:?}",
+                    self.current_endpoint(),
+                    self.attempt_timeout
+                )),
+            };
+            let hint = status
+                .metadata()
+                .get(LEADER_HINT_KEY)
+                .and_then(|value| value.to_str().ok())
+                .map(String::from);
+            match hint.map(|leader| self.add_endpoint(&leader)) {
+                Some(Ok(leader_idx)) if leader_idx != self.current => self.current = leader_idx,
+                _ => self.current = (self.current + 1) % self.endpoints.len(),
+            }
+            if Instant::now() + Duration::from_millis(backoff_ms) > deadline {
+                return Err(status);
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(BACKOFF_MS_MAX);
+        }
+    }
+}
+
+/// Builds a request with the per-attempt deadline set.
+pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}

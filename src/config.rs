@@ -1,0 +1,370 @@
+//! The configuration of a node: its identity, addresses, Raft timings and
+//! every named limit, with one `validate`.
+//!
+//! Sources, later ones winning: built-in defaults, an optional TOML file,
+//! `TASKRAFT_*` environment variables, then command-line flags (the last two
+//! are merged by clap in `main.rs`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{NodeId, PeerNode};
+use crate::scheduler::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster and never reused. Required.
+    pub node_id: NodeId,
+    /// The client API address this node listens on and advertises.
+    pub api_addr: String,
+    /// The peer (Raft) address this node listens on and advertises.
+    pub raft_addr: String,
+    pub data_dir: PathBuf,
+    /// The members to start a new cluster with, as `ID=API_ADDR/RAFT_ADDR`
+    /// separated by commas. The lowest id initializes the cluster when its
+    /// storage is empty; a node with data ignores this.
+    pub initial_cluster: String,
+    /// Executor slots of this node (used by the scheduler); 0 means the number of CPUs.
+    pub slots: u32,
+    /// Labels of this node, which tasks may require.
+    pub labels: BTreeMap<String, String>,
+    pub raft: RaftTimings,
+    pub limits: Limits,
+    pub server: ServerLimits,
+}
+
+/// Raft timings and log compaction. Defaults suit a loopback cluster and
+/// give failover in about a second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTimings {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Log entries kept behind a snapshot for followers that lag a little.
+    pub snapshot_keep_entries: u64,
+    /// The longest one snapshot transfer may take.
+    pub snapshot_send_timeout_ms: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_interval_ms: 100,
+            election_timeout_ms_min: 400,
+            election_timeout_ms_max: 800,
+            snapshot_after_entries: 5_000,
+            snapshot_keep_entries: 1_000,
+            snapshot_send_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// Limits of the servers, clients and stores of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    /// The largest client API message, in either direction.
+    pub api_message_bytes_max: usize,
+    /// The largest peer message (an append of many entries).
+    pub peer_message_bytes_max: usize,
+    pub snapshot_chunk_bytes: usize,
+    /// The largest snapshot accepted from a peer.
+    pub snapshot_bytes_max: u64,
+    /// Concurrent requests on one client connection.
+    pub api_concurrency_per_connection_max: usize,
+    /// The deadline of an RPC this node sends on behalf of a client
+    /// (forwarding to the leader, asking peers for their status).
+    pub rpc_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// The longest a client request waits for Raft (commit or read index).
+    pub request_timeout_ms: u64,
+    /// sled's page cache.
+    pub sled_cache_bytes_max: u64,
+    /// Appends waiting for one group-commit flush.
+    pub flush_queue_max: usize,
+    /// Task events kept for watchers that resume from a revision.
+    pub watch_history_events_max: usize,
+    /// Task events a live watcher may lag by before it must resume.
+    pub watch_channel_events_max: usize,
+    /// Open watch streams on this node.
+    pub watchers_max: usize,
+    pub list_page_size_default: u32,
+    pub list_page_size_max: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            api_message_bytes_max: 4 * 1024 * 1024,
+            peer_message_bytes_max: 64 * 1024 * 1024,
+            snapshot_chunk_bytes: 1024 * 1024,
+            snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
+            api_concurrency_per_connection_max: 1_024,
+            rpc_timeout_ms: 5_000,
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 10_000,
+            sled_cache_bytes_max: 128 * 1024 * 1024,
+            flush_queue_max: 4_096,
+            watch_history_events_max: 10_000,
+            watch_channel_events_max: 4_096,
+            watchers_max: 1_024,
+            list_page_size_default: 100,
+            list_page_size_max: 1_000,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: 0,
+            api_addr: "127.0.0.1:7001".into(),
+            raft_addr: "127.0.0.1:7101".into(),
+            data_dir: PathBuf::from("data"),
+            initial_cluster: String::new(),
+            slots: 0,
+            labels: BTreeMap::new(),
+            raft: RaftTimings::default(),
+            limits: Limits::default(),
+            server: ServerLimits::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text)
+            .map_err(|err| ConfigError::Parse { path: path.to_owned(), message: err.to_string() })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.node_id == 0 {
+            return invalid("node_id must be given and at least 1".into());
+        }
+        for (name, addr) in [("api_addr", &self.api_addr), ("raft_addr", &self.raft_addr)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(format!("{name} {addr:?} is not an IP:PORT address"));
+            }
+        }
+        if self.api_addr == self.raft_addr {
+            return invalid("api_addr and raft_addr must differ".into());
+        }
+        let members = self.initial_members()?;
+        if let Some(me) = members.get(&self.node_id)
+            && (me.api_addr != self.api_addr || me.raft_addr != self.raft_addr)
+        {
+            return invalid(format!(
+                "initial_cluster gives node {} the addresses {me}, but this node has api={} raft={}",
+                self.node_id, self.api_addr, self.raft_addr
+            ));
+        }
+        if !members.is_empty() && !members.contains_key(&self.node_id) {
+            return invalid(format!("initial_cluster does not name this node ({})", self.node_id));
+        }
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0
+            || raft.heartbeat_interval_ms * 2 > raft.election_timeout_ms_min
+        {
+            return invalid("heartbeat_interval_ms must be at least 1 and at most half of election_timeout_ms_min".into());
+        }
+        if raft.election_timeout_ms_min >= raft.election_timeout_ms_max {
+            return invalid(
+                "election_timeout_ms_min must be less than election_timeout_ms_max".into(),
+            );
+        }
+        if raft.snapshot_after_entries == 0 {
+            return invalid("snapshot_after_entries must be at least 1".into());
+        }
+        self.limits.validate().map_err(|err| ConfigError::Invalid(err.0))?;
+        let server = &self.server;
+        let positive = [
+            ("api_message_bytes_max", server.api_message_bytes_max as u64),
+            ("peer_message_bytes_max", server.peer_message_bytes_max as u64),
+            ("snapshot_chunk_bytes", server.snapshot_chunk_bytes as u64),
+            ("snapshot_bytes_max", server.snapshot_bytes_max),
+            (
+                "api_concurrency_per_connection_max",
+                server.api_concurrency_per_connection_max as u64,
+            ),
+            ("rpc_timeout_ms", server.rpc_timeout_ms),
+            ("connect_timeout_ms", server.connect_timeout_ms),
+            ("request_timeout_ms", server.request_timeout_ms),
+            ("sled_cache_bytes_max", server.sled_cache_bytes_max),
+            ("flush_queue_max", server.flush_queue_max as u64),
+            ("watch_history_events_max", server.watch_history_events_max as u64),
+            ("watch_channel_events_max", server.watch_channel_events_max as u64),
+            ("watchers_max", server.watchers_max as u64),
+            ("list_page_size_default", server.list_page_size_default as u64),
+            ("list_page_size_max", server.list_page_size_max as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return invalid(format!("{name} must be at least 1"));
+            }
+        }
+        if server.snapshot_chunk_bytes + 1024 > server.peer_message_bytes_max {
+            return invalid(
+                "snapshot_chunk_bytes must leave room within peer_message_bytes_max".into(),
+            );
+        }
+        if server.list_page_size_default > server.list_page_size_max {
+            return invalid("list_page_size_default must not exceed list_page_size_max".into());
+        }
+        Ok(())
+    }
+
+    /// Parses `initial_cluster`.
+    pub fn initial_members(&self) -> Result<BTreeMap<NodeId, PeerNode>, ConfigError> {
+        parse_members(&self.initial_cluster).map_err(ConfigError::Invalid)
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.data_dir.join("snapshots")
+    }
+
+    pub fn executor_slots(&self) -> u32 {
+        if self.slots > 0 {
+            return self.slots;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    }
+}
+
+/// Parses `1=127.0.0.1:7001/127.0.0.1:7101,2=...` into members.
+pub fn parse_members(text: &str) -> Result<BTreeMap<NodeId, PeerNode>, String> {
+    let mut members = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+        let shape = || format!("initial cluster member {item:?} is not ID=API_ADDR/RAFT_ADDR");
+        let (id, addrs) = item.split_once('=').ok_or_else(shape)?;
+        let (api_addr, raft_addr) = addrs.split_once('/').ok_or_else(shape)?;
+        let id: NodeId = id.trim().parse().map_err(|_| shape())?;
+        for addr in [api_addr, raft_addr] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!("{}: {addr:?} is not an IP:PORT address", shape()));
+            }
+        }
+        if id == 0 {
+            return Err(format!("{}: node ids start at 1", shape()));
+        }
+        let node = PeerNode { api_addr: api_addr.into(), raft_addr: raft_addr.into() };
+        if members.insert(id, node).is_some() {
+            return Err(format!("initial cluster names node {id} twice"));
+        }
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> NodeConfig {
+        NodeConfig {
+            node_id: 1,
+            initial_cluster: "1=127.0.0.1:7001/127.0.0.1:7101, 2=127.0.0.1:7002/127.0.0.1:7102"
+                .into(),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_with_an_id_are_valid() {
+        valid().validate().unwrap();
+        assert_eq!(valid().initial_members().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_a_reason() {
+        let cases: Vec<(&str, NodeConfig)> = vec![
+            ("node_id", NodeConfig { node_id: 0, ..valid() }),
+            ("IP:PORT", NodeConfig { api_addr: "nowhere".into(), ..valid() }),
+            ("must differ", NodeConfig { raft_addr: "127.0.0.1:7001".into(), ..valid() }),
+            (
+                "not ID=API_ADDR/RAFT_ADDR",
+                NodeConfig { initial_cluster: "1=127.0.0.1:7001".into(), ..valid() },
+            ),
+            (
+                "twice",
+                NodeConfig {
+                    initial_cluster:
+                        "1=127.0.0.1:7001/127.0.0.1:7101,1=127.0.0.1:7001/127.0.0.1:7101".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "does not name this node",
+                NodeConfig {
+                    node_id: 3,
+                    api_addr: "127.0.0.1:7003".into(),
+                    raft_addr: "127.0.0.1:7103".into(),
+                    ..valid()
+                },
+            ),
+            ("gives node 1", NodeConfig { api_addr: "127.0.0.1:9999".into(), ..valid() }),
+            (
+                "half of election",
+                NodeConfig {
+                    raft: RaftTimings { heartbeat_interval_ms: 300, ..RaftTimings::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "queued_tasks_max",
+                NodeConfig {
+                    limits: Limits { queued_tasks_max: 0, ..Limits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "watchers_max",
+                NodeConfig {
+                    server: ServerLimits { watchers_max: 0, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+        ];
+        for (expected, config) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn toml_file_overrides_defaults_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "node_id = 2\nslots = 3\n[raft]\nheartbeat_interval_ms = 50\n[limits]\nargs_max = 8\n",
+        )
+        .unwrap();
+        let config = NodeConfig::from_file(&path).unwrap();
+        assert_eq!((config.node_id, config.slots, config.raft.heartbeat_interval_ms), (2, 3, 50));
+        assert_eq!(config.limits.args_max, 8);
+        assert_eq!(config.raft.election_timeout_ms_min, 400);
+        std::fs::write(&path, "node_id = 2\nslotz = 3\n").unwrap();
+        let err = NodeConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("slotz"), "{err}");
+    }
+}

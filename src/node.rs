@@ -1,0 +1,220 @@
+//! A running node: opens the storage, starts Raft, serves the client API and
+//! the peer service on their own listeners, and shuts down in order.
+//!
+//! `run` takes its shutdown signal as a future, so `main` passes Ctrl-C or
+//! SIGTERM and tests pass whatever they like. Shutdown order: stop serving
+//! clients and peers, stop Raft, flush sled.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::api::Context;
+use crate::api::cluster::ClusterService;
+use crate::api::tasks::TasksService;
+use crate::config::{ConfigError, NodeConfig};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
+use crate::proto::taskraft_v1::cluster_server::ClusterServer;
+use crate::proto::taskraft_v1::tasks_server::TasksServer;
+use crate::raft::Raft;
+use crate::raft::network::{PeerClientConfig, PeerNetwork};
+use crate::raft::service::PeerService;
+use crate::storage::{self, EventLimits, LogStore, StateMachineStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("{what} server failed: {source}")]
+    Serve { what: &'static str, source: tonic::transport::Error },
+}
+
+/// Runs a node until `shutdown` completes.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    config.validate()?;
+    let span = info_span!("node", node_id = config.node_id);
+    run_validated(Arc::new(config), shutdown).instrument(span).await
+}
+
+fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
+    let timings = &config.raft;
+    let raft_config = openraft::Config {
+        cluster_name: "taskraft".into(),
+        heartbeat_interval: timings.heartbeat_interval_ms,
+        election_timeout_min: timings.election_timeout_ms_min,
+        election_timeout_max: timings.election_timeout_ms_max,
+        install_snapshot_timeout: timings.snapshot_send_timeout_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_after_entries),
+        max_in_snapshot_log_to_keep: timings.snapshot_keep_entries,
+        enable_pre_vote: Some(true),
+        ..openraft::Config::default()
+    };
+    raft_config.validate().map_err(|err| NodeError::Raft(format!("invalid Raft timings: {err}")))
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Listen { addr: addr.to_owned(), source })
+}
+
+async fn run_validated(
+    config: Arc<NodeConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let server = &config.server;
+    // Bind first: a taken port is the commonest start-up failure, and it
+    // should be reported before anything touches the data directory.
+    let api_listener = bind(&config.api_addr).await?;
+    let raft_listener = bind(&config.raft_addr).await?;
+
+    let db = storage::open_db(&config.data_dir, server.sled_cache_bytes_max)?;
+    let log_store = LogStore::open(&db, server.flush_queue_max)?;
+    let event_limits = EventLimits {
+        history_events_max: server.watch_history_events_max,
+        channel_events_max: server.watch_channel_events_max,
+    };
+    let state_machine = StateMachineStore::open(&db, &config.snapshot_dir(), event_limits)?;
+    let network = PeerNetwork::new(PeerClientConfig {
+        connect_timeout_ms: server.connect_timeout_ms,
+        message_bytes_max: server.peer_message_bytes_max,
+        snapshot_chunk_bytes: server.snapshot_chunk_bytes,
+        snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
+    });
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config(&config)?),
+        network,
+        log_store,
+        state_machine.clone(),
+    )
+    .await
+    .map_err(|err| NodeError::Raft(err.to_string()))?;
+    initialize_if_first(&raft, &config).await?;
+
+    let token = CancellationToken::new();
+    let ctx = Arc::new(Context::new(raft.clone(), state_machine, config.clone(), token.clone()));
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<TasksServer<TasksService>>().await;
+    health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|err| NodeError::Raft(format!("cannot build the reflection service: {err}")))?;
+
+    let api_bytes_max = server.api_message_bytes_max;
+    let api_server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(server.api_concurrency_per_connection_max)
+        .tcp_nodelay(true)
+        .add_service(
+            TasksServer::new(TasksService::new(ctx.clone()))
+                .max_decoding_message_size(api_bytes_max)
+                .max_encoding_message_size(api_bytes_max),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(ctx.clone()))
+                .max_decoding_message_size(api_bytes_max)
+                .max_encoding_message_size(api_bytes_max),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(api_listener),
+            token.clone().cancelled_owned(),
+        );
+
+    let peer_bytes_max = server.peer_message_bytes_max;
+    let peer_service =
+        PeerService::new(raft.clone(), config.snapshot_dir(), server.snapshot_bytes_max);
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            RaftPeerServer::new(peer_service)
+                .max_decoding_message_size(peer_bytes_max)
+                .max_encoding_message_size(peer_bytes_max),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(raft_listener),
+            token.clone().cancelled_owned(),
+        );
+
+    info!(api_addr = %config.api_addr, raft_addr = %config.raft_addr, "node serving");
+    let mut api_task = tokio::spawn(api_server.in_current_span());
+    let mut peer_task = tokio::spawn(peer_server.in_current_span());
+    let failure = tokio::select! {
+        _ = shutdown => { info!("shutdown requested"); None }
+        joined = &mut api_task => Some(server_failure("client API", joined)),
+        joined = &mut peer_task => Some(server_failure("peer", joined)),
+    };
+    health_reporter.set_not_serving::<TasksServer<TasksService>>().await;
+    token.cancel();
+    // The servers stop accepting at once; give in-flight requests a moment.
+    let drain = Duration::from_millis(config.server.request_timeout_ms.min(5_000));
+    if failure.is_none() {
+        let stopped =
+            tokio::time::timeout(drain, async { tokio::join!(&mut api_task, &mut peer_task) })
+                .await;
+        if stopped.is_err() {
+            warn!("the servers did not stop within {drain:?}");
+        }
+    }
+    if let Err(err) = raft.shutdown().await {
+        error!(cause = %err, "raft did not shut down cleanly");
+    }
+    db.flush_async()
+        .await
+        .map_err(|err| NodeError::Storage(std::io::Error::other(err.to_string())))?;
+    info!("node stopped");
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+fn server_failure(
+    what: &'static str,
+    joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> NodeError {
+    match joined {
+        Ok(Ok(())) => NodeError::Raft(format!("the {what} server stopped by itself")),
+        Ok(Err(source)) => NodeError::Serve { what, source },
+        Err(join) => NodeError::Raft(format!("the {what} server task failed: {join}")),
+    }
+}
+
+/// Starts a new cluster from `initial_cluster` when this node has the lowest
+/// id there and has never been part of a cluster.
+async fn initialize_if_first(raft: &Raft, config: &NodeConfig) -> Result<(), NodeError> {
+    let members = config.initial_members()?;
+    if members.keys().next() != Some(&config.node_id) {
+        return Ok(());
+    }
+    if raft.is_initialized().await.map_err(|err| NodeError::Raft(err.to_string()))? {
+        info!("storage holds a cluster already; not initializing");
+        return Ok(());
+    }
+    info!(n_members = members.len(), "initializing a new cluster");
+    match raft.initialize(members).await {
+        Ok(()) => Ok(()),
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(err),
+        )) => {
+            info!(reason = %err, "cluster already initialized");
+            Ok(())
+        }
+        Err(err) => Err(NodeError::Raft(format!("cannot initialize the cluster: {err}"))),
+    }
+}
