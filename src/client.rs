@@ -2,7 +2,7 @@
 //! follows the leader, used by the CLI and the tests.
 //!
 //! A call that fails with `UNAVAILABLE` (node down, no leader yet, not the
-//! leader) is retried on the leader named in the error, else on the next
+//! leader) or passes its deadline is retried on the leader named in the error, else on the next
 //! endpoint, with a short backoff, until the client's deadline. Every other
 //! status is final. Each attempt carries the per-call timeout.
 
@@ -103,7 +103,7 @@ impl Client {
             let attempt = call(self.channels[self.current].clone(), self.attempt_timeout);
             let status = match tokio::time::timeout(self.attempt_timeout, attempt).await {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(status)) if status.code() != tonic::Code::Unavailable => return Err(status),
+                Ok(Err(status)) if !is_retryable(&status) => return Err(status),
                 Ok(Err(status)) => status,
                 Err(_) => tonic::Status::unavailable(format!(
                     "{} did not answer within {:?}",
@@ -127,6 +127,16 @@ impl Client {
             backoff_ms = (backoff_ms * 2).min(BACKOFF_MS_MAX);
         }
     }
+}
+
+/// Whether another node, or the same one a moment later, may answer. A
+/// deadline may have passed after a write committed, so callers retry writes
+/// only with an idempotency key (the CLI always sets one).
+fn is_retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
 }
 
 /// Builds a request with the per-attempt deadline set.

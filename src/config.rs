@@ -117,9 +117,9 @@ impl Default for ServerLimits {
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
             api_concurrency_per_connection_max: 1_024,
-            rpc_timeout_ms: 5_000,
+            rpc_timeout_ms: 6_000,
             connect_timeout_ms: 1_000,
-            request_timeout_ms: 10_000,
+            request_timeout_ms: 5_000,
             sled_cache_bytes_max: 128 * 1024 * 1024,
             flush_queue_max: 4_096,
             watch_history_events_max: 10_000,
@@ -227,6 +227,9 @@ impl NodeConfig {
             return invalid(
                 "snapshot_chunk_bytes must leave room within peer_message_bytes_max".into(),
             );
+        }
+        if server.rpc_timeout_ms <= server.request_timeout_ms {
+            return invalid("rpc_timeout_ms must exceed request_timeout_ms, so a forwarded request outlives the leader's wait".into());
         }
         if server.list_page_size_default > server.list_page_size_max {
             return invalid("list_page_size_default must not exceed list_page_size_max".into());

@@ -1,1 +1,405 @@
+//! A harness that runs the real `taskraft` binary as a cluster of processes
+//! on 127.0.0.1, for the tests in `tests/it`.
+//!
+//! Each [`TestCluster`] owns a temporary directory (data and one log file per
+//! node) and the child handles of its nodes. It signals only those children,
+//! by handle or by their own PIDs, and kills them all when dropped; if the
+//! test is failing, it prints the tail of every node's log first. Clusters run
+//! one at a time (a process-wide lock), since two cores cannot host several
+//! clusters without spurious elections.
+//!
+//! The binary is `$TASKRAFT_BIN` when set; otherwise the harness builds it
+//! once with `cargo build --release --bin taskraft`.
 
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use taskraft::client::Client;
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::cluster_client::ClusterClient;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+/// Serializes clusters across the tests of one process.
+static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
+static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// How long a node may take to answer after it was started.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The path of the `taskraft` binary, built on first use.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let result = BINARY.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("cluster-tests sits in the workspace");
+        if let Ok(path) = std::env::var("TASKRAFT_BIN") {
+            // A relative path is taken from the workspace root, not the test's directory.
+            return Ok(workspace.join(path));
+        }
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--bin", "taskraft"])
+            .current_dir(workspace)
+            .status()
+            .map_err(|err| format!("cannot run cargo: {err}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of taskraft failed: {status}"));
+        }
+        Ok(workspace.join("target/release/taskraft"))
+    });
+    result.clone().map_err(|err| anyhow!(err))
+}
+
+/// Ports the OS says are free now. Bound together so they differ.
+fn free_ports(n_ports: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> =
+        (0..n_ports).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    listeners.iter().map(|listener| Ok(listener.local_addr()?.port())).collect()
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub api_addr: String,
+    pub raft_addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+    initial_cluster: String,
+    extra_args: Vec<String>,
+    _dir: TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl TestCluster {
+    /// Starts `n_nodes` nodes that form a new cluster, and waits for a leader.
+    pub async fn start(n_nodes: usize, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        let serial = CLUSTER_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        binary()?;
+        let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
+        let ports = free_ports(n_nodes * 2)?;
+        let nodes: Vec<TestNode> = (0..n_nodes)
+            .map(|idx| {
+                let id = idx as u64 + 1;
+                TestNode {
+                    id,
+                    api_addr: format!("127.0.0.1:{}", ports[idx * 2]),
+                    raft_addr: format!("127.0.0.1:{}", ports[idx * 2 + 1]),
+                    data_dir: dir.path().join(format!("node{id}")),
+                    log_path: dir.path().join(format!("node{id}.log")),
+                    child: None,
+                }
+            })
+            .collect();
+        let initial_cluster = nodes
+            .iter()
+            .map(|node| format!("{}={}/{}", node.id, node.api_addr, node.raft_addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = TestCluster {
+            nodes,
+            initial_cluster,
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            _dir: dir,
+            _serial: serial,
+        };
+        for id in 1..=n_nodes as u64 {
+            cluster.spawn(id)?;
+        }
+        cluster.wait_for_leader(NODE_READY_TIMEOUT).await?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut TestNode {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let binary = binary()?;
+        let initial_cluster = self.initial_cluster.clone();
+        let extra_args = self.extra_args.clone();
+        let node = self.node_mut(id);
+        if node.child.is_some() {
+            bail!("node {id} is running already");
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        let child = Command::new(binary)
+            .arg("node")
+            .args([
+                "--id",
+                &id.to_string(),
+                "--api-addr",
+                &node.api_addr,
+                "--raft-addr",
+                &node.raft_addr,
+            ])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--initial-cluster", &initial_cluster])
+            .args(&extra_args)
+            .env("RUST_LOG", std::env::var("TASKRAFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start node {id}"))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts a stopped node again on its data.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.spawn(id)
+    }
+
+    /// SIGKILL, by the child handle.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.node_mut(id);
+        let mut child = node.child.take().ok_or_else(|| anyhow!("node {id} is not running"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, by PID, then waits up to `timeout` for a clean exit.
+    pub fn terminate(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(id, "TERM")?;
+        let node = self.node_mut(id);
+        let child = node.child.as_mut().ok_or_else(|| anyhow!("node {id} is not running"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal to the node's own PID.
+    pub fn signal(&self, id: u64, signal: &str) -> anyhow::Result<()> {
+        let pid = self.node(id).pid().ok_or_else(|| anyhow!("node {id} is not running"))?;
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| node.api_addr.clone()).collect()
+    }
+
+    pub fn running_endpoints(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(|node| node.api_addr.clone())
+            .collect()
+    }
+
+    /// A client that tries every running node and follows the leader.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(&self.running_endpoints(), Duration::from_secs(15), Duration::from_secs(8))?)
+    }
+
+    /// A client of one node only, that retries for `retry_for`.
+    pub fn node_client(&self, id: u64, retry_for: Duration) -> anyhow::Result<Client> {
+        Ok(Client::new(&[self.node(id).api_addr.clone()], retry_for, Duration::from_secs(8))?)
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.node(id).log_path).unwrap_or_default()
+    }
+
+    /// One node's own status, without asking the others.
+    pub async fn local_status(&self, id: u64) -> anyhow::Result<pb::NodeInfo> {
+        let channel = Channel::from_shared(format!("http://{}", self.node(id).api_addr))?
+            .connect_timeout(Duration::from_millis(500))
+            .connect()
+            .await?;
+        let mut request = tonic::Request::new(pb::StatusRequest { local_only: true });
+        request.set_timeout(Duration::from_secs(2));
+        let status = ClusterClient::new(channel).status(request).await?.into_inner();
+        status.nodes.into_iter().next().ok_or_else(|| anyhow!("node {id} sent an empty status"))
+    }
+
+    /// Waits until the running nodes agree on one leader, and returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = BTreeMap::new();
+            let mut n_answered = 0;
+            for node in self.nodes.iter().filter(|node| node.is_running()) {
+                if let Ok(info) = self.local_status(node.id).await {
+                    n_answered += 1;
+                    *leaders.entry(info.leader_id).or_insert(0) += 1;
+                }
+            }
+            let n_running = self.nodes.iter().filter(|node| node.is_running()).count();
+            if n_answered == n_running && leaders.len() == 1 {
+                let (&leader, _) = leaders.iter().next().expect("one leader");
+                if leader != 0 && self.node(leader).is_running() {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader within {timeout:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_for_applied(
+        &self,
+        id: u64,
+        index: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let applied = self.local_status(id).await.map(|info| info.applied_index).unwrap_or(0);
+            if applied >= index {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} applied only {applied} of {index} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every task in node `id`'s own state (stale reads), by id.
+    pub async fn local_tasks(&self, id: u64) -> anyhow::Result<BTreeMap<String, pb::Task>> {
+        let mut client = self.node_client(id, Duration::from_secs(5))?;
+        let mut tasks = BTreeMap::new();
+        let mut page_token = String::new();
+        loop {
+            let token = page_token.clone();
+            let page = client
+                .call(|channel, timeout| {
+                    let message = pb::ListTasksRequest {
+                        page_size: 1_000,
+                        page_token: token.clone(),
+                        stale: true,
+                        ..Default::default()
+                    };
+                    async move {
+                        TasksClient::new(channel)
+                            .list_tasks(taskraft::client::request(message, timeout))
+                            .await
+                    }
+                })
+                .await?
+                .into_inner();
+            for task in page.tasks {
+                tasks.insert(task.id.clone(), task);
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(tasks);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                // Resume first, in case a test left it stopped.
+                let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A task spec that runs `program` with `args`, for submissions in tests.
+pub fn spec(program: &str, args: &[&str], key: Option<String>) -> pb::TaskSpec {
+    pb::TaskSpec {
+        command: Some(pb::Command {
+            program: program.into(),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            ..Default::default()
+        }),
+        idempotency_key: key.unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Submits one spec through `client`.
+pub async fn submit(
+    client: &mut Client,
+    spec: pb::TaskSpec,
+) -> Result<pb::SubmitTaskResponse, tonic::Status> {
+    client
+        .call(|channel, timeout| {
+            let message = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
+            async move {
+                TasksClient::new(channel)
+                    .submit_task(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads one task through `client`, linearizably unless `stale`.
+pub async fn get(client: &mut Client, id: &str, stale: bool) -> Result<pb::Task, tonic::Status> {
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::GetTaskRequest { id: id.to_owned(), stale };
+            async move {
+                TasksClient::new(channel)
+                    .get_task(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await?;
+    reply.into_inner().task.ok_or_else(|| tonic::Status::internal("a reply without a task"))
+}

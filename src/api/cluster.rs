@@ -50,6 +50,8 @@ impl ClusterService {
             applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index()),
             executor_slots: self.ctx.config.executor_slots(),
             error: String::new(),
+            snapshot_index: metrics.snapshot.map_or(0, |log_id| log_id.index()),
+            purged_index: metrics.purged.map_or(0, |log_id| log_id.index()),
         }
     }
 

@@ -20,6 +20,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use openraft::Instant as _;
 use openraft::ReadPolicy;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::type_config::async_runtime::WatchReceiver;
@@ -164,8 +165,34 @@ impl Context {
         }
     }
 
+    /// Refuses at once when this node leads but has not heard from a
+    /// majority for a whole lease (the longest election timeout): a write or
+    /// a read index would only wait for a quorum that is not there.
+    fn check_quorum(&self) -> Result<(), ApiError> {
+        let lease_ms = self.config.raft.election_timeout_ms_max;
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        if metrics.state != openraft::ServerState::Leader {
+            return Ok(());
+        }
+        let silent_ms =
+            metrics.last_quorum_acked.as_ref().map(|acked| acked.elapsed().as_millis() as u64);
+        match silent_ms {
+            Some(silent_ms) if silent_ms <= lease_ms => Ok(()),
+            Some(silent_ms) => Err(ApiError::unavailable(format!(
+                "no quorum: leader {} has not heard from a majority for {silent_ms} ms",
+                self.node_id
+            ))),
+            None => Err(ApiError::unavailable(format!(
+                "no quorum: leader {} is not acknowledged yet",
+                self.node_id
+            ))),
+        }
+    }
+
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
+        self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
         let result =
             tokio::time::timeout(self.request_timeout(), self.raft.client_write(command)).await;
@@ -207,6 +234,7 @@ impl Context {
     /// Makes the following local read linearizable: confirms leadership with
     /// a quorum and waits until the state machine has applied that far.
     pub async fn read_index(&self) -> Result<(), ApiError> {
+        self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
         let result = tokio::time::timeout(
             self.request_timeout(),

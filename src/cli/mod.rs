@@ -250,7 +250,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         return run_node(*args).await;
     }
     init_logging("warn");
-    let attempt_timeout = Duration::from_secs(5).min(cli.timeout);
+    let attempt_timeout = Duration::from_secs(8).min(cli.timeout);
     let mut client = Client::new(&cli.endpoints, cli.timeout, attempt_timeout)
         .map_err(|err| usage(err.to_string()))?;
     let printer = Printer::new(cli.output);

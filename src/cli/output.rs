@@ -211,6 +211,7 @@ impl Printer {
                         "role": node.role, "voter": node.voter, "term": node.term, "leader_id": node.leader_id,
                         "last_log_index": node.last_log_index, "commit_index": node.commit_index,
                         "applied_index": node.applied_index, "executor_slots": node.executor_slots, "error": node.error,
+                        "snapshot_index": node.snapshot_index, "purged_index": node.purged_index,
                     })
                 })
                 .collect();

@@ -1,0 +1,101 @@
+//! Killing the leader with SIGKILL during submission: every acknowledged
+//! task survives, a new leader serves within 3 s, and without a quorum a
+//! write is refused with UNAVAILABLE.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster_tests::{TestCluster, get, spec, submit};
+use tokio::sync::Mutex;
+
+const N_SUBMITTERS: usize = 8;
+/// The promise: a new leader serves within this long after the old one dies.
+const FAILOVER_BOUND: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_during_submission_loses_no_acknowledged_task() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut submitters = Vec::new();
+    for submitter_idx in 0..N_SUBMITTERS {
+        let mut client = cluster.client()?;
+        let acked = acked.clone();
+        let stop = stop.clone();
+        submitters.push(tokio::spawn(async move {
+            let mut n_submitted = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("s{submitter_idx}-{n_submitted}");
+                n_submitted += 1;
+                // A failed call may or may not have committed; only acks count.
+                if let Ok(reply) =
+                    submit(&mut client, spec("echo", &[&key], Some(key.clone()))).await
+                {
+                    acked.lock().await.insert(key, reply.task.unwrap().id);
+                }
+            }
+        }));
+    }
+    while acked.lock().await.len() < 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old_leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    cluster.kill(old_leader)?;
+    let killed_at = Instant::now();
+    let n_acked_at_kill = acked.lock().await.len();
+
+    // A probe from the outside: how long until a submission commits again?
+    let mut probe = cluster.client()?;
+    submit(&mut probe, spec("true", &[], Some("probe".into()))).await?;
+    let serving_after = killed_at.elapsed();
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    assert_ne!(new_leader, old_leader);
+    assert!(serving_after <= FAILOVER_BOUND, "a new leader served only after {serving_after:?}");
+
+    while acked.lock().await.len() < n_acked_at_kill + 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for submitter in submitters {
+        submitter.await?;
+    }
+
+    let acked = acked.lock().await.clone();
+    let mut client = cluster.client()?;
+    for (key, id) in &acked {
+        let task = get(&mut client, id, false).await?;
+        let spec = task.spec.unwrap();
+        assert_eq!(&spec.idempotency_key, key, "task {id}");
+        assert_eq!(&spec.command.unwrap().args[0], key, "task {id}");
+    }
+
+    // The killed node comes back and catches up on everything.
+    cluster.restart(old_leader)?;
+    let commit_index = cluster.local_status(new_leader).await?.commit_index;
+    cluster.wait_for_applied(old_leader, commit_index, Duration::from_secs(20)).await?;
+    let local = cluster.local_tasks(old_leader).await?;
+    for id in acked.values() {
+        assert!(local.contains_key(id), "restarted node {old_leader} lacks task {id}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_quorum_writes_are_unavailable_and_reads_too() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    let mut client = cluster.node_client(leader, Duration::from_secs(2))?;
+    let task = submit(&mut client, spec("true", &[], None)).await?.task.unwrap();
+    for follower in (1..=3).filter(|id| *id != leader) {
+        cluster.kill(follower)?;
+    }
+    let err = submit(&mut client, spec("true", &[], None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = get(&mut client, &task.id, false).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // A stale read still answers from the node's own state.
+    assert_eq!(get(&mut client, &task.id, true).await?.id, task.id);
+    Ok(())
+}

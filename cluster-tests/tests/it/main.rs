@@ -1,0 +1,7 @@
+//! Cluster tests: the real `taskraft` binary as three processes on
+//! 127.0.0.1. One test binary; each module is one area.
+
+mod bad_input;
+mod catch_up;
+mod failover;
+mod replication;
