@@ -136,15 +136,19 @@ case "$command" in
     for n in "${nodes[@]}"; do stop_node "$n"; done
     ;;
   status)
+    n_running=0
     for n in "${nodes[@]}"; do
       if pid=$(node_pid "$n"); then
         state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo "?")
         echo "node $n: running (pid $pid, state $state)"
+        n_running=$((n_running + 1))
       else
         echo "node $n: not running"
       fi
     done
-    [ -x "$bin" ] && "$bin" --endpoints "$(endpoints)" --timeout 3s cluster status || true
+    if [ "$n_running" -gt 0 ] && [ -x "$bin" ]; then
+      "$bin" --endpoints "$(endpoints)" --timeout 3s cluster status || true
+    fi
     ;;
   logs)
     check_node "${2:-}"

@@ -18,7 +18,7 @@ pub const ENDPOINTS_DEFAULT: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:700
 /// The largest message the client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 const BACKOFF_MS_MIN: u64 = 50;
-const BACKOFF_MS_MAX: u64 = 500;
+const BACKOFF_MS_MAX: u64 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -101,15 +101,19 @@ impl Client {
         let mut backoff_ms = BACKOFF_MS_MIN;
         loop {
             let attempt = call(self.channels[self.current].clone(), self.attempt_timeout);
-            let status = match tokio::time::timeout(self.attempt_timeout, attempt).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(status)) if !is_retryable(&status) => return Err(status),
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::unavailable(format!(
+            let deadline_passed = || {
+                tonic::Status::deadline_exceeded(format!(
                     "{} did not answer within {:?}",
                     self.current_endpoint(),
                     self.attempt_timeout
-                )),
+                ))
+            };
+            let status = match tokio::time::timeout(self.attempt_timeout, attempt).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(status)) if crate::api::is_own_deadline(&status) => deadline_passed(),
+                Ok(Err(status)) if !is_retryable(&status) => return Err(status),
+                Ok(Err(status)) => status,
+                Err(_) => deadline_passed(),
             };
             let hint = status
                 .metadata()

@@ -93,6 +93,9 @@ pub struct ServerLimits {
     /// (forwarding to the leader, asking peers for their status).
     pub rpc_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// How long `Status` waits for each other node's own view; a node that
+    /// does not answer in time is shown as unreachable.
+    pub status_timeout_ms: u64,
     /// The longest a client request waits for Raft (commit or read index).
     pub request_timeout_ms: u64,
     /// sled's page cache.
@@ -119,6 +122,7 @@ impl Default for ServerLimits {
             api_concurrency_per_connection_max: 1_024,
             rpc_timeout_ms: 6_000,
             connect_timeout_ms: 1_000,
+            status_timeout_ms: 1_000,
             request_timeout_ms: 5_000,
             sled_cache_bytes_max: 128 * 1024 * 1024,
             flush_queue_max: 4_096,
@@ -209,6 +213,7 @@ impl NodeConfig {
             ),
             ("rpc_timeout_ms", server.rpc_timeout_ms),
             ("connect_timeout_ms", server.connect_timeout_ms),
+            ("status_timeout_ms", server.status_timeout_ms),
             ("request_timeout_ms", server.request_timeout_ms),
             ("sled_cache_bytes_max", server.sled_cache_bytes_max),
             ("flush_queue_max", server.flush_queue_max as u64),

@@ -110,8 +110,14 @@ async fn run_validated(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<TasksServer<TasksService>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
+    // Advertise exactly what the client port serves; the peer service is
+    // in the same descriptor set but listens elsewhere.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("taskraft.v1.Tasks")
+        .with_service_name("taskraft.v1.Cluster")
+        .with_service_name("grpc.health.v1.Health")
         .build_v1()
         .map_err(|err| NodeError::Raft(format!("cannot build the reflection service: {err}")))?;
 

@@ -69,6 +69,8 @@ pub struct TestNode {
     pub raft_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// Started without an initial cluster, to be added with `AddNode`.
+    joins: bool,
     child: Option<Child>,
 }
 
@@ -86,7 +88,7 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     initial_cluster: String,
     extra_args: Vec<String>,
-    _dir: TempDir,
+    dir: TempDir,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -106,6 +108,7 @@ impl TestCluster {
                     raft_addr: format!("127.0.0.1:{}", ports[idx * 2 + 1]),
                     data_dir: dir.path().join(format!("node{id}")),
                     log_path: dir.path().join(format!("node{id}.log")),
+                    joins: false,
                     child: None,
                 }
             })
@@ -119,7 +122,7 @@ impl TestCluster {
             nodes,
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
-            _dir: dir,
+            dir,
             _serial: serial,
         };
         for id in 1..=n_nodes as u64 {
@@ -145,6 +148,7 @@ impl TestCluster {
         if node.child.is_some() {
             bail!("node {id} is running already");
         }
+        let initial_cluster = if node.joins { String::new() } else { initial_cluster };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
         let child = Command::new(binary)
             .arg("node")
@@ -168,6 +172,37 @@ impl TestCluster {
             .with_context(|| format!("cannot start node {id}"))?;
         node.child = Some(child);
         Ok(())
+    }
+
+    /// Starts a new, empty node that belongs to no cluster yet, and returns
+    /// its id. Add it with `AddNode`.
+    pub fn spawn_joining_node(&mut self) -> anyhow::Result<u64> {
+        let id = self.nodes.len() as u64 + 1;
+        let ports = free_ports(2)?;
+        self.nodes.push(TestNode {
+            id,
+            api_addr: format!("127.0.0.1:{}", ports[0]),
+            raft_addr: format!("127.0.0.1:{}", ports[1]),
+            data_dir: self.dir.path().join(format!("node{id}")),
+            log_path: self.dir.path().join(format!("node{id}.log")),
+            joins: true,
+            child: None,
+        });
+        self.spawn(id)?;
+        Ok(id)
+    }
+
+    /// Runs the CLI against this cluster: exit code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let output = Command::new(binary()?)
+            .args(["--endpoints", &self.running_endpoints().join(","), "--timeout", "10s"])
+            .args(args)
+            .output()?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
     }
 
     /// Starts a stopped node again on its data.

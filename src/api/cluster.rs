@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::ChangeMembers;
 use openraft::ServerState;
@@ -75,18 +76,22 @@ impl ClusterService {
                     return local;
                 }
                 let request = pb::StatusRequest { local_only: true };
+                let timeout = Duration::from_millis(self.ctx.config.server.status_timeout_ms);
                 let reply = self
                     .ctx
-                    .forward(&node.api_addr, request, |channel, req| async move {
+                    .forward_within(&node.api_addr, request, timeout, |channel, req| async move {
                         ClusterClient::new(channel).status(req).await
                     })
                     .await;
                 let own = match reply {
-                    Ok(status) => {
-                        status.nodes.into_iter().find(|info| info.node_id == node_id).ok_or_else(
-                            || format!("{} answered without its own entry", node.api_addr),
-                        )
-                    }
+                    // Membership as this node knows it: a node that has just
+                    // joined may not have applied its own promotion yet.
+                    Ok(status) => status
+                        .nodes
+                        .into_iter()
+                        .find(|info| info.node_id == node_id)
+                        .map(|info| pb::NodeInfo { voter, ..info })
+                        .ok_or_else(|| format!("{} answered without its own entry", node.api_addr)),
                     Err(err) => Err(err.to_string()),
                 };
                 own.unwrap_or_else(|error| pb::NodeInfo {

@@ -149,18 +149,35 @@ impl Context {
         F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        self.forward_within(api_addr, message, self.rpc_timeout(), call).await
+    }
+
+    /// Like [`Context::forward`], with a deadline of `timeout`.
+    pub async fn forward_within<Req, Resp, F, Fut>(
+        &self,
+        api_addr: &str,
+        message: Req,
+        timeout: Duration,
+        call: F,
+    ) -> Result<Resp, ApiError>
+    where
+        F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
         let channel = self.channel(api_addr)?;
         let mut request = tonic::Request::new(message);
-        request.set_timeout(self.rpc_timeout());
+        request.set_timeout(timeout);
         if let Ok(value) = self.node_id.to_string().parse() {
             request.metadata_mut().insert(FORWARDED_KEY, value);
         }
-        match tokio::time::timeout(self.rpc_timeout(), call(channel, request)).await {
+        match tokio::time::timeout(timeout, call(channel, request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) if is_own_deadline(&status) => Err(ApiError::unavailable(format!(
+                "node {api_addr} did not answer within {timeout:?}"
+            ))),
             Ok(Err(status)) => Err(ApiError::Forwarded(status)),
             Err(_) => Err(ApiError::unavailable(format!(
-                "node {api_addr} did not answer within {} ms",
-                self.config.server.rpc_timeout_ms
+                "node {api_addr} did not answer within {timeout:?}"
             ))),
         }
     }
@@ -260,6 +277,11 @@ impl Context {
             ))),
         }
     }
+}
+
+/// Whether a status is tonic's report that the caller's own deadline passed.
+pub fn is_own_deadline(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired"
 }
 
 /// The wall clock in milliseconds since the Unix epoch. Only the edges read

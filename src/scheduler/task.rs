@@ -82,6 +82,29 @@ pub struct TaskSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+impl TaskSpec {
+    /// A spec that runs `program` now, with defaults; for tests.
+    #[cfg(test)]
+    pub fn for_test(program: &str) -> TaskSpec {
+        TaskSpec {
+            queue: QUEUE_DEFAULT.into(),
+            priority: 0,
+            schedule: Schedule::Now,
+            command: CommandSpec {
+                program: program.into(),
+                args: vec![],
+                env: BTreeMap::new(),
+                working_dir: None,
+            },
+            timeout_ms: 60_000,
+            max_attempts: 3,
+            backoff: Backoff::DEFAULT,
+            idempotency_key: None,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// The lifecycle of a task.
 ///
 /// `Pending` → `Ready` when its run-at time has come; `Ready` → `Assigned`

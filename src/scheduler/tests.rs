@@ -2,32 +2,15 @@
 //! limits and bad input. Each test drives `State::apply` with commands, as the
 //! Raft log would, and checks the answers and the indexes.
 
-use std::collections::BTreeMap;
-
 use crate::scheduler::{
-    Backoff, Command, CommandSpec, Counters, Limits, RejectionKind, Response, Schedule, State,
-    Task, TaskId, TaskSpec, TaskState,
+    Command, Counters, Limits, RejectionKind, Response, Schedule, State, Task, TaskId, TaskSpec,
+    TaskState,
 };
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
 fn spec(program: &str) -> TaskSpec {
-    TaskSpec {
-        queue: "default".into(),
-        priority: 0,
-        schedule: Schedule::Now,
-        command: CommandSpec {
-            program: program.into(),
-            args: vec![],
-            env: BTreeMap::new(),
-            working_dir: None,
-        },
-        timeout_ms: 60_000,
-        max_attempts: 3,
-        backoff: Backoff::DEFAULT,
-        idempotency_key: None,
-        labels: BTreeMap::new(),
-    }
+    TaskSpec::for_test(program)
 }
 
 struct Harness {

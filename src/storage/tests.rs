@@ -1,7 +1,6 @@
 //! Storage tests: openraft's conformance suite on the sled stores, and
 //! reopening a store to check that what was acknowledged is still there.
 
-use std::collections::BTreeMap;
 use std::io;
 
 use openraft::storage::{
@@ -14,7 +13,7 @@ use openraft::{EntryPayload, StorageError};
 use tempfile::TempDir;
 
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
-use crate::scheduler::{Backoff, Command, CommandSpec, Schedule, TaskSpec};
+use crate::scheduler::{Command, TaskSpec};
 use crate::storage::{EventLimits, LogStore, StateMachineStore, open_db};
 
 const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
@@ -45,22 +44,7 @@ async fn sled_stores_pass_the_openraft_storage_suite() {
 }
 
 fn submit_entry(index: u64, program: &str) -> Entry {
-    let spec = TaskSpec {
-        queue: "default".into(),
-        priority: 0,
-        schedule: Schedule::Now,
-        command: CommandSpec {
-            program: program.into(),
-            args: vec![],
-            env: BTreeMap::new(),
-            working_dir: None,
-        },
-        timeout_ms: 1_000,
-        max_attempts: 1,
-        backoff: Backoff::DEFAULT,
-        idempotency_key: None,
-        labels: BTreeMap::new(),
-    };
+    let spec = TaskSpec::for_test(program);
     Entry {
         log_id: LogId::new(openraft::impls::leader_id_adv::LeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Command::SubmitTasks {

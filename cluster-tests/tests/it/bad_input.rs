@@ -1,8 +1,7 @@
 //! Bad input through gRPC and through the CLI gets a clear error and changes
 //! nothing; a full queue is RESOURCE_EXHAUSTED.
 
-use cluster_tests::{TestCluster, binary, spec, submit};
-use std::process::Command;
+use cluster_tests::{TestCluster, spec, submit};
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 
@@ -71,15 +70,7 @@ async fn grpc_errors(cluster: &TestCluster) -> anyhow::Result<()> {
 }
 
 fn cli(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let output = Command::new(binary()?)
-        .args(["--endpoints", &cluster.endpoints().join(","), "--timeout", "5s"])
-        .args(args)
-        .output()?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+    cluster.cli(args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,7 +1,9 @@
 //! Cluster tests: the real `taskraft` binary as three processes on
 //! 127.0.0.1. One test binary; each module is one area.
 
+mod api;
 mod bad_input;
 mod catch_up;
 mod failover;
+mod membership;
 mod replication;

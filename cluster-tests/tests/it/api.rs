@@ -1,0 +1,163 @@
+//! The read side of the API on a live cluster: watch with resume, list with
+//! filters and pages, `taskraft wait`, gRPC health and server reflection.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cluster_tests::{TestCluster, spec, submit};
+use futures::StreamExt;
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use tonic::transport::Channel;
+
+async fn channel(cluster: &TestCluster, id: u64) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{}", cluster.node(id).api_addr))?.connect().await?)
+}
+
+async fn watch(
+    channel: Channel,
+    task_id: &str,
+    after_revision: u64,
+    n_events: usize,
+) -> anyhow::Result<Vec<pb::TaskEvent>> {
+    let request = pb::WatchTasksRequest { task_id: task_id.into(), after_revision };
+    let mut stream = TasksClient::new(channel).watch_tasks(request).await?.into_inner();
+    let mut events = Vec::new();
+    while events.len() < n_events {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next()).await?;
+        events.push(event.ok_or_else(|| anyhow::anyhow!("the watch ended early"))??);
+    }
+    Ok(events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+
+    // A live watch on node 2 sees submissions made through node 3.
+    let live = tokio::spawn(watch(channel(&cluster, 2).await?, "", 0, 10));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = cluster.node_client(3, Duration::from_secs(10))?;
+    let mut submitted = Vec::new();
+    for idx in 0..10 {
+        let mut task_spec = spec("echo", &[&idx.to_string()], None);
+        task_spec.queue = if idx % 2 == 0 { "even".into() } else { "odd".into() };
+        if idx >= 8 {
+            task_spec.schedule = Some(pb::task_spec::Schedule::DelayMs(3_600_000));
+        }
+        submitted.push(submit(&mut client, task_spec).await?.task.unwrap());
+    }
+    let events = live.await??;
+    let ids: Vec<&str> =
+        events.iter().map(|event| event.task.as_ref().unwrap().id.as_str()).collect();
+    assert_eq!(ids, submitted.iter().map(|task| task.id.as_str()).collect::<Vec<_>>());
+    assert!(events.windows(2).all(|pair| pair[0].revision < pair[1].revision));
+
+    // Resuming after the fifth event replays the other five.
+    let resumed = watch(channel(&cluster, 1).await?, "", events[4].revision, 5).await?;
+    assert_eq!(resumed, events[5..].to_vec());
+    // A watch of one task sees only that task.
+    let one =
+        watch(channel(&cluster, 3).await?, &submitted[3].id, events[0].revision - 1, 1).await?;
+    assert_eq!(one[0].task.as_ref().unwrap().id, submitted[3].id);
+
+    // Lists filter by state and queue, and page.
+    let mut pages = 0;
+    let mut listed = BTreeMap::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListTasksRequest {
+            states: vec![pb::TaskState::Ready as i32],
+            queue: "even".into(),
+            page_size: 2,
+            page_token: page_token.clone(),
+            stale: false,
+        };
+        let page =
+            TasksClient::new(channel(&cluster, 2).await?).list_tasks(request).await?.into_inner();
+        pages += 1;
+        for task in page.tasks {
+            listed.insert(task.id.clone(), task);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let expected: Vec<&String> = submitted
+        .iter()
+        .filter(|task| {
+            task.spec.as_ref().unwrap().queue == "even" && task.state == pb::TaskState::Ready as i32
+        })
+        .map(|task| &task.id)
+        .collect();
+    assert_eq!(listed.keys().collect::<Vec<_>>(), expected);
+    assert_eq!(pages, 2, "four tasks in pages of two");
+
+    // `taskraft wait` returns when the task ends: exit 3 unless it succeeded.
+    let pending = submitted[8].id.clone();
+    let (code, _, stderr) = cluster.cli(&["wait", &pending, "--for", "1s"])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("did not finish within 1s"), "{stderr}");
+    let binary = cluster_tests::binary()?;
+    let endpoints = cluster.endpoints().join(",");
+    let waited_id = pending.clone();
+    let waiter = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary)
+            .args([
+                "--endpoints",
+                &endpoints,
+                "--output",
+                "json",
+                "wait",
+                &waited_id,
+                "--for",
+                "30s",
+            ])
+            .output()
+    });
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let (code, _, stderr) = cluster.cli(&["cancel", &pending])?;
+    assert_eq!(code, 0, "{stderr}");
+    let output = waiter.await??;
+    assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
+    let waited: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(waited["state"], "CANCELLED");
+
+    // Standard gRPC health and reflection, for generic clients such as grpcurl.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(&cluster, 1).await?);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "taskraft.v1.Tasks".into() })
+        .await?
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel(&cluster, 1).await?)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let reply = replies.next().await.ok_or_else(|| anyhow::anyhow!("no reflection reply"))??;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        anyhow::bail!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    for expected in ["taskraft.v1.Tasks", "taskraft.v1.Cluster", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|name| name == expected), "{expected} missing from {names:?}");
+    }
+    assert!(
+        !names.iter().any(|name| name.contains("peer")),
+        "the peer service is not served here: {names:?}"
+    );
+    Ok(())
+}
