@@ -42,7 +42,9 @@ impl From<Rejection> for ApiError {
         match rejection.kind {
             RejectionKind::InvalidArgument => ApiError::InvalidArgument(rejection.message),
             RejectionKind::NotFound => ApiError::NotFound(rejection.message),
-            RejectionKind::FailedPrecondition => ApiError::FailedPrecondition(rejection.message),
+            RejectionKind::FailedPrecondition | RejectionKind::Stale => {
+                ApiError::FailedPrecondition(rejection.message)
+            }
             RejectionKind::ResourceExhausted => ApiError::ResourceExhausted(rejection.message),
         }
     }

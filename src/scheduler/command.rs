@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::task::{Task, TaskId, TaskSpec};
+use crate::scheduler::task::{NodeId, Outcome, Task, TaskId, TaskSpec};
 
 /// A change to the task state, as stored in one Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +25,37 @@ pub enum Command {
     CancelTask { now_ms: u64, id: TaskId },
     /// Moves every pending task whose run-at time is at or before `now_ms` to ready.
     PromoteDue { now_ms: u64 },
+    /// The leader's placement of ready tasks on nodes. Each assignment opens
+    /// an attempt whose fencing token is this entry's log index.
+    Assign { now_ms: u64, assignments: Vec<Assignment> },
+    /// An executor started the attempt with this token.
+    StartAttempt { now_ms: u64, task: TaskId, token: u64 },
+    /// An executor's attempt with this token ended.
+    CompleteAttempt { now_ms: u64, task: TaskId, token: u64, report: AttemptReport },
+    /// The leader found these attempts lost: their executors' leases expired.
+    RequeueLost { now_ms: u64, lost: Vec<(TaskId, u64)> },
+    /// Stops (or resumes) new assignments to a node.
+    SetDraining { node: NodeId, draining: bool },
+    /// Removes at most `tasks_max` tasks that finished `retention_ms` or more before `now_ms`.
+    PurgeFinished { now_ms: u64, retention_ms: u64, tasks_max: u32 },
+}
+
+/// One task placed on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task: TaskId,
+    pub node: NodeId,
+}
+
+/// What an executor tells about an attempt that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptReport {
+    /// `None` when the program never started.
+    pub started_at_ms: Option<u64>,
+    pub ended_at_ms: u64,
+    pub outcome: Outcome,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
 }
 
 impl fmt::Display for Command {
@@ -33,6 +64,16 @@ impl fmt::Display for Command {
             Command::SubmitTasks { specs, .. } => write!(f, "SubmitTasks(n={})", specs.len()),
             Command::CancelTask { id, .. } => write!(f, "CancelTask({id})"),
             Command::PromoteDue { now_ms } => write!(f, "PromoteDue(now_ms={now_ms})"),
+            Command::Assign { assignments, .. } => write!(f, "Assign(n={})", assignments.len()),
+            Command::StartAttempt { task, token, .. } => {
+                write!(f, "StartAttempt({task}, token={token})")
+            }
+            Command::CompleteAttempt { task, token, report, .. } => {
+                write!(f, "CompleteAttempt({task}, token={token}, {:?})", report.outcome)
+            }
+            Command::RequeueLost { lost, .. } => write!(f, "RequeueLost(n={})", lost.len()),
+            Command::SetDraining { node, draining } => write!(f, "SetDraining({node}, {draining})"),
+            Command::PurgeFinished { tasks_max, .. } => write!(f, "PurgeFinished(max={tasks_max})"),
         }
     }
 }
@@ -47,6 +88,16 @@ pub enum Response {
     Submitted(Vec<Submitted>),
     Cancelled(Box<Task>),
     Promoted(Vec<TaskId>),
+    /// Assignments that opened an attempt, with their fencing tokens, and the
+    /// tasks that were no longer ready.
+    Assigned {
+        assigned: Vec<(Assignment, u64)>,
+        skipped: Vec<TaskId>,
+    },
+    /// The task after a start or a completion was recorded.
+    Attempt(Box<Task>),
+    Requeued(Vec<TaskId>),
+    Purged(Vec<TaskId>),
     Rejected(Rejection),
 }
 
@@ -73,6 +124,9 @@ pub enum RejectionKind {
     FailedPrecondition,
     /// A limit such as the queued-task limit would be exceeded.
     ResourceExhausted,
+    /// A report from an attempt that is not the task's current one: its
+    /// fencing token is older. The executor should stop that attempt.
+    Stale,
 }
 
 impl Rejection {

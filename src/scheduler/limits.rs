@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::task::{Schedule, TaskSpec};
 
+/// The most output of one stream kept for one attempt in the replicated
+/// state; executors keep less (their own configured tail).
+pub const OUTPUT_TAIL_BYTES_CEILING: usize = 1024 * 1024;
+
 /// Limits on one task spec and on the queue as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

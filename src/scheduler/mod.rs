@@ -10,17 +10,29 @@
 //! - [`task`]: `TaskSpec`, `Task`, `TaskState` and attempts.
 //! - [`command`]: `Command` (a log entry's payload) and `Response`.
 //! - [`limits`]: named limits on specs and their validation.
-//! - [`state`]: `State` with its indexes and `apply`.
+//! - [`state`]: `State` with its indexes and `apply`, fencing included.
+//! - [`backoff`]: retry delays with deterministic jitter.
+//! - [`policy`]: where ready tasks go: fair queues, labels, least loaded.
+//! - [`lease`]: the leader's executor leases and what counts as lost.
 
+pub mod backoff;
 pub mod command;
+pub mod lease;
 pub mod limits;
+pub mod policy;
 pub mod state;
 pub mod task;
 
-pub use command::{Command, Rejection, RejectionKind, Response, Submitted};
+pub use command::{
+    Assignment, AttemptReport, Command, Rejection, RejectionKind, Response, Submitted,
+};
 pub use limits::Limits;
-pub use state::{Applied, Counters, State};
-pub use task::{Backoff, CommandSpec, Schedule, Task, TaskId, TaskSpec, TaskState};
+pub use state::{Applied, State, StateMeta};
+pub use task::{
+    Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
+};
 
+#[cfg(test)]
+mod scheduling_tests;
 #[cfg(test)]
 mod tests;

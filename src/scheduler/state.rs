@@ -1,19 +1,30 @@
 //! The replicated task state and its `apply` function.
 //!
 //! [`State`] holds every task plus the indexes the scheduler needs: ready
-//! tasks per queue in run order, pending tasks by run-at time, and the
-//! idempotency keys. [`State::apply`] is the only way to change it. It is
-//! deterministic: it reads no clock and does no I/O, so replaying the same
-//! log gives the same state on every node.
+//! tasks per queue in run order, pending tasks by run-at time, the active
+//! attempts of each node, finished tasks by time, and the idempotency keys.
+//! [`State::apply`] is the only way to change it. It is deterministic: it
+//! reads no clock and does no I/O, so replaying the same log gives the same
+//! state on every node.
+//!
+//! Fencing: an assignment opens an attempt whose token is the log index of
+//! the `Assign` entry, so tokens grow with every attempt. A start or a
+//! completion carrying any other token than the task's current attempt's is
+//! refused as [`RejectionKind::Stale`], identically on every node.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::command::{Command, Rejection, RejectionKind, Response, Submitted};
-use crate::scheduler::limits::Limits;
-use crate::scheduler::task::{Schedule, Task, TaskId, TaskSpec, TaskState};
+use crate::scheduler::backoff::retry_delay_ms;
+use crate::scheduler::command::{
+    Assignment, AttemptReport, Command, Rejection, RejectionKind, Response, Submitted,
+};
+use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
+use crate::scheduler::task::{
+    Attempt, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
+};
 
 /// The order of ready tasks within a queue: higher priority first, then
 /// earlier run-at time, then earlier submission (lower id).
@@ -21,17 +32,23 @@ pub type ReadyKey = (Reverse<i32>, u64, TaskId);
 
 /// The part of the state that is persisted; the indexes are derived from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
+pub struct StateMeta {
     pub next_task_id: u64,
+    /// Nodes that get no new assignments.
+    pub draining_nodes: BTreeSet<NodeId>,
 }
 
 #[derive(Debug, Default)]
 pub struct State {
-    counters: Counters,
+    meta: StateMeta,
     tasks: BTreeMap<TaskId, Task>,
     ready_by_queue: BTreeMap<String, BTreeSet<ReadyKey>>,
     pending_by_run_at: BTreeSet<(u64, TaskId)>,
     task_by_idempotency_key: HashMap<String, TaskId>,
+    /// Tasks ASSIGNED or RUNNING, by the node of their current attempt.
+    active_by_node: BTreeMap<NodeId, BTreeSet<TaskId>>,
+    /// Finished tasks by the time they finished, for retention.
+    finished_by_time: BTreeSet<(u64, TaskId)>,
     n_tasks_queued: u64,
 }
 
@@ -47,15 +64,15 @@ impl State {
     /// Rebuilds a state, indexes included, from persisted parts. Refuses
     /// parts that no sequence of commands could have produced.
     pub fn from_parts(
-        counters: Counters,
+        meta: StateMeta,
         tasks: impl IntoIterator<Item = Task>,
     ) -> Result<State, String> {
-        let mut state = State { counters, ..State::default() };
+        let mut state = State { meta, ..State::default() };
         for task in tasks {
-            if task.id.0 >= state.counters.next_task_id {
+            if task.id.0 >= state.meta.next_task_id {
                 return Err(format!(
                     "task {} is at or beyond the next task id {}",
-                    task.id, state.counters.next_task_id
+                    task.id, state.meta.next_task_id
                 ));
             }
             if state.tasks.contains_key(&task.id) {
@@ -67,8 +84,8 @@ impl State {
         Ok(state)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.counters
+    pub fn meta(&self) -> &StateMeta {
+        &self.meta
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {
@@ -105,6 +122,26 @@ impl State {
         self.ready_by_queue.keys().map(String::as_str)
     }
 
+    /// Tasks ASSIGNED to or RUNNING on `node`.
+    pub fn active_on(&self, node: NodeId) -> impl Iterator<Item = &Task> {
+        self.active_by_node.get(&node).into_iter().flatten().map(|id| &self.tasks[id])
+    }
+
+    pub fn n_active_on(&self, node: NodeId) -> usize {
+        self.active_by_node.get(&node).map_or(0, BTreeSet::len)
+    }
+
+    /// Every ASSIGNED or RUNNING task, by node.
+    pub fn active(&self) -> impl Iterator<Item = (NodeId, &Task)> {
+        self.active_by_node
+            .iter()
+            .flat_map(|(node, ids)| ids.iter().map(|id| (*node, &self.tasks[id])))
+    }
+
+    pub fn is_draining(&self, node: NodeId) -> bool {
+        self.meta.draining_nodes.contains(&node)
+    }
+
     /// The earliest run-at time among pending tasks.
     pub fn next_pending_run_at_ms(&self) -> Option<u64> {
         self.pending_by_run_at.first().map(|(run_at_ms, _)| *run_at_ms)
@@ -123,6 +160,29 @@ impl State {
             Command::PromoteDue { now_ms } => {
                 Ok(Response::Promoted(self.promote_due(revision, *now_ms, &mut changed)))
             }
+            Command::Assign { now_ms, assignments } => {
+                Ok(self.assign(revision, *now_ms, assignments, &mut changed))
+            }
+            Command::StartAttempt { now_ms, task, token } => self
+                .start_attempt(revision, *now_ms, *task, *token, &mut changed)
+                .map(|task| Response::Attempt(Box::new(task))),
+            Command::CompleteAttempt { now_ms, task, token, report } => self
+                .complete_attempt(revision, *now_ms, *task, *token, report, &mut changed)
+                .map(|task| Response::Attempt(Box::new(task))),
+            Command::RequeueLost { now_ms, lost } => {
+                Ok(Response::Requeued(self.requeue_lost(revision, *now_ms, lost, &mut changed)))
+            }
+            Command::SetDraining { node, draining } => {
+                if *draining {
+                    self.meta.draining_nodes.insert(*node);
+                } else {
+                    self.meta.draining_nodes.remove(node);
+                }
+                Ok(Response::Empty)
+            }
+            Command::PurgeFinished { now_ms, retention_ms, tasks_max } => Ok(Response::Purged(
+                self.purge_finished(*now_ms, *retention_ms, *tasks_max, &mut changed),
+            )),
         };
         let response = result.unwrap_or_else(|rejection| {
             assert!(changed.is_empty(), "a rejected command changed tasks");
@@ -194,8 +254,8 @@ impl State {
                     .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
                 continue;
             }
-            let id = TaskId(self.counters.next_task_id);
-            self.counters.next_task_id += 1;
+            let id = TaskId(self.meta.next_task_id);
+            self.meta.next_task_id += 1;
             let run_at_ms = match spec.schedule {
                 Schedule::Now => now_ms,
                 Schedule::AtUnixMs(at_ms) => at_ms,
@@ -262,16 +322,239 @@ impl State {
         due
     }
 
-    /// Moves a task to a new state, keeping the indexes in step.
-    fn transition(&mut self, id: TaskId, to: TaskState, revision: u64, now_ms: u64) -> &Task {
-        let mut task = self.tasks.remove(&id).expect("transition of a task that exists");
-        assert!(!task.state.is_terminal(), "task {id} leaves terminal state {}", task.state);
+    /// Changes a task through `change`, keeping the indexes in step and
+    /// stamping the revision and the time.
+    fn update<R>(
+        &mut self,
+        id: TaskId,
+        revision: u64,
+        now_ms: u64,
+        change: impl FnOnce(&mut Task) -> R,
+    ) -> R {
+        let mut task = self.tasks.remove(&id).expect("update of a task that exists");
         self.index_remove(&task);
-        task.state = to;
+        let result = change(&mut task);
         task.revision = revision;
         task.updated_at_ms = task.updated_at_ms.max(now_ms);
         self.index_insert(&task);
-        self.tasks.entry(id).or_insert(task)
+        self.tasks.insert(id, task);
+        result
+    }
+
+    /// Moves a task that has not finished to a new state.
+    fn transition(&mut self, id: TaskId, to: TaskState, revision: u64, now_ms: u64) -> &Task {
+        self.update(id, revision, now_ms, |task| {
+            assert!(!task.state.is_terminal(), "task {id} leaves terminal state {}", task.state);
+            task.state = to;
+        });
+        &self.tasks[&id]
+    }
+
+    fn assign(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        assignments: &[Assignment],
+        changed: &mut Vec<TaskId>,
+    ) -> Response {
+        let mut assigned = Vec::new();
+        let mut skipped = Vec::new();
+        for assignment in assignments {
+            let ready =
+                self.tasks.get(&assignment.task).is_some_and(|task| task.state == TaskState::Ready);
+            if !ready || self.is_draining(assignment.node) {
+                skipped.push(assignment.task);
+                continue;
+            }
+            self.update(assignment.task, revision, now_ms, |task| {
+                // Only the current attempt keeps its output; older ones keep their outcome.
+                for older in &mut task.attempts {
+                    older.stdout_tail.clear();
+                    older.stderr_tail.clear();
+                }
+                task.attempts.push(Attempt {
+                    number: task.attempts.len() as u32 + 1,
+                    node_id: assignment.node,
+                    fencing_token: revision,
+                    assigned_at_ms: now_ms,
+                    started_at_ms: None,
+                    ended_at_ms: None,
+                    outcome: None,
+                    stdout_tail: String::new(),
+                    stderr_tail: String::new(),
+                });
+                task.state = TaskState::Assigned;
+            });
+            changed.push(assignment.task);
+            assigned.push((*assignment, revision));
+        }
+        Response::Assigned { assigned, skipped }
+    }
+
+    /// Checks that `token` names the task's current, unfinished attempt.
+    fn current_attempt(&self, id: TaskId, token: u64) -> Result<&Task, Rejection> {
+        let Some(task) = self.tasks.get(&id) else {
+            return Err(Rejection::new(
+                RejectionKind::NotFound,
+                format!("task {id} does not exist"),
+            ));
+        };
+        match task.attempts.last() {
+            Some(current) if current.fencing_token == token => Ok(task),
+            Some(current) => Err(Rejection::new(
+                RejectionKind::Stale,
+                format!(
+                    "attempt with token {token} of task {id} is stale; the current token is {}",
+                    current.fencing_token
+                ),
+            )),
+            None => Err(Rejection::new(
+                RejectionKind::Stale,
+                format!("task {id} has no attempt with token {token}"),
+            )),
+        }
+    }
+
+    fn start_attempt(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        id: TaskId,
+        token: u64,
+        changed: &mut Vec<TaskId>,
+    ) -> Result<Task, Rejection> {
+        let task = self.current_attempt(id, token)?;
+        match task.state {
+            // A repeated start (the executor retried) changes nothing.
+            TaskState::Running => Ok(task.clone()),
+            TaskState::Assigned => {
+                self.update(id, revision, now_ms, |task| {
+                    task.state = TaskState::Running;
+                    let current =
+                        task.attempts.last_mut().expect("an assigned task has an attempt");
+                    current.started_at_ms = Some(now_ms);
+                });
+                changed.push(id);
+                Ok(self.tasks[&id].clone())
+            }
+            TaskState::Cancelled => Err(Rejection::new(
+                RejectionKind::Stale,
+                format!("task {id} was cancelled; attempt {token} must not start"),
+            )),
+            other => Err(Rejection::new(
+                RejectionKind::Stale,
+                format!("task {id} is {other}; attempt {token} must not start"),
+            )),
+        }
+    }
+
+    fn complete_attempt(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        id: TaskId,
+        token: u64,
+        report: &AttemptReport,
+        changed: &mut Vec<TaskId>,
+    ) -> Result<Task, Rejection> {
+        for (name, tail) in [("stdout", &report.stdout_tail), ("stderr", &report.stderr_tail)] {
+            if tail.len() > OUTPUT_TAIL_BYTES_CEILING {
+                return Err(Rejection::new(
+                    RejectionKind::InvalidArgument,
+                    format!(
+                        "the {name} tail holds {} bytes, more than {OUTPUT_TAIL_BYTES_CEILING}",
+                        tail.len()
+                    ),
+                ));
+            }
+        }
+        let task = self.current_attempt(id, token)?;
+        let current = task.attempts.last().expect("current_attempt found one");
+        if current.outcome.is_some() {
+            // A repeated completion (the executor retried) changes nothing.
+            return Ok(task.clone());
+        }
+        let state = task.state;
+        if !matches!(state, TaskState::Assigned | TaskState::Running | TaskState::Cancelled) {
+            return Err(Rejection::new(
+                RejectionKind::Stale,
+                format!("task {id} is {state}; attempt {token} is over"),
+            ));
+        }
+        self.update(id, revision, now_ms, |task| {
+            let current = task.attempts.last_mut().expect("checked above");
+            current.started_at_ms = current.started_at_ms.or(report.started_at_ms);
+            current.ended_at_ms = Some(report.ended_at_ms);
+            current.outcome = Some(report.outcome.clone());
+            current.stdout_tail = report.stdout_tail.clone();
+            current.stderr_tail = report.stderr_tail.clone();
+            if state == TaskState::Cancelled {
+                return;
+            }
+            if report.outcome == (Outcome::Exited { code: 0 }) {
+                task.state = TaskState::Succeeded;
+            } else {
+                retry_or_fail(task, now_ms);
+            }
+        });
+        changed.push(id);
+        Ok(self.tasks[&id].clone())
+    }
+
+    fn requeue_lost(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        lost: &[(TaskId, u64)],
+        changed: &mut Vec<TaskId>,
+    ) -> Vec<TaskId> {
+        let mut requeued = Vec::new();
+        for &(id, token) in lost {
+            let still_current = self.current_attempt(id, token).is_ok_and(|task| {
+                matches!(task.state, TaskState::Assigned | TaskState::Running)
+                    && task.attempts.last().is_some_and(|current| current.outcome.is_none())
+            });
+            if !still_current || changed.contains(&id) {
+                continue;
+            }
+            self.update(id, revision, now_ms, |task| {
+                let current = task.attempts.last_mut().expect("checked above");
+                current.ended_at_ms = Some(now_ms);
+                current.outcome = Some(Outcome::Lost);
+                retry_or_fail(task, now_ms);
+            });
+            changed.push(id);
+            requeued.push(id);
+        }
+        requeued
+    }
+
+    fn purge_finished(
+        &mut self,
+        now_ms: u64,
+        retention_ms: u64,
+        tasks_max: u32,
+        changed: &mut Vec<TaskId>,
+    ) -> Vec<TaskId> {
+        let cutoff_ms = now_ms.saturating_sub(retention_ms);
+        let expired: Vec<TaskId> = self
+            .finished_by_time
+            .iter()
+            .take_while(|(finished_at_ms, _)| *finished_at_ms <= cutoff_ms)
+            .take(tasks_max as usize)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &expired {
+            let task = self.tasks.remove(id).expect("indexed task exists");
+            self.index_remove(&task);
+            if let Some(key) = &task.spec.idempotency_key
+                && self.task_by_idempotency_key.get(key) == Some(id)
+            {
+                self.task_by_idempotency_key.remove(key);
+            }
+            changed.push(*id);
+        }
+        expired
     }
 
     fn index_insert(&mut self, task: &Task) {
@@ -283,8 +566,13 @@ impl State {
                 let key = (Reverse(task.spec.priority), task.run_at_ms, task.id);
                 self.ready_by_queue.entry(task.spec.queue.clone()).or_default().insert(key);
             }
-            TaskState::Assigned | TaskState::Running => {}
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {}
+            TaskState::Assigned | TaskState::Running => {
+                let node = task.attempts.last().expect("an active task has an attempt").node_id;
+                self.active_by_node.entry(node).or_default().insert(task.id);
+            }
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
+                self.finished_by_time.insert((task.updated_at_ms, task.id));
+            }
         }
         if !task.state.is_terminal() {
             self.n_tasks_queued += 1;
@@ -313,8 +601,20 @@ impl State {
                     self.ready_by_queue.remove(&task.spec.queue);
                 }
             }
-            TaskState::Assigned | TaskState::Running => {}
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {}
+            TaskState::Assigned | TaskState::Running => {
+                let node = task.attempts.last().expect("an active task has an attempt").node_id;
+                let active = self.active_by_node.get_mut(&node).expect("active node exists");
+                assert!(active.remove(&task.id), "active index out of step");
+                if active.is_empty() {
+                    self.active_by_node.remove(&node);
+                }
+            }
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
+                assert!(
+                    self.finished_by_time.remove(&(task.updated_at_ms, task.id)),
+                    "finished index out of step"
+                );
+            }
         }
         if !task.state.is_terminal() {
             self.n_tasks_queued -= 1;
@@ -324,7 +624,7 @@ impl State {
     /// Recomputes every index from the tasks and compares. For tests and
     /// for checking a state loaded from disk.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let rebuilt = State::from_parts(self.counters.clone(), self.tasks.values().cloned())?;
+        let rebuilt = State::from_parts(self.meta.clone(), self.tasks.values().cloned())?;
         if rebuilt.ready_by_queue != self.ready_by_queue {
             return Err("ready index differs from the tasks".into());
         }
@@ -340,6 +640,24 @@ impl State {
         if rebuilt.task_by_idempotency_key != self.task_by_idempotency_key {
             return Err("idempotency index differs from the tasks".into());
         }
+        if rebuilt.active_by_node != self.active_by_node {
+            return Err("active index differs from the tasks".into());
+        }
+        if rebuilt.finished_by_time != self.finished_by_time {
+            return Err("finished index differs from the tasks".into());
+        }
         Ok(())
     }
+}
+
+/// After a failed or lost attempt: another attempt after the backoff delay
+/// while attempts remain, else FAILED.
+fn retry_or_fail(task: &mut Task, now_ms: u64) {
+    let n_attempts = task.attempts.len() as u32;
+    if n_attempts >= task.spec.max_attempts {
+        task.state = TaskState::Failed;
+        return;
+    }
+    task.run_at_ms = now_ms.saturating_add(retry_delay_ms(&task.spec.backoff, task.id, n_attempts));
+    task.state = if task.run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
 }

@@ -3,7 +3,7 @@
 //! Raft log would, and checks the answers and the indexes.
 
 use crate::scheduler::{
-    Command, Counters, Limits, RejectionKind, Response, Schedule, State, Task, TaskId, TaskSpec,
+    Command, Limits, RejectionKind, Response, Schedule, State, StateMeta, Task, TaskId, TaskSpec,
     TaskState,
 };
 
@@ -234,7 +234,7 @@ fn invalid_spec_in_a_batch_rejects_the_whole_batch() {
     });
     assert_eq!(kind, RejectionKind::InvalidArgument);
     assert!(message.contains("task 1 of the batch") && message.contains("no program"), "{message}");
-    assert_eq!(h.state.counters(), &Counters { next_task_id: 0 });
+    assert_eq!(h.state.meta(), &StateMeta { next_task_id: 0, ..StateMeta::default() });
 }
 
 #[test]
@@ -309,7 +309,7 @@ fn state_rebuilt_from_parts_has_the_same_indexes() {
     delayed.schedule = Schedule::DelayMs(10);
     delayed.idempotency_key = Some("k".into());
     h.submit_one(delayed);
-    let rebuilt = State::from_parts(h.state.counters().clone(), h.state.tasks().cloned()).unwrap();
+    let rebuilt = State::from_parts(h.state.meta().clone(), h.state.tasks().cloned()).unwrap();
     assert_eq!(
         rebuilt.ready_in_queue("default").map(|t| t.id.0).collect::<Vec<_>>(),
         vec![2, 0, 1]
@@ -322,10 +322,17 @@ fn state_rebuilt_from_parts_has_the_same_indexes() {
 fn parts_no_command_could_produce_are_refused() {
     let mut h = Harness::new();
     let task = h.submit_one(spec("x"));
-    let err = State::from_parts(Counters { next_task_id: 0 }, vec![task.clone()]).unwrap_err();
+    let err = State::from_parts(
+        StateMeta { next_task_id: 0, ..StateMeta::default() },
+        vec![task.clone()],
+    )
+    .unwrap_err();
     assert!(err.contains("beyond the next task id"), "{err}");
-    let err =
-        State::from_parts(Counters { next_task_id: 5 }, vec![task.clone(), task]).unwrap_err();
+    let err = State::from_parts(
+        StateMeta { next_task_id: 5, ..StateMeta::default() },
+        vec![task.clone(), task],
+    )
+    .unwrap_err();
     assert!(err.contains("twice"), "{err}");
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Layout: the magic `TRSNAP01`, a little-endian CRC-32 of everything after
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
-//! [`SnapshotMeta`], then the postcard-encoded body (counters and tasks).
+//! [`SnapshotMeta`], then the postcard-encoded body (meta and tasks).
 
 use std::fmt;
 use std::fs::{self, File};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::raft::SnapshotMeta;
 use crate::raft::codec;
-use crate::scheduler::{Counters, State, Task};
+use crate::scheduler::{State, StateMeta, Task};
 
 const MAGIC: &[u8; 8] = b"TRSNAP01";
 const HEADER_BYTES: u64 = 8 + 4 + 8;
@@ -38,7 +38,7 @@ impl fmt::Debug for SnapshotFile {
 
 #[derive(Serialize)]
 struct BodyRef<'a> {
-    counters: &'a Counters,
+    meta: &'a StateMeta,
     #[serde(serialize_with = "serialize_tasks")]
     tasks: &'a State,
 }
@@ -49,7 +49,7 @@ fn serialize_tasks<S: Serializer>(state: &&State, serializer: S) -> Result<S::Ok
 
 #[derive(Deserialize)]
 struct Body {
-    counters: Counters,
+    meta: StateMeta,
     tasks: Vec<Task>,
 }
 
@@ -57,7 +57,7 @@ struct Body {
 /// state lock; the slow part, writing the file, is [`write_file`].
 pub fn encode(meta: &SnapshotMeta, state: &State) -> Vec<u8> {
     let meta_bytes = codec::encode(meta);
-    let body = codec::encode(&BodyRef { counters: state.counters(), tasks: state });
+    let body = codec::encode(&BodyRef { meta: state.meta(), tasks: state });
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize + meta_bytes.len() + body.len());
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&[0; 4]);
@@ -142,7 +142,7 @@ pub fn decode(bytes: &[u8]) -> io::Result<(SnapshotMeta, State)> {
             .map_err(|err| corrupt(err.to_string()))?;
     let body: Body = codec::decode("snapshot body", &bytes[meta_end..])
         .map_err(|err| corrupt(err.to_string()))?;
-    let state = State::from_parts(body.counters, body.tasks).map_err(corrupt)?;
+    let state = State::from_parts(body.meta, body.tasks).map_err(corrupt)?;
     Ok((meta, state))
 }
 

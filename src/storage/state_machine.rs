@@ -2,7 +2,7 @@
 //! the sled tree `sm`, with snapshots in files and a stream of task events.
 //!
 //! Each call to `apply` writes every task it changed, the new `last_applied`,
-//! the membership and the counters in one sled batch, which is atomic, so
+//! the membership and the meta in one sled batch, which is atomic, so
 //! `last_applied` never runs ahead of the state it covers. The batch is not
 //! flushed: the Raft log is, and on restart anything lost is re-applied from
 //! it. If the `sm` tree is behind the current snapshot file (the log behind a
@@ -21,12 +21,12 @@ use tracing::{info, warn};
 
 use crate::raft::codec;
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::scheduler::{Counters, Response, State, Task, TaskId};
+use crate::scheduler::{Response, State, StateMeta, Task, TaskId};
 use crate::storage::snapshot::{self, SnapshotFile};
 
 const KEY_LAST_APPLIED: &[u8] = b"m:last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"m:membership";
-const KEY_COUNTERS: &[u8] = b"m:counters";
+const KEY_STATE_META: &[u8] = b"m:meta";
 const TASK_PREFIX: &[u8] = b"t:";
 
 /// One change to one task, as watchers see it.
@@ -172,13 +172,13 @@ fn load_tree(tree: &sled::Tree) -> io::Result<Applied> {
         read_value(tree, KEY_LAST_APPLIED, "stored last applied log id")?.flatten();
     let membership: StoredMembership =
         read_value(tree, KEY_MEMBERSHIP, "stored membership")?.unwrap_or_default();
-    let counters: Counters = read_value(tree, KEY_COUNTERS, "stored counters")?.unwrap_or_default();
+    let meta: StateMeta = read_value(tree, KEY_STATE_META, "stored meta")?.unwrap_or_default();
     let mut tasks = Vec::new();
     for item in tree.scan_prefix(TASK_PREFIX) {
         let (_, bytes) = item.map_err(sled_err)?;
         tasks.push(codec::decode::<Task>("stored task", &bytes).map_err(io::Error::other)?);
     }
-    let state = State::from_parts(counters, tasks).map_err(|err| {
+    let state = State::from_parts(meta, tasks).map_err(|err| {
         io::Error::new(io::ErrorKind::InvalidData, format!("stored state is inconsistent: {err}"))
     })?;
     Ok(Applied { state, last_applied, membership })
@@ -211,7 +211,7 @@ fn write_whole_tree(tree: &sled::Tree, applied: &Applied) -> io::Result<()> {
 fn put_meta(batch: &mut sled::Batch, applied: &Applied) {
     batch.insert(KEY_LAST_APPLIED, codec::encode(&applied.last_applied));
     batch.insert(KEY_MEMBERSHIP, codec::encode(&applied.membership));
-    batch.insert(KEY_COUNTERS, codec::encode(applied.state.counters()));
+    batch.insert(KEY_STATE_META, codec::encode(applied.state.meta()));
 }
 
 fn task_key(id: TaskId) -> [u8; 10] {
@@ -268,9 +268,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(command) => {
                         let result = applied.state.apply(index, &command);
                         for id in result.changed {
-                            let task = applied.state.task(id).expect("a changed task exists");
-                            batch.insert(task_key(id).to_vec(), codec::encode(task));
-                            events.push(TaskEvent { revision: index, task: task.clone() });
+                            match applied.state.task(id) {
+                                Some(task) => {
+                                    batch.insert(task_key(id).to_vec(), codec::encode(task));
+                                    events.push(TaskEvent { revision: index, task: task.clone() });
+                                }
+                                // Purged by retention.
+                                None => batch.remove(task_key(id).to_vec()),
+                            }
                         }
                         result.response
                     }

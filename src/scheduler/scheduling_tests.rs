@@ -1,0 +1,425 @@
+//! Unit tests of scheduling: placement and fairness ([`policy`]), the attempt
+//! lifecycle with fencing tokens, retries with backoff, lease expiry and
+//! re-queueing ([`lease`]), draining and retention.
+//!
+//! [`policy`]: crate::scheduler::policy
+//! [`lease`]: crate::scheduler::lease
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::scheduler::lease::LeaseTable;
+use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
+use crate::scheduler::{
+    Assignment, AttemptReport, Backoff, Command, Outcome, RejectionKind, Response, Schedule, State,
+    Task, TaskId, TaskSpec, TaskState,
+};
+
+const NOW_MS: u64 = 1_700_000_000_000;
+
+struct Cluster {
+    state: State,
+    revision: u64,
+    cursor: PlacementCursor,
+    executors: Vec<ExecutorCapacity>,
+}
+
+fn executor(node_id: u64, slots: u32, labels: &[(&str, &str)]) -> ExecutorCapacity {
+    ExecutorCapacity {
+        node_id,
+        slots,
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+impl Cluster {
+    fn new(executors: Vec<ExecutorCapacity>) -> Cluster {
+        Cluster {
+            state: State::default(),
+            revision: 0,
+            cursor: PlacementCursor::default(),
+            executors,
+        }
+    }
+
+    fn apply(&mut self, command: Command) -> Response {
+        self.revision += 1;
+        let applied = self.state.apply(self.revision, &command);
+        self.state.check_invariants().expect("indexes match the tasks after every command");
+        applied.response
+    }
+
+    fn submit(&mut self, spec: TaskSpec) -> TaskId {
+        let command =
+            Command::SubmitTasks { now_ms: NOW_MS, queued_tasks_max: 1_000, specs: vec![spec] };
+        match self.apply(command) {
+            Response::Submitted(results) => results[0].task.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn task(&self, id: TaskId) -> &Task {
+        self.state.task(id).unwrap()
+    }
+
+    /// Plans and commits one round of assignments; returns them with tokens.
+    fn schedule(&mut self, assignments_max: usize) -> Vec<(Assignment, u64)> {
+        let assignments = plan(&self.state, &self.executors, assignments_max, &mut self.cursor);
+        if assignments.is_empty() {
+            return vec![];
+        }
+        match self.apply(Command::Assign { now_ms: NOW_MS, assignments }) {
+            Response::Assigned { assigned, skipped } => {
+                assert!(skipped.is_empty(), "a fresh plan skips nothing: {skipped:?}");
+                assigned
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn complete(&mut self, id: TaskId, token: u64, outcome: Outcome, now_ms: u64) -> Response {
+        let report = AttemptReport {
+            started_at_ms: Some(now_ms - 1),
+            ended_at_ms: now_ms,
+            outcome,
+            stdout_tail: "out".into(),
+            stderr_tail: String::new(),
+        };
+        self.apply(Command::CompleteAttempt { now_ms, task: id, token, report })
+    }
+}
+
+fn spec_in(queue: &str, priority: i32) -> TaskSpec {
+    TaskSpec { queue: queue.into(), priority, ..TaskSpec::for_test("true") }
+}
+
+fn rejection_kind(response: Response) -> RejectionKind {
+    match response {
+        Response::Rejected(rejection) => rejection.kind,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn placement_follows_priority_then_run_at_then_submission() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let low = cluster.submit(spec_in("q", 0));
+    let high = cluster.submit(spec_in("q", 9));
+    let early =
+        cluster.submit(TaskSpec { schedule: Schedule::AtUnixMs(NOW_MS - 5), ..spec_in("q", 0) });
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let assigned = cluster.schedule(10);
+        assert_eq!(assigned.len(), 1, "one slot, one assignment at a time");
+        let (assignment, token) = assigned[0];
+        order.push(assignment.task);
+        cluster.complete(assignment.task, token, Outcome::Exited { code: 0 }, NOW_MS + 1);
+    }
+    assert_eq!(order, vec![high, early, low]);
+}
+
+#[test]
+fn queues_take_turns_so_a_busy_queue_cannot_starve_another() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    for _ in 0..20 {
+        cluster.submit(spec_in("busy", 100));
+    }
+    let quiet = [cluster.submit(spec_in("quiet", 0)), cluster.submit(spec_in("quiet", 0))];
+    let assigned = cluster.schedule(4);
+    let tasks: BTreeSet<TaskId> = assigned.iter().map(|(assignment, _)| assignment.task).collect();
+    assert_eq!(assigned.len(), 4);
+    assert!(quiet.iter().all(|id| tasks.contains(id)), "both quiet tasks are among {tasks:?}");
+}
+
+#[test]
+fn the_first_queue_rotates_between_plans() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    for queue in ["a", "b", "c"] {
+        cluster.submit(spec_in(queue, 0));
+        cluster.submit(spec_in(queue, 0));
+    }
+    let mut firsts = Vec::new();
+    for _ in 0..3 {
+        let (assignment, token) = cluster.schedule(1)[0];
+        firsts.push(cluster.task(assignment.task).spec.queue.clone());
+        cluster.complete(assignment.task, token, Outcome::Exited { code: 0 }, NOW_MS);
+    }
+    assert_eq!(firsts, vec!["a", "b", "c"]);
+}
+
+#[test]
+fn tasks_go_to_the_least_loaded_node_with_ties_round_robin() {
+    let mut cluster =
+        Cluster::new(vec![executor(1, 2, &[]), executor(2, 2, &[]), executor(3, 4, &[])]);
+    for _ in 0..8 {
+        cluster.submit(spec_in("q", 0));
+    }
+    let assigned = cluster.schedule(8);
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for (assignment, _) in &assigned {
+        *per_node.entry(assignment.node).or_default() += 1;
+    }
+    // Eight tasks fill eight slots: 2 + 2 + 4, each node equally loaded at every step.
+    assert_eq!(per_node, BTreeMap::from([(1, 2), (2, 2), (3, 4)]));
+    let first_three: Vec<u64> =
+        assigned.iter().take(3).map(|(assignment, _)| assignment.node).collect();
+    assert_eq!(first_three, vec![1, 2, 3], "equal loads go round-robin");
+    assert!(cluster.schedule(8).is_empty(), "full nodes get nothing");
+}
+
+#[test]
+fn labels_restrict_placement_without_blocking_other_tasks() {
+    let mut cluster =
+        Cluster::new(vec![executor(1, 2, &[("zone", "eu")]), executor(2, 2, &[("zone", "us")])]);
+    let gpu = cluster.submit(TaskSpec {
+        labels: BTreeMap::from([("gpu".into(), "yes".into())]),
+        ..spec_in("q", 10)
+    });
+    let eu = cluster.submit(TaskSpec {
+        labels: BTreeMap::from([("zone".into(), "eu".into())]),
+        ..spec_in("q", 5)
+    });
+    let any = cluster.submit(spec_in("q", 0));
+    let assigned = cluster.schedule(10);
+    let placed: BTreeMap<TaskId, u64> =
+        assigned.iter().map(|(assignment, _)| (assignment.task, assignment.node)).collect();
+    assert_eq!(placed.get(&eu), Some(&1));
+    assert!(placed.contains_key(&any));
+    assert!(!placed.contains_key(&gpu), "no node has the gpu label");
+    assert_eq!(cluster.task(gpu).state, TaskState::Ready);
+}
+
+#[test]
+fn draining_nodes_get_no_new_assignments() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[]), executor(2, 4, &[])]);
+    cluster.apply(Command::SetDraining { node: 1, draining: true });
+    for _ in 0..3 {
+        cluster.submit(spec_in("q", 0));
+    }
+    assert!(cluster.schedule(10).iter().all(|(assignment, _)| assignment.node == 2));
+    // An assignment to a draining node that slipped through is skipped by apply.
+    let late = cluster.submit(spec_in("q", 0));
+    let response = cluster.apply(Command::Assign {
+        now_ms: NOW_MS,
+        assignments: vec![Assignment { task: late, node: 1 }],
+    });
+    assert_eq!(response, Response::Assigned { assigned: vec![], skipped: vec![late] });
+    cluster.apply(Command::SetDraining { node: 1, draining: false });
+    assert!(cluster.schedule(10).iter().any(|(assignment, _)| assignment.node == 1));
+}
+
+#[test]
+fn an_attempt_runs_and_succeeds_with_its_token() {
+    let mut cluster = Cluster::new(vec![executor(7, 1, &[])]);
+    let id = cluster.submit(spec_in("q", 0));
+    let (assignment, token) = cluster.schedule(1)[0];
+    assert_eq!((assignment.task, assignment.node), (id, 7));
+    assert_eq!(token, cluster.revision, "the token is the log index of the assignment");
+    assert_eq!(cluster.task(id).state, TaskState::Assigned);
+    assert_eq!(cluster.state.n_active_on(7), 1);
+
+    let started = cluster.apply(Command::StartAttempt { now_ms: NOW_MS + 5, task: id, token });
+    assert!(matches!(started, Response::Attempt(ref task) if task.state == TaskState::Running));
+    // Starting twice (a retried report) is harmless.
+    assert!(matches!(
+        cluster.apply(Command::StartAttempt { now_ms: NOW_MS + 6, task: id, token }),
+        Response::Attempt(_)
+    ));
+    cluster.complete(id, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    let task = cluster.task(id);
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.attempts.len(), 1);
+    let attempt = &task.attempts[0];
+    assert_eq!((attempt.node_id, attempt.fencing_token), (7, token));
+    assert_eq!((attempt.started_at_ms, attempt.ended_at_ms), (Some(NOW_MS + 5), Some(NOW_MS + 10)));
+    assert_eq!(cluster.state.n_active_on(7), 0);
+    // A repeated completion changes nothing.
+    let revision = cluster.task(id).revision;
+    assert!(matches!(
+        cluster.complete(id, token, Outcome::Exited { code: 1 }, NOW_MS + 20),
+        Response::Attempt(_)
+    ));
+    assert_eq!(cluster.task(id).state, TaskState::Succeeded);
+    assert_eq!(cluster.task(id).revision, revision);
+}
+
+#[test]
+fn a_failed_attempt_is_retried_after_backoff_then_fails_when_attempts_run_out() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let backoff = Backoff { initial_ms: 1_000, max_ms: 10_000, multiplier_milli: 2_000 };
+    let id = cluster.submit(TaskSpec { max_attempts: 2, backoff, ..spec_in("q", 0) });
+    let (_, token) = cluster.schedule(1)[0];
+    cluster.complete(id, token, Outcome::Exited { code: 3 }, NOW_MS + 100);
+    let task = cluster.task(id);
+    assert_eq!(task.state, TaskState::Pending);
+    let delay_ms = task.run_at_ms - (NOW_MS + 100);
+    assert!((500..=1_000).contains(&delay_ms), "delay {delay_ms} is within the first backoff step");
+    assert!(cluster.schedule(1).is_empty(), "not before its time");
+
+    cluster.apply(Command::PromoteDue { now_ms: NOW_MS + 100 + delay_ms });
+    let (assignment, second_token) = cluster.schedule(1)[0];
+    assert!(second_token > token, "tokens grow with every attempt");
+    assert_eq!(assignment.task, id);
+    cluster.complete(id, second_token, Outcome::TimedOut, NOW_MS + 5_000);
+    let task = cluster.task(id);
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.attempts.len(), 2);
+    assert_eq!(task.attempts[1].outcome, Some(Outcome::TimedOut), "the last result is kept");
+    assert_eq!(task.attempts[0].outcome, Some(Outcome::Exited { code: 3 }));
+    assert!(task.attempts[0].stdout_tail.is_empty(), "only the current attempt keeps its output");
+    assert_eq!(task.attempts[1].stdout_tail, "out");
+}
+
+#[test]
+fn reports_from_a_stale_attempt_are_refused() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[]), executor(2, 1, &[])]);
+    let id = cluster.submit(TaskSpec {
+        max_attempts: 3,
+        backoff: Backoff { initial_ms: 0, max_ms: 0, multiplier_milli: 1_000 },
+        ..spec_in("q", 0)
+    });
+    let (first, old_token) = cluster.schedule(1)[0];
+    cluster.apply(Command::StartAttempt { now_ms: NOW_MS, task: id, token: old_token });
+    // The leader finds the first executor's lease expired and requeues.
+    let response =
+        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 1, lost: vec![(id, old_token)] });
+    assert_eq!(response, Response::Requeued(vec![id]));
+    assert_eq!(cluster.task(id).state, TaskState::Ready, "a zero backoff makes it ready at once");
+    cluster.executors.retain(|capacity| capacity.node_id != first.node);
+    let (_, new_token) = cluster.schedule(1)[0];
+    assert!(new_token > old_token);
+
+    let before = cluster.task(id).clone();
+    assert_eq!(
+        rejection_kind(cluster.apply(Command::StartAttempt {
+            now_ms: NOW_MS + 2,
+            task: id,
+            token: old_token
+        })),
+        RejectionKind::Stale
+    );
+    assert_eq!(
+        rejection_kind(cluster.complete(id, old_token, Outcome::Exited { code: 0 }, NOW_MS + 3)),
+        RejectionKind::Stale
+    );
+    assert_eq!(cluster.task(id), &before, "stale reports change nothing");
+    // Requeueing with the old token again does nothing either.
+    assert_eq!(
+        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 4, lost: vec![(id, old_token)] }),
+        Response::Requeued(vec![])
+    );
+    assert_eq!(cluster.task(id), &before);
+
+    cluster.complete(id, new_token, Outcome::Exited { code: 0 }, NOW_MS + 5);
+    let task = cluster.task(id);
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.attempts[0].outcome, Some(Outcome::Lost));
+    assert_eq!(
+        rejection_kind(cluster.apply(Command::StartAttempt {
+            now_ms: NOW_MS,
+            task: TaskId(99),
+            token: 1
+        })),
+        RejectionKind::NotFound
+    );
+}
+
+#[test]
+fn leases_expire_from_the_last_heartbeat_and_a_new_leader_waits_a_full_lease() {
+    let mut cluster = Cluster::new(vec![executor(1, 2, &[]), executor(2, 2, &[])]);
+    let ids = [cluster.submit(spec_in("q", 0)), cluster.submit(spec_in("q", 0))];
+    let assigned = cluster.schedule(2);
+    let on_node_1: Vec<(TaskId, u64)> =
+        assigned.iter().filter(|(a, _)| a.node == 1).map(|(a, token)| (a.task, *token)).collect();
+    assert_eq!(on_node_1.len(), 1);
+
+    // A leader that took over at t=10_000 with a 3 s lease and 0.5 s grace.
+    let mut leases = LeaseTable::new(10_000, 3_000, 500);
+    assert!(
+        leases.lost_attempts(&cluster.state, 13_499).is_empty(),
+        "everyone gets a full lease after a takeover"
+    );
+    leases.renew(1, 11_000);
+    leases.renew(2, 12_000);
+    assert_eq!(leases.next_expiry_ms(&cluster.state), Some(14_500));
+    assert!(leases.lost_attempts(&cluster.state, 14_499).is_empty());
+    assert_eq!(
+        leases.lost_attempts(&cluster.state, 14_500),
+        on_node_1,
+        "node 1 missed its renewal"
+    );
+    leases.renew(1, 14_600);
+    assert!(
+        leases.lost_attempts(&cluster.state, 14_700).is_empty(),
+        "a late heartbeat renews again"
+    );
+    assert!(leases.lost_attempts(&cluster.state, 15_500).len() == 1, "node 2 expires at 15 500");
+
+    let response = cluster.apply(Command::RequeueLost { now_ms: NOW_MS, lost: on_node_1.clone() });
+    assert_eq!(response, Response::Requeued(vec![on_node_1[0].0]));
+    assert!(ids.contains(&on_node_1[0].0));
+    assert_eq!(cluster.state.n_active_on(1), 0, "the lost attempt no longer takes a slot");
+}
+
+#[test]
+fn a_lost_attempt_uses_up_an_attempt() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let id = cluster.submit(TaskSpec { max_attempts: 1, ..spec_in("q", 0) });
+    let (_, token) = cluster.schedule(1)[0];
+    cluster.apply(Command::RequeueLost { now_ms: NOW_MS, lost: vec![(id, token)] });
+    assert_eq!(cluster.task(id).state, TaskState::Failed);
+    assert_eq!(cluster.task(id).attempts[0].outcome, Some(Outcome::Lost));
+}
+
+#[test]
+fn cancelling_a_running_task_keeps_it_cancelled_when_its_attempt_reports() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let id = cluster.submit(spec_in("q", 0));
+    let (_, token) = cluster.schedule(1)[0];
+    cluster.apply(Command::StartAttempt { now_ms: NOW_MS, task: id, token });
+    cluster.apply(Command::CancelTask { now_ms: NOW_MS + 1, id });
+    assert_eq!(cluster.state.n_active_on(1), 0);
+    assert_eq!(
+        rejection_kind(cluster.apply(Command::StartAttempt { now_ms: NOW_MS, task: id, token })),
+        RejectionKind::Stale
+    );
+    cluster.complete(id, token, Outcome::Cancelled, NOW_MS + 2);
+    let task = cluster.task(id);
+    assert_eq!(task.state, TaskState::Cancelled);
+    assert_eq!(task.attempts[0].outcome, Some(Outcome::Cancelled));
+}
+
+#[test]
+fn oversized_output_in_a_report_is_refused() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let id = cluster.submit(spec_in("q", 0));
+    let (_, token) = cluster.schedule(1)[0];
+    let report = AttemptReport {
+        started_at_ms: None,
+        ended_at_ms: NOW_MS,
+        outcome: Outcome::Exited { code: 0 },
+        stdout_tail: "x".repeat(crate::scheduler::limits::OUTPUT_TAIL_BYTES_CEILING + 1),
+        stderr_tail: String::new(),
+    };
+    let response =
+        cluster.apply(Command::CompleteAttempt { now_ms: NOW_MS, task: id, token, report });
+    assert_eq!(rejection_kind(response), RejectionKind::InvalidArgument);
+    assert_eq!(cluster.task(id).state, TaskState::Assigned);
+}
+
+#[test]
+fn finished_tasks_are_purged_after_retention_with_their_keys() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let keyed = cluster.submit(TaskSpec { idempotency_key: Some("k".into()), ..spec_in("q", 0) });
+    let live =
+        cluster.submit(TaskSpec { schedule: Schedule::DelayMs(1_000_000), ..spec_in("q", 0) });
+    let (_, token) = cluster.schedule(1)[0];
+    cluster.complete(keyed, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    let purge = |now_ms| Command::PurgeFinished { now_ms, retention_ms: 1_000, tasks_max: 100 };
+    assert_eq!(cluster.apply(purge(NOW_MS + 500)), Response::Purged(vec![]));
+    assert_eq!(cluster.apply(purge(NOW_MS + 1_010)), Response::Purged(vec![keyed]));
+    assert!(cluster.state.task(keyed).is_none());
+    assert!(cluster.state.task(live).is_some(), "unfinished tasks stay");
+    // The key is free again.
+    let again = cluster.submit(TaskSpec { idempotency_key: Some("k".into()), ..spec_in("q", 0) });
+    assert_ne!(again, keyed);
+}
