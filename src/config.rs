@@ -43,6 +43,7 @@ pub struct NodeConfig {
     /// Labels of this node, which tasks may require.
     pub labels: BTreeMap<String, String>,
     pub raft: RaftTimings,
+    pub execution: ExecutionConfig,
     pub limits: Limits,
     pub server: ServerLimits,
 }
@@ -72,6 +73,44 @@ impl Default for RaftTimings {
             snapshot_after_entries: 5_000,
             snapshot_keep_entries: 1_000,
             snapshot_send_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// How tasks are run: leases, heartbeats, output capture, retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// An executor that cannot renew its lease for this long kills its
+    /// attempts, and the leader re-queues them.
+    pub lease_ms: u64,
+    /// Extra time the leader waits past a lease before re-queueing; covers
+    /// the executor's own check interval and clock-rate differences.
+    pub lease_grace_ms: u64,
+    /// How often executors heartbeat the leader.
+    pub heartbeat_interval_ms: u64,
+    /// The tail of stdout and of stderr kept for each attempt.
+    pub output_tail_bytes_max: usize,
+    /// Assignments in one Raft write.
+    pub assign_batch_max: usize,
+    /// How long finished tasks are kept before they are purged.
+    pub retention_ms: u64,
+    pub purge_interval_ms: u64,
+    /// Tasks purged in one Raft write.
+    pub purge_batch_max: u32,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        ExecutionConfig {
+            lease_ms: 3_000,
+            lease_grace_ms: 1_000,
+            heartbeat_interval_ms: 300,
+            output_tail_bytes_max: 64 * 1024,
+            assign_batch_max: 256,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            purge_interval_ms: 60_000,
+            purge_batch_max: 1_000,
         }
     }
 }
@@ -146,6 +185,7 @@ impl Default for NodeConfig {
             slots: 0,
             labels: BTreeMap::new(),
             raft: RaftTimings::default(),
+            execution: ExecutionConfig::default(),
             limits: Limits::default(),
             server: ServerLimits::default(),
         }
@@ -199,6 +239,33 @@ impl NodeConfig {
         }
         if raft.snapshot_after_entries == 0 {
             return invalid("snapshot_after_entries must be at least 1".into());
+        }
+        let execution = &self.execution;
+        if execution.heartbeat_interval_ms == 0
+            || execution.heartbeat_interval_ms * 3 > execution.lease_ms
+        {
+            return invalid("execution.heartbeat_interval_ms must be at least 1 and at most a third of lease_ms".into());
+        }
+        if execution.lease_grace_ms < 2 * execution.heartbeat_interval_ms {
+            return invalid(
+                "execution.lease_grace_ms must be at least twice heartbeat_interval_ms".into(),
+            );
+        }
+        if execution.output_tail_bytes_max == 0
+            || execution.output_tail_bytes_max > crate::scheduler::limits::OUTPUT_TAIL_BYTES_CEILING
+        {
+            return invalid(format!(
+                "execution.output_tail_bytes_max must be within 1..={}",
+                crate::scheduler::limits::OUTPUT_TAIL_BYTES_CEILING
+            ));
+        }
+        if execution.assign_batch_max == 0
+            || execution.purge_batch_max == 0
+            || execution.purge_interval_ms == 0
+        {
+            return invalid(
+                "execution batch sizes and the purge interval must be at least 1".into(),
+            );
         }
         self.limits.validate().map_err(|err| ConfigError::Invalid(err.0))?;
         let server = &self.server;

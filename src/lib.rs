@@ -6,6 +6,8 @@
 //! - [`storage`]: sled log store, state machine store and snapshot files.
 //! - [`raft`]: openraft types, the codec and the peer network over gRPC.
 //! - [`api`]: the client gRPC services, forwarding and error mapping.
+//! - [`executor`]: runs the attempts assigned to this node.
+//! - [`leader`]: the leader's scheduling loop and the endpoint executors report to.
 //! - [`node`]: wiring one node together and shutting it down.
 //! - [`config`]: the node configuration and its limits.
 //! - [`client`]: the client used by the CLI and the tests.
@@ -14,6 +16,8 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod executor;
+pub mod leader;
 pub mod node;
 pub mod proto;
 pub mod raft;

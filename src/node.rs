@@ -19,6 +19,8 @@ use crate::api::Context;
 use crate::api::cluster::ClusterService;
 use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
+use crate::executor::Executor;
+use crate::leader::LeaderService;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
 use crate::proto::taskraft_v1::cluster_server::ClusterServer;
@@ -88,24 +90,56 @@ async fn run_validated(
         channel_events_max: server.watch_channel_events_max,
     };
     let state_machine = StateMachineStore::open(&db, &config.snapshot_dir(), event_limits)?;
-    let network = PeerNetwork::new(PeerClientConfig {
+    let peers = PeerNetwork::new(PeerClientConfig {
         connect_timeout_ms: server.connect_timeout_ms,
         message_bytes_max: server.peer_message_bytes_max,
         snapshot_chunk_bytes: server.snapshot_chunk_bytes,
         snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
     });
-    let raft = Raft::new(
+    let raft_config = Arc::new(raft_config(&config)?);
+    let raft =
+        Raft::new(config.node_id, raft_config, peers.clone(), log_store, state_machine.clone())
+            .await
+            .map_err(|err| NodeError::Raft(err.to_string()))?;
+
+    // The scheduling loop runs exactly while this node is the committed leader.
+    let leader_service = Arc::new(LeaderService::new(
         config.node_id,
-        Arc::new(raft_config(&config)?),
-        network,
-        log_store,
+        raft.clone(),
         state_machine.clone(),
-    )
-    .await
-    .map_err(|err| NodeError::Raft(err.to_string()))?;
+        config.execution.clone(),
+        Duration::from_millis(server.request_timeout_ms),
+    ));
+    let leader_watch = {
+        let on_start = leader_service.clone();
+        let on_stop = leader_service.clone();
+        raft.on_leader_change(
+            move |leader_id| {
+                let service = on_start.clone();
+                async move { service.start(leader_id) }
+            },
+            move |leader_id| {
+                let service = on_stop.clone();
+                async move { service.stop(leader_id) }
+            },
+        )
+    };
     initialize_if_first(&raft, &config).await?;
 
     let token = CancellationToken::new();
+    let executor = Arc::new(Executor {
+        node_id: config.node_id,
+        slots: config.executor_slots(),
+        labels: config.labels.clone(),
+        config: config.execution.clone(),
+        raft: raft.clone(),
+        state_machine: state_machine.clone(),
+        leader_service: leader_service.clone(),
+        peers: peers.clone(),
+        rpc_timeout: Duration::from_millis(server.rpc_timeout_ms),
+        shutdown: token.clone(),
+    });
+    let executor_task = tokio::spawn(executor.run().in_current_span());
     let ctx = Arc::new(Context::new(raft.clone(), state_machine, config.clone(), token.clone()));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<TasksServer<TasksService>>().await;
@@ -143,8 +177,12 @@ async fn run_validated(
         );
 
     let peer_bytes_max = server.peer_message_bytes_max;
-    let peer_service =
-        PeerService::new(raft.clone(), config.snapshot_dir(), server.snapshot_bytes_max);
+    let peer_service = PeerService::new(
+        raft.clone(),
+        leader_service.clone(),
+        config.snapshot_dir(),
+        server.snapshot_bytes_max,
+    );
     let peer_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -177,6 +215,12 @@ async fn run_validated(
             warn!("the servers did not stop within {drain:?}");
         }
     }
+    // The executor stops its attempts; the scheduling loop ends.
+    if tokio::time::timeout(drain, executor_task).await.is_err() {
+        warn!("the executor did not stop within {drain:?}");
+    }
+    leader_service.shutdown();
+    drop(leader_watch);
     if let Err(err) = raft.shutdown().await {
         error!(cause = %err, "raft did not shut down cleanly");
     }

@@ -290,6 +290,20 @@ impl TestCluster {
         status.nodes.into_iter().next().ok_or_else(|| anyhow!("node {id} sent an empty status"))
     }
 
+    /// Sends an executor request to node `id`'s peer port, as an executor would.
+    pub async fn executor_request(
+        &self,
+        id: u64,
+        request: &taskraft::executor::protocol::ExecutorRequest,
+    ) -> anyhow::Result<taskraft::executor::protocol::ExecutorReply> {
+        use taskraft::proto::peer_v1::{RaftMessage, raft_peer_client::RaftPeerClient};
+        let channel =
+            Channel::from_shared(format!("http://{}", self.node(id).raft_addr))?.connect().await?;
+        let message = RaftMessage { data: taskraft::raft::codec::encode(request) };
+        let reply = RaftPeerClient::new(channel).executor(message).await?.into_inner();
+        Ok(taskraft::raft::codec::decode("executor reply", &reply.data)?)
+    }
+
     /// Waits until the running nodes agree on one leader, and returns it.
     pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
@@ -404,6 +418,12 @@ pub fn spec(program: &str, args: &[&str], key: Option<String>) -> pb::TaskSpec {
         idempotency_key: key.unwrap_or_default(),
         ..Default::default()
     }
+}
+
+/// A label no test node carries: a task that requires it stays READY.
+pub fn unplaceable(mut spec: pb::TaskSpec) -> pb::TaskSpec {
+    spec.labels.insert("pool".into(), "nowhere".into());
+    spec
 }
 
 /// Submits one spec through `client`.

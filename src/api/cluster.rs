@@ -138,6 +138,40 @@ fn membership_error<E: std::fmt::Display>(
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let message = request.get_ref();
+        let (node_id, draining) = (message.node_id, message.draining);
+        if !self.members().0.contains_key(&node_id) {
+            return Err(ApiError::NotFound(format!("node {node_id} is not a member")).into());
+        }
+        if let Route::Leader(addr) = self.ctx.route(&request)? {
+            let message = request.into_inner();
+            let reply = self
+                .ctx
+                .forward(&addr, message, |channel, req| async move {
+                    ClusterClient::new(channel).drain(req).await
+                })
+                .await?;
+            return Ok(Response::new(reply));
+        }
+        match self
+            .ctx
+            .write(crate::scheduler::Command::SetDraining { node: node_id, draining })
+            .await?
+        {
+            crate::scheduler::Response::Rejected(rejection) => {
+                Err(ApiError::from(rejection).into())
+            }
+            _ => {
+                info!(node_id, draining, "drain changed");
+                Ok(Response::new(pb::DrainResponse { node_id, draining }))
+            }
+        }
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

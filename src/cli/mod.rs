@@ -94,6 +94,10 @@ enum ClusterCommand {
     RemoveNode { id: u64 },
     /// Hands leadership to another voter.
     TransferLeader { to: u64 },
+    /// Stops new assignments to a node; its running attempts finish.
+    Drain { id: u64 },
+    /// Resumes assignments to a drained node.
+    Undrain { id: u64 },
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +137,12 @@ struct NodeArgs {
     /// Tasks not yet finished, across all queues.
     #[arg(long, env = "TASKRAFT_QUEUED_TASKS_MAX")]
     queued_tasks_max: Option<u64>,
+    /// An executor that cannot renew its lease for this long kills its attempts.
+    #[arg(long, env = "TASKRAFT_LEASE_MS")]
+    lease_ms: Option<u64>,
+    /// How long finished tasks are kept.
+    #[arg(long, env = "TASKRAFT_RETENTION_MS")]
+    retention_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -324,6 +334,8 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.raft.snapshot_after_entries, args.snapshot_after_entries);
     set!(config.raft.snapshot_keep_entries, args.snapshot_keep_entries);
     set!(config.limits.queued_tasks_max, args.queued_tasks_max);
+    set!(config.execution.lease_ms, args.lease_ms);
+    set!(config.execution.retention_ms, args.retention_ms);
     for label in &args.labels {
         let (key, value) = split_pair(label, "label").map_err(usage)?;
         config.labels.insert(key, value);
@@ -627,6 +639,19 @@ async fn cluster(
             .into_inner()
             .status
             .unwrap_or_default(),
+        ClusterCommand::Drain { id } | ClusterCommand::Undrain { id } => {
+            let draining = matches!(command, ClusterCommand::Drain { .. });
+            let reply = client
+                .call(|channel, timeout| async move {
+                    let message = pb::DrainRequest { node_id: id, draining };
+                    cluster_client(channel).drain(request(message, timeout)).await
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            printer.drained(reply.node_id, reply.draining);
+            return Ok(ExitCode::SUCCESS);
+        }
         ClusterCommand::TransferLeader { to } => {
             let reply = client
                 .call(|channel, timeout| async move {

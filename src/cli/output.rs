@@ -52,6 +52,23 @@ fn command_line(task: &pb::Task) -> String {
         .join(" ")
 }
 
+/// A short account of every attempt, such as `n1:exit 1, n3:lost, n2:ok`.
+fn attempts_summary(task: &pb::Task) -> String {
+    task.attempts
+        .iter()
+        .map(|attempt| {
+            let outcome = match attempt.outcome.as_str() {
+                "" if attempt.started_at_unix_ms > 0 => "running".to_owned(),
+                "" => "assigned".to_owned(),
+                "exited 0" => "ok".to_owned(),
+                other => other.replace("exited ", "exit "),
+            };
+            format!("n{}:{outcome}", attempt.node_id)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn task_json(task: &pb::Task) -> Value {
     let spec = task.spec.clone().unwrap_or_default();
     let command = spec.command.unwrap_or_default();
@@ -160,6 +177,14 @@ impl Printer {
                 attempt.outcome
             );
         }
+        if let Some(last) = task.attempts.last() {
+            for (name, tail) in [("stdout", &last.stdout_tail), ("stderr", &last.stderr_tail)] {
+                if !tail.is_empty() {
+                    println!("  {name} (tail):");
+                    tail.lines().for_each(|line| println!("    {line}"));
+                }
+            }
+        }
     }
 
     pub fn task_rows(&self, tasks: &[pb::Task], header: bool) {
@@ -167,16 +192,20 @@ impl Printer {
             return tasks.iter().for_each(|task| self.json(&task_json(task)));
         }
         if header {
-            println!("{:<10} {:<10} {:<12} {:>8}  COMMAND", "ID", "STATE", "QUEUE", "PRIORITY");
+            println!(
+                "{:<8} {:<10} {:<10} {:>8}  {:<28} COMMAND",
+                "ID", "STATE", "QUEUE", "PRIORITY", "ATTEMPTS"
+            );
         }
         for task in tasks {
             let spec = task.spec.clone().unwrap_or_default();
             println!(
-                "{:<10} {:<10} {:<12} {:>8}  {}",
+                "{:<8} {:<10} {:<10} {:>8}  {:<28} {}",
                 task.id,
                 state_name(task.state),
                 spec.queue,
                 spec.priority,
+                attempts_summary(task),
                 command_line(task)
             );
         }
@@ -190,6 +219,16 @@ impl Printer {
             OutputFormat::Human => {
                 println!("revision {revision:<8} task {:<8} {:<10} {}", task.id, state_name(task.state), command_line(task))
             }
+        }
+    }
+
+    pub fn drained(&self, node_id: u64, draining: bool) {
+        match self.format {
+            OutputFormat::Json => self.json(&json!({ "node_id": node_id, "draining": draining })),
+            OutputFormat::Human if draining => {
+                println!("node {node_id} is draining: it gets no new tasks")
+            }
+            OutputFormat::Human => println!("node {node_id} takes new tasks again"),
         }
     }
 

@@ -49,7 +49,8 @@ impl PeerNetwork {
         PeerNetwork { config: Arc::new(config), channels: Arc::default() }
     }
 
-    fn channel(&self, raft_addr: &str) -> Result<Channel, String> {
+    /// The shared channel to the peer at `raft_addr`, created on first use.
+    pub fn channel(&self, raft_addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().expect("channel map lock poisoned");
         if let Some(channel) = channels.get(raft_addr) {
             return Ok(channel.clone());

@@ -21,14 +21,20 @@ use crate::storage::SnapshotFile;
 
 pub struct PeerService {
     raft: Raft,
+    leader_service: std::sync::Arc<crate::leader::LeaderService>,
     snapshot_dir: PathBuf,
     /// The largest snapshot this node accepts from a peer.
     snapshot_bytes_max: u64,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, snapshot_dir: PathBuf, snapshot_bytes_max: u64) -> PeerService {
-        PeerService { raft, snapshot_dir, snapshot_bytes_max }
+    pub fn new(
+        raft: Raft,
+        leader_service: std::sync::Arc<crate::leader::LeaderService>,
+        snapshot_dir: PathBuf,
+        snapshot_bytes_max: u64,
+    ) -> PeerService {
+        PeerService { raft, leader_service, snapshot_dir, snapshot_bytes_max }
     }
 }
 
@@ -81,6 +87,16 @@ impl RaftPeer for PeerService {
         let rpc: TransferLeaderRequest<TypeConfig> =
             decode_request("transfer leader request", request)?;
         reply(self.raft.handle_transfer_leader(rpc).await)
+    }
+
+    async fn executor(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let request: crate::executor::protocol::ExecutorRequest =
+            decode_request("executor request", request)?;
+        let reply = self.leader_service.handle(request).await;
+        Ok(Response::new(RaftMessage { data: codec::encode(&reply) }))
     }
 
     async fn install_snapshot(

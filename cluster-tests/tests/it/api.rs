@@ -40,7 +40,8 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
     let mut client = cluster.node_client(3, Duration::from_secs(10))?;
     let mut submitted = Vec::new();
     for idx in 0..10 {
-        let mut task_spec = spec("echo", &[&idx.to_string()], None);
+        // Tasks nobody can run, so that each changes once: when submitted.
+        let mut task_spec = cluster_tests::unplaceable(spec("echo", &[&idx.to_string()], None));
         task_spec.queue = if idx % 2 == 0 { "even".into() } else { "odd".into() };
         if idx >= 8 {
             task_spec.schedule = Some(pb::task_spec::Schedule::DelayMs(3_600_000));

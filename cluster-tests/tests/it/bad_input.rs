@@ -1,7 +1,7 @@
 //! Bad input through gRPC and through the CLI gets a clear error and changes
 //! nothing; a full queue is RESOURCE_EXHAUSTED.
 
-use cluster_tests::{TestCluster, spec, submit};
+use cluster_tests::{TestCluster, spec, submit, unplaceable};
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 
@@ -102,14 +102,16 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
     assert!(cluster.local_tasks(1).await?.is_empty());
 
     // The queue limit: five fit, the sixth is refused, a cancel frees a place.
+    // They are tasks nobody can run, so they stay queued.
     let mut client = cluster.client()?;
     for _ in 0..QUEUED_TASKS_MAX {
-        submit(&mut client, spec("true", &[], None)).await?;
+        submit(&mut client, unplaceable(spec("true", &[], None))).await?;
     }
-    let err = submit(&mut client, spec("true", &[], None)).await.unwrap_err();
+    let err = submit(&mut client, unplaceable(spec("true", &[], None))).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("queue is full"), "{}", err.message());
-    let (exit_code, _, stderr) = cli(&cluster, &["submit", "--", "true"])?;
+    let (exit_code, _, stderr) =
+        cli(&cluster, &["submit", "--label", "pool=nowhere", "--", "true"])?;
     assert_eq!(exit_code, 1, "{stderr}");
     assert!(stderr.contains("resource exhausted"), "{stderr}");
     let (exit_code, stdout, _) = cli(&cluster, &["--output", "json", "cancel", "0"])?;
@@ -119,7 +121,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         (cancelled["id"].as_str(), cancelled["state"].as_str()),
         (Some("0"), Some("CANCELLED"))
     );
-    submit(&mut client, spec("true", &[], None)).await?;
+    submit(&mut client, unplaceable(spec("true", &[], None))).await?;
     let (exit_code, stdout, _) = cli(&cluster, &["--output", "json", "list"])?;
     assert_eq!(exit_code, 0);
     assert_eq!(stdout.lines().count(), QUEUED_TASKS_MAX + 1);

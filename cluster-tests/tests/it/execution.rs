@@ -1,0 +1,390 @@
+//! Execution on a live cluster: tasks run where the leader put them, once;
+//! lost tasks run again; stale attempts do not count; delayed tasks wait.
+//!
+//! Tasks here write their own `start` and `end` lines, with the variables
+//! taskraft gives them, to a log the test reads: that is how it checks that
+//! no two attempts of one task ran at the same time.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cluster_tests::{TestCluster, get, submit};
+use taskraft::client::Client;
+use taskraft::executor::protocol::{ExecutorReply, ExecutorRequest};
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use taskraft::scheduler::{AttemptReport, Command, Outcome, RejectionKind, Response, TaskId};
+
+/// The lease the cluster runs with (the default) and the promise on top of it.
+const LEASE: Duration = Duration::from_secs(3);
+const RERUN_BOUND: Duration = Duration::from_secs(3 + 2);
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A task that logs its start, sleeps, and logs its end, to `log`.
+fn logged_task(log: &Path, sleep_s: f64) -> pb::TaskSpec {
+    let line = "$TASKRAFT_TASK_ID $TASKRAFT_ATTEMPT $TASKRAFT_FENCING_TOKEN $TASKRAFT_NODE_ID $(date +%s%N)";
+    let script = format!(
+        "echo \"start {line}\" >> {log}; sleep {sleep_s}; echo \"end {line}\" >> {log}",
+        log = log.display()
+    );
+    pb::TaskSpec {
+        command: Some(pb::Command {
+            program: "sh".into(),
+            args: vec!["-c".into(), script],
+            ..Default::default()
+        }),
+        max_attempts: 5,
+        // Retries come quickly, so the re-run bound measures the lease, not the backoff.
+        backoff: Some(pb::Backoff { initial_ms: 100, max_ms: 200, multiplier_milli: 1_000 }),
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Execution {
+    token: u64,
+    node: u64,
+    start_ns: u128,
+    end_ns: Option<u128>,
+}
+
+/// The executions the tasks logged, by task id.
+fn executions(log: &Path) -> BTreeMap<String, Vec<Execution>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut by_task: BTreeMap<String, Vec<Execution>> = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [kind, task, _attempt, token, node, time_ns] = words[..] else {
+            panic!("bad log line {line:?}")
+        };
+        let (token, node, time_ns): (u64, u64, u128) =
+            (token.parse().unwrap(), node.parse().unwrap(), time_ns.parse().unwrap());
+        let runs = by_task.entry(task.to_owned()).or_default();
+        match kind {
+            "start" => runs.push(Execution { token, node, start_ns: time_ns, end_ns: None }),
+            "end" => {
+                runs.iter_mut()
+                    .find(|run| run.token == token)
+                    .expect("an end after its start")
+                    .end_ns = Some(time_ns)
+            }
+            other => panic!("bad log line kind {other}"),
+        }
+    }
+    by_task
+}
+
+/// Fails if two executions of one task overlap in time. An execution that
+/// never logged its end ended no later than `ended_by_ns` if it ran on one
+/// of the `killed` nodes (its process died with its node), else it may
+/// still be running.
+fn assert_no_overlap(by_task: &BTreeMap<String, Vec<Execution>>, killed: &[(u64, u128)]) {
+    for (task, runs) in by_task {
+        let interval = |run: &Execution| {
+            let end = run
+                .end_ns
+                .or_else(|| killed.iter().find(|(node, _)| *node == run.node).map(|(_, at)| *at));
+            (run.start_ns, end.unwrap_or(u128::MAX))
+        };
+        for (a_idx, a) in runs.iter().enumerate() {
+            for b in &runs[a_idx + 1..] {
+                let ((a_start, a_end), (b_start, b_end)) = (interval(a), interval(b));
+                assert!(
+                    a_end <= b_start || b_end <= a_start,
+                    "task {task}: attempts {a:?} and {b:?} overlap"
+                );
+            }
+        }
+    }
+}
+
+async fn wait_until_all_finished(
+    client: &mut Client,
+    ids: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<pb::Task>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut tasks = Vec::new();
+        for id in ids {
+            tasks.push(get(client, id, false).await?);
+        }
+        let finished = |task: &pb::Task| {
+            [pb::TaskState::Succeeded, pb::TaskState::Failed, pb::TaskState::Cancelled]
+                .map(|s| s as i32)
+                .contains(&task.state)
+        };
+        let n_unfinished = tasks.iter().filter(|task| !finished(task)).count();
+        if n_unfinished == 0 {
+            return Ok(tasks);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{n_unfinished} of {} tasks unfinished after {timeout:?}",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn submit_batch(
+    client: &mut Client,
+    specs: Vec<pb::TaskSpec>,
+) -> anyhow::Result<Vec<String>> {
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::SubmitTasksRequest { specs: specs.clone() };
+            async move {
+                TasksClient::new(channel)
+                    .submit_tasks(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await?
+        .into_inner();
+    Ok(reply.results.into_iter().map(|result| result.task.unwrap().id).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_short_tasks_all_succeed_with_one_attempt_each() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.client()?;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let specs = (0..100).map(|_| cluster_tests::spec("true", &[], None)).collect();
+        ids.extend(submit_batch(&mut client, specs).await?);
+    }
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(120)).await?;
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for task in &tasks {
+        assert_eq!(task.state, pb::TaskState::Succeeded as i32, "task {}", task.id);
+        assert_eq!(task.attempts.len(), 1, "task {} ran once", task.id);
+        *per_node.entry(task.attempts[0].node_id).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 3, "every node's executor ran tasks: {per_node:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("executions.log");
+    let mut client = cluster.client()?;
+    let specs = (0..30).map(|_| logged_task(&log, 1.0)).collect();
+    let ids = submit_batch(&mut client, specs).await?;
+    // Let attempts start everywhere, then kill the leader mid-run.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    cluster.kill(leader)?;
+    let killed_at_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let more = (0..10).map(|_| logged_task(&log, 0.2)).collect();
+    let mut client = cluster.client()?;
+    let mut all_ids = ids;
+    all_ids.extend(submit_batch(&mut client, more).await?);
+
+    let tasks = wait_until_all_finished(&mut client, &all_ids, Duration::from_secs(120)).await?;
+    for task in &tasks {
+        assert_eq!(
+            task.state,
+            pb::TaskState::Succeeded as i32,
+            "task {}: {:?}",
+            task.id,
+            task.attempts
+        );
+    }
+    let by_task = executions(&log);
+    assert_no_overlap(&by_task, &[(leader, killed_at_ns)]);
+    // Every success was logged by the attempt that counted.
+    for task in &tasks {
+        let counted = task.attempts.last().unwrap();
+        let runs = &by_task[&task.id];
+        assert!(
+            runs.iter().any(|run| run.token == counted.fencing_token && run.end_ns.is_some()),
+            "task {}",
+            task.id
+        );
+    }
+    Ok(())
+}
+
+/// Picks a follower that runs `task_id`'s current attempt, moving leadership
+/// away from it first if needed.
+async fn runner_as_follower(
+    cluster: &TestCluster,
+    client: &mut Client,
+    task_id: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let task = get(client, task_id, false).await?;
+        if task.state == pb::TaskState::Running as i32 {
+            let attempt = task.attempts.last().unwrap();
+            let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+            if attempt.node_id != leader {
+                return Ok((attempt.node_id, attempt.fencing_token));
+            }
+            let other = (1..=3).find(|id| *id != leader).unwrap();
+            let (code, _, stderr) =
+                cluster.cli(&["cluster", "transfer-leader", &other.to_string()])?;
+            anyhow::ensure!(code == 0, "transfer failed: {stderr}");
+            continue;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "task {task_id} never ran: {task:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_new_attempt(
+    client: &mut Client,
+    task_id: &str,
+    old_token: u64,
+    timeout: Duration,
+) -> anyhow::Result<pb::Attempt> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let task = get(client, task_id, false).await?;
+        if let Some(attempt) = task.attempts.last()
+            && attempt.fencing_token > old_token
+            && attempt.started_at_unix_ms > 0
+        {
+            return Ok(attempt.clone());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no new attempt of {task_id} within {timeout:?}: {task:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_report_is_refused()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("executions.log");
+    let mut client = cluster.client()?;
+    let task_id = submit(&mut client, logged_task(&log, 8.0)).await?.task.unwrap().id;
+    let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
+    cluster.kill(runner)?;
+    let killed_at = Instant::now();
+    let killed_at_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+
+    let mut client = cluster.client()?;
+    let retry =
+        wait_for_new_attempt(&mut client, &task_id, old_token, Duration::from_secs(20)).await?;
+    let rerun_after = killed_at.elapsed();
+    assert_ne!(retry.node_id, runner);
+    assert!(
+        rerun_after <= RERUN_BOUND,
+        "the task ran again only {rerun_after:?} after its node died"
+    );
+
+    // A late report from the old attempt (as its process would send, had
+    // it survived) is refused as stale by the leader.
+    let late = ExecutorRequest::Report(Command::CompleteAttempt {
+        now_ms: now_ms(),
+        task: TaskId(task_id.parse()?),
+        token: old_token,
+        report: AttemptReport {
+            started_at_ms: Some(now_ms() - 1_000),
+            ended_at_ms: now_ms(),
+            outcome: Outcome::Exited { code: 0 },
+            stdout_tail: "late".into(),
+            stderr_tail: String::new(),
+        },
+    });
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    match cluster.executor_request(leader, &late).await? {
+        ExecutorReply::Applied(Response::Rejected(rejection)) => {
+            assert_eq!(rejection.kind, RejectionKind::Stale, "{rejection}")
+        }
+        other => panic!("a late report with token {old_token} was not refused: {other:?}"),
+    }
+
+    // The node comes back and the task ends with exactly the attempts that count.
+    cluster.restart(runner)?;
+    let finished = wait_until_all_finished(
+        &mut client,
+        std::slice::from_ref(&task_id),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let task = &finished[0];
+    assert_eq!(task.state, pb::TaskState::Succeeded as i32);
+    assert_eq!(task.attempts.len(), 2, "{:?}", task.attempts);
+    assert_eq!(task.attempts[0].outcome, "lost");
+    assert_eq!(task.attempts[1].fencing_token, retry.fencing_token);
+    assert_no_overlap(&executions(&log), &[(runner, killed_at_ns)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_node_fences_itself_or_has_its_late_result_refused() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("executions.log");
+    let mut client = cluster.client()?;
+    let task_id = submit(&mut client, logged_task(&log, 4.0)).await?.task.unwrap().id;
+    let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
+    cluster.signal(runner, "STOP")?;
+    let retry =
+        wait_for_new_attempt(&mut client, &task_id, old_token, Duration::from_secs(20)).await?;
+    assert_ne!(retry.node_id, runner);
+    // Keep it stopped past its lease, then let it go.
+    tokio::time::sleep(LEASE).await;
+    cluster.signal(runner, "CONT")?;
+
+    let finished = wait_until_all_finished(
+        &mut client,
+        std::slice::from_ref(&task_id),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let task = &finished[0];
+    assert_eq!(task.state, pb::TaskState::Succeeded as i32);
+    // Exactly one attempt counts: the first is recorded lost, never as the
+    // paused node's late result.
+    assert_eq!(task.attempts.len(), 2, "{:?}", task.attempts);
+    assert_eq!(task.attempts[0].outcome, "lost");
+    assert_eq!(task.attempts[1].fencing_token, retry.fencing_token);
+    assert_eq!(task.attempts[1].outcome, "exited 0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_with_a_run_at_time_does_not_start_before_it() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().join("started_at_ms");
+    let mut client = cluster.client()?;
+    let run_at_ms = now_ms() + 3_000;
+    let script = format!("date +%s%3N > {}", marker.display());
+    let spec = pb::TaskSpec {
+        command: Some(pb::Command {
+            program: "sh".into(),
+            args: vec!["-c".into(), script],
+            ..Default::default()
+        }),
+        schedule: Some(pb::task_spec::Schedule::RunAtUnixMs(run_at_ms)),
+        ..Default::default()
+    };
+    let task = submit(&mut client, spec).await?.task.unwrap();
+    assert_eq!(task.state, pb::TaskState::Pending as i32);
+    let finished = wait_until_all_finished(
+        &mut client,
+        std::slice::from_ref(&task.id),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(finished[0].state, pb::TaskState::Succeeded as i32);
+    let started_at_ms: u64 = std::fs::read_to_string(&marker)?.trim().parse()?;
+    assert!(started_at_ms >= run_at_ms, "started at {started_at_ms}, before its time {run_at_ms}");
+    assert!(finished[0].attempts[0].started_at_unix_ms >= run_at_ms);
+    Ok(())
+}

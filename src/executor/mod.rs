@@ -1,0 +1,342 @@
+//! The executor of one node: runs the attempts the leader assigned to this
+//! node, once their assignment is committed and applied here.
+//!
+//! Its loop watches the local state machine for assignments to this node,
+//! cancellations and re-assignments of what it runs; heartbeats the leader
+//! every `heartbeat_interval_ms` with its slots, labels and running attempts;
+//! and kills its attempts when its lease runs out (self-fencing). The lease
+//! runs from the moment it *sent* its last heartbeat that the leader accepted.
+//!
+//! Each attempt records its start through the leader before the program
+//! runs, and its completion after; each report is retried until it commits or
+//! is refused (for example as stale), so a lost answer never loses a result.
+//! Attempts that were active on this node when it (re)started cannot be
+//! running anymore (their processes died with the node), so they are
+//! reported lost at once rather than after a lease period.
+//!
+//! - [`process`]: running one program with its timeout and output capture.
+//! - [`protocol`]: the messages between executors and the leader.
+
+pub mod process;
+pub mod protocol;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::type_config::async_runtime::WatchReceiver as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::api::unix_now_ms;
+use crate::config::ExecutionConfig;
+use crate::executor::process::{AttemptEnv, StopReason};
+use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::leader::LeaderService;
+use crate::proto::peer_v1::RaftMessage;
+use crate::proto::peer_v1::raft_peer_client::RaftPeerClient;
+use crate::raft::codec;
+use crate::raft::network::PeerNetwork;
+use crate::raft::{NodeId, Raft};
+use crate::scheduler::{
+    AttemptReport, Command, Outcome, RejectionKind, Response, Task, TaskId, TaskState,
+};
+use crate::storage::StateMachineStore;
+
+/// Everything an executor needs; shared by its attempts.
+pub struct Executor {
+    pub node_id: NodeId,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    pub config: ExecutionConfig,
+    pub raft: Raft,
+    pub state_machine: StateMachineStore,
+    pub leader_service: Arc<LeaderService>,
+    pub peers: PeerNetwork,
+    pub rpc_timeout: Duration,
+    pub shutdown: CancellationToken,
+}
+
+struct RunningAttempt {
+    token: u64,
+    stop: Option<oneshot::Sender<StopReason>>,
+}
+
+/// The executor loop's own bookkeeping.
+struct Ledger {
+    running: HashMap<TaskId, RunningAttempt>,
+    /// Attempts this executor has handled since it started, so that one is
+    /// never run twice while its completion is on its way.
+    handled: HashSet<(TaskId, u64)>,
+    /// Attempts with tokens up to this index were assigned before this
+    /// executor started: their processes are gone.
+    boot_index: u64,
+    /// When the last heartbeat the leader accepted was sent.
+    lease_from: Option<Instant>,
+}
+
+impl Executor {
+    /// Runs until `shutdown` fires; then stops every attempt.
+    pub async fn run(self: Arc<Self>) {
+        let boot_index = self.state_machine.read().last_applied.map_or(0, |log_id| log_id.index());
+        let mut ledger = Ledger {
+            running: HashMap::new(),
+            handled: HashSet::new(),
+            boot_index,
+            lease_from: None,
+        };
+        let mut changes = self.state_machine.subscribe(0).live;
+        let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(self.slots as usize + 64);
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!(slots = self.slots, boot_index, "executor started");
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    self.heartbeat(&mut ledger).await;
+                    self.self_fence(&mut ledger);
+                    self.reconcile_all(&mut ledger, &done_tx);
+                }
+                changed = changes.recv() => match changed {
+                    Ok(event) => self.reconcile(&event.task, &mut ledger, &done_tx),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.reconcile_all(&mut ledger, &done_tx),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                Some((task, token)) = done_rx.recv() => {
+                    if ledger.running.get(&task).is_some_and(|running| running.token == token) {
+                        ledger.running.remove(&task);
+                    }
+                }
+            }
+        }
+        for (_, mut running) in ledger.running.drain() {
+            if let Some(stop) = running.stop.take() {
+                let _ = stop.send(StopReason::Shutdown);
+            }
+        }
+        info!("executor stopped");
+    }
+
+    async fn heartbeat(&self, ledger: &mut Ledger) {
+        let heartbeat = Heartbeat {
+            node_id: self.node_id,
+            slots: self.slots,
+            labels: self.labels.clone(),
+            running: ledger.running.iter().map(|(task, running)| (*task, running.token)).collect(),
+        };
+        let sent_at = Instant::now();
+        // Bounded by one interval, so a silent leader cannot hold up self-fencing.
+        let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
+        match self.send(ExecutorRequest::Heartbeat(heartbeat), timeout).await {
+            Ok(ExecutorReply::HeartbeatAccepted) => ledger.lease_from = Some(sent_at),
+            Ok(reply) => debug!(?reply, "heartbeat not accepted"),
+            Err(err) => debug!(cause = %err, "heartbeat failed"),
+        }
+    }
+
+    /// Kills every attempt when the lease has run out.
+    fn self_fence(&self, ledger: &mut Ledger) {
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let expired = ledger.lease_from.is_none_or(|from| from.elapsed() >= lease);
+        if !expired || ledger.running.is_empty() {
+            return;
+        }
+        warn!(n_attempts = ledger.running.len(), "lease expired; killing this node's attempts");
+        for running in ledger.running.values_mut() {
+            if let Some(stop) = running.stop.take() {
+                let _ = stop.send(StopReason::Fenced);
+            }
+        }
+    }
+
+    fn reconcile_all(self: &Arc<Self>, ledger: &mut Ledger, done_tx: &mpsc::Sender<(TaskId, u64)>) {
+        let tasks: Vec<Task> = {
+            let applied = self.state_machine.read();
+            let mut tasks: Vec<Task> = applied.state.active_on(self.node_id).cloned().collect();
+            tasks.extend(ledger.running.keys().filter_map(|id| applied.state.task(*id).cloned()));
+            ledger.handled.retain(|(id, token)| {
+                applied.state.task(*id).is_some_and(|task| {
+                    task.attempts.last().is_some_and(|attempt| {
+                        attempt.fencing_token == *token && attempt.outcome.is_none()
+                    })
+                })
+            });
+            tasks
+        };
+        for task in &tasks {
+            self.reconcile(task, ledger, done_tx);
+        }
+    }
+
+    /// Brings what this executor runs of `task` in line with the state.
+    fn reconcile(
+        self: &Arc<Self>,
+        task: &Task,
+        ledger: &mut Ledger,
+        done_tx: &mpsc::Sender<(TaskId, u64)>,
+    ) {
+        let current = task.attempts.last();
+        if let Some(running) = ledger.running.get_mut(&task.id) {
+            let still_current = current
+                .is_some_and(|attempt| attempt.fencing_token == running.token)
+                && matches!(task.state, TaskState::Assigned | TaskState::Running);
+            if !still_current && let Some(stop) = running.stop.take() {
+                let reason = if task.state == TaskState::Cancelled {
+                    StopReason::Cancelled
+                } else {
+                    StopReason::Fenced
+                };
+                info!(task_id = %task.id, ?reason, "stopping an attempt that is no longer current");
+                let _ = stop.send(reason);
+            }
+            return;
+        }
+        let Some(attempt) = current else { return };
+        let mine = attempt.node_id == self.node_id && attempt.outcome.is_none();
+        if !mine || !matches!(task.state, TaskState::Assigned | TaskState::Running) {
+            return;
+        }
+        let key = (task.id, attempt.fencing_token);
+        if !ledger.handled.insert(key) {
+            return;
+        }
+        let executor = self.clone();
+        let span = info_span!("attempt", task_id = %task.id, attempt = attempt.number, token = attempt.fencing_token);
+        if attempt.fencing_token <= ledger.boot_index || task.state == TaskState::Running {
+            // Its process died with this node's previous run.
+            let command = lost_report(task.id, attempt.fencing_token);
+            tokio::spawn(async move { executor.report(command).await }.instrument(span));
+            return;
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        ledger
+            .running
+            .insert(task.id, RunningAttempt { token: attempt.fencing_token, stop: Some(stop_tx) });
+        let task = task.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(
+            async move {
+                let token = task.attempts.last().map_or(0, |attempt| attempt.fencing_token);
+                executor.run_attempt(&task, stop_rx).await;
+                let _ = done_tx.send((task.id, token)).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Records the start, runs the program, records the end.
+    async fn run_attempt(&self, task: &Task, stop: oneshot::Receiver<StopReason>) {
+        let attempt = task.attempts.last().expect("an assigned task has an attempt");
+        let token = attempt.fencing_token;
+        let start = Command::StartAttempt { now_ms: unix_now_ms(), task: task.id, token };
+        match self.report(start).await {
+            Some(Response::Attempt(_)) => {}
+            Some(other) => {
+                info!(answer = ?other, "the attempt may not start");
+                return;
+            }
+            None => return,
+        }
+        let started_at_ms = unix_now_ms();
+        info!(program = %task.spec.command.program, "attempt started");
+        let env = AttemptEnv {
+            task_id: task.id.0,
+            attempt_number: attempt.number,
+            fencing_token: token,
+            node_id: self.node_id,
+        };
+        let result = process::run(
+            &task.spec.command,
+            &env,
+            Duration::from_millis(task.spec.timeout_ms),
+            self.config.output_tail_bytes_max,
+            stop,
+        )
+        .await;
+        info!(outcome = ?result.outcome, "attempt ended");
+        let report = AttemptReport {
+            started_at_ms: Some(started_at_ms),
+            ended_at_ms: unix_now_ms(),
+            outcome: result.outcome,
+            stdout_tail: result.stdout_tail,
+            stderr_tail: result.stderr_tail,
+        };
+        self.report(Command::CompleteAttempt {
+            now_ms: unix_now_ms(),
+            task: task.id,
+            token,
+            report,
+        })
+        .await;
+    }
+
+    /// Sends a report until it is committed or refused; `None` on shutdown.
+    async fn report(&self, command: Command) -> Option<Response> {
+        let mut backoff_ms = 50;
+        loop {
+            match self.send(ExecutorRequest::Report(command.clone()), self.rpc_timeout).await {
+                Ok(ExecutorReply::Applied(Response::Rejected(rejection))) => {
+                    if rejection.kind == RejectionKind::Stale {
+                        info!(cause = %rejection, "report refused as stale");
+                    } else {
+                        warn!(cause = %rejection, "report refused");
+                    }
+                    return Some(Response::Rejected(rejection));
+                }
+                Ok(ExecutorReply::Applied(response)) => return Some(response),
+                Ok(reply) => debug!(?reply, "report not committed yet"),
+                Err(err) => debug!(cause = %err, "report failed"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+            }
+            backoff_ms = (backoff_ms * 2).min(1_000);
+        }
+    }
+
+    /// Sends a request to the current leader, which may be this node.
+    async fn send(
+        &self,
+        request: ExecutorRequest,
+        timeout: Duration,
+    ) -> Result<ExecutorReply, String> {
+        let leader = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let leader_id = metrics.current_leader.ok_or("no leader is known")?;
+            let node = metrics.membership_config.membership().get_node(&leader_id).cloned();
+            (leader_id, node)
+        };
+        if leader.0 == self.node_id {
+            return tokio::time::timeout(timeout, self.leader_service.handle(request))
+                .await
+                .map_err(|_| "the local leader did not answer in time".to_owned());
+        }
+        let node = leader.1.ok_or("the leader is not in the membership")?;
+        let channel = self.peers.channel(&node.raft_addr)?;
+        let mut grpc_request = tonic::Request::new(RaftMessage { data: codec::encode(&request) });
+        grpc_request.set_timeout(timeout);
+        let reply =
+            tokio::time::timeout(timeout, RaftPeerClient::new(channel).executor(grpc_request))
+                .await
+                .map_err(|_| format!("leader {} did not answer in time", leader.0))?
+                .map_err(|status| status.message().to_owned())?;
+        codec::decode("executor reply", &reply.into_inner().data).map_err(|err| err.to_string())
+    }
+}
+
+fn lost_report(task: TaskId, token: u64) -> Command {
+    let now_ms = unix_now_ms();
+    let report = AttemptReport {
+        started_at_ms: None,
+        ended_at_ms: now_ms,
+        outcome: Outcome::Lost,
+        stdout_tail: String::new(),
+        stderr_tail: "the node restarted while this attempt was active".into(),
+    };
+    Command::CompleteAttempt { now_ms, task, token, report }
+}

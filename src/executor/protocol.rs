@@ -1,0 +1,38 @@
+//! What executors and the leader say to each other, over the peer port.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{Command, NodeId, Response, TaskId};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorRequest {
+    Heartbeat(Heartbeat),
+    /// `StartAttempt` or `CompleteAttempt`, to be committed by the leader.
+    Report(Command),
+}
+
+/// An executor's renewal of its lease, with what it can take and what it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_id: NodeId,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    /// The attempts it runs, by task and fencing token.
+    pub running: Vec<(TaskId, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorReply {
+    /// The leader recorded the heartbeat: the lease is renewed from the
+    /// moment the executor sent it.
+    HeartbeatAccepted,
+    /// The report was committed (or refused deterministically, as `Rejected`).
+    Applied(Response),
+    NotLeader {
+        leader_id: Option<NodeId>,
+    },
+    /// Try again later.
+    Unavailable(String),
+}

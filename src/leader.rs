@@ -1,0 +1,337 @@
+//! The leader's scheduling loop, and the endpoint executors report to.
+//!
+//! The loop runs only while this node is the committed leader: openraft's
+//! `on_leader_change` starts it and stops it, and every write it makes is
+//! fenced to its own leadership (`write().with_leader(..)`). Each round it
+//! promotes delayed tasks that are due, re-queues attempts whose executors'
+//! leases ran out, places ready tasks on executors with free slots, and now
+//! and then purges finished tasks past their retention. Between rounds it
+//! sleeps until the earliest of: a change to the state, a heartbeat, the next
+//! run-at time, the next lease expiry, the next purge. It never polls.
+//!
+//! Executors reach the leader through [`LeaderService::handle`]: heartbeats
+//! renew their leases in the loop's [`LeaseTable`]; start and completion
+//! reports are committed through Raft, where `apply` fences them by token.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::impls::ProgressResponder;
+use openraft::type_config::async_runtime::WatchReceiver as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::api::unix_now_ms;
+use crate::config::ExecutionConfig;
+use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::scheduler::lease::LeaseTable;
+use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
+use crate::scheduler::{Command, Response};
+use crate::storage::StateMachineStore;
+
+type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;
+
+/// Heartbeats waiting for the loop; more are refused, not dropped silently.
+const HEARTBEAT_QUEUE_MAX: usize = 1_024;
+
+/// Starts and stops the loop, and answers executors.
+pub struct LeaderService {
+    node_id: NodeId,
+    raft: Raft,
+    state_machine: StateMachineStore,
+    config: ExecutionConfig,
+    request_timeout: Duration,
+    current: Mutex<Option<RunningLoop>>,
+}
+
+struct RunningLoop {
+    leader_id: LeaderId,
+    heartbeats: mpsc::Sender<(Heartbeat, Instant)>,
+    cancel: CancellationToken,
+}
+
+impl LeaderService {
+    pub fn new(
+        node_id: NodeId,
+        raft: Raft,
+        state_machine: StateMachineStore,
+        config: ExecutionConfig,
+        request_timeout: Duration,
+    ) -> LeaderService {
+        LeaderService {
+            node_id,
+            raft,
+            state_machine,
+            config,
+            request_timeout,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Called when this node becomes the committed leader `leader_id`.
+    pub fn start(self: &Arc<Self>, leader_id: LeaderId) {
+        let mut current = self.current.lock().expect("leader loop lock poisoned");
+        if let Some(previous) = current.take() {
+            previous.cancel.cancel();
+        }
+        let (heartbeats, heartbeat_rx) = mpsc::channel(HEARTBEAT_QUEUE_MAX);
+        let cancel = CancellationToken::new();
+        info!(%leader_id, "starting the scheduling loop");
+        let scheduling = SchedulingLoop {
+            service: self.clone(),
+            leader_id,
+            leases: LeaseTable::new(0, self.config.lease_ms, self.config.lease_grace_ms),
+            executors: BTreeMap::new(),
+            cursor: PlacementCursor::default(),
+            started_at: Instant::now(),
+            next_purge_at: Instant::now(),
+        };
+        let span = info_span!("scheduling_loop", node_id = self.node_id);
+        tokio::spawn(scheduling.run(heartbeat_rx, cancel.clone()).instrument(span));
+        *current = Some(RunningLoop { leader_id, heartbeats, cancel });
+    }
+
+    /// Called when this node stops being the leader `leader_id`.
+    pub fn stop(&self, leader_id: LeaderId) {
+        let mut current = self.current.lock().expect("leader loop lock poisoned");
+        if current.as_ref().is_some_and(|running| running.leader_id == leader_id) {
+            info!(%leader_id, "stopping the scheduling loop");
+            if let Some(running) = current.take() {
+                running.cancel.cancel();
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(running) = self.current.lock().expect("leader loop lock poisoned").take() {
+            running.cancel.cancel();
+        }
+    }
+
+    fn not_leader(&self) -> ExecutorReply {
+        ExecutorReply::NotLeader { leader_id: self.raft.metrics().borrow_watched().current_leader }
+    }
+
+    /// Answers one executor request.
+    pub async fn handle(&self, request: ExecutorRequest) -> ExecutorReply {
+        let leader = {
+            let current = self.current.lock().expect("leader loop lock poisoned");
+            current.as_ref().map(|running| (running.leader_id, running.heartbeats.clone()))
+        };
+        let Some((leader_id, heartbeats)) = leader else {
+            return self.not_leader();
+        };
+        match request {
+            ExecutorRequest::Heartbeat(heartbeat) => {
+                match heartbeats.try_send((heartbeat, Instant::now())) {
+                    Ok(()) => ExecutorReply::HeartbeatAccepted,
+                    // Accepting a heartbeat the loop never sees would let the
+                    // executor believe in a lease the leader does not know of.
+                    Err(_) => ExecutorReply::Unavailable(
+                        "the leader is busy; heartbeat not recorded".into(),
+                    ),
+                }
+            }
+            ExecutorRequest::Report(command) => {
+                if !matches!(
+                    command,
+                    Command::StartAttempt { .. } | Command::CompleteAttempt { .. }
+                ) {
+                    return ExecutorReply::Unavailable(format!(
+                        "executors may not propose {command}"
+                    ));
+                }
+                match fenced_write(&self.raft, leader_id, command, self.request_timeout).await {
+                    Ok(response) => ExecutorReply::Applied(response),
+                    Err(WriteFailed::NotLeader) => self.not_leader(),
+                    Err(WriteFailed::Other(message)) => ExecutorReply::Unavailable(message),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum WriteFailed {
+    NotLeader,
+    Other(String),
+}
+
+/// Proposes `command` only if `leader_id` still leads, and waits until applied.
+async fn fenced_write(
+    raft: &Raft,
+    leader_id: LeaderId,
+    command: Command,
+    timeout: Duration,
+) -> Result<Response, WriteFailed> {
+    let (responder, applied) = ProgressResponder::complete_only();
+    let write = async {
+        raft.write(command)
+            .with_leader(leader_id)
+            .responder(responder)
+            .await
+            .map_err(|fatal| WriteFailed::Other(format!("raft has stopped: {fatal}")))?;
+        match applied.await {
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(forward))) => {
+                debug!(%forward, "a fenced write found another leader");
+                Err(WriteFailed::NotLeader)
+            }
+            Ok(Err(err)) => Err(WriteFailed::Other(err.to_string())),
+            Err(_) => Err(WriteFailed::Other("the write was dropped".into())),
+        }
+    };
+    tokio::time::timeout(timeout, write).await.unwrap_or_else(|_| {
+        Err(WriteFailed::Other(format!("the write did not commit within {timeout:?}")))
+    })
+}
+
+struct SchedulingLoop {
+    service: Arc<LeaderService>,
+    leader_id: LeaderId,
+    leases: LeaseTable,
+    /// What each executor said in its last heartbeat.
+    executors: BTreeMap<NodeId, ExecutorCapacity>,
+    cursor: PlacementCursor,
+    /// The loop's monotonic clock starts here; leases are measured on it.
+    started_at: Instant,
+    next_purge_at: Instant,
+}
+
+/// What one round decided, from one consistent read of the state.
+struct Round {
+    commands: Vec<Command>,
+    /// When the loop must look again even if nothing happens.
+    wake_in: Duration,
+}
+
+impl SchedulingLoop {
+    fn now_mono_ms(&self) -> u64 {
+        self.started_at.elapsed().as_millis() as u64
+    }
+
+    fn record(&mut self, heartbeat: Heartbeat, received_at: Instant) {
+        let received_ms = received_at.saturating_duration_since(self.started_at).as_millis() as u64;
+        self.leases.renew(heartbeat.node_id, received_ms);
+        let capacity = ExecutorCapacity {
+            node_id: heartbeat.node_id,
+            slots: heartbeat.slots,
+            labels: heartbeat.labels,
+        };
+        self.executors.insert(heartbeat.node_id, capacity);
+    }
+
+    fn plan_round(&mut self) -> Round {
+        let config = &self.service.config;
+        let now_ms = unix_now_ms();
+        let now_mono_ms = self.now_mono_ms();
+        let applied = self.service.state_machine.read();
+        let state = &applied.state;
+        let mut commands = Vec::new();
+        if state.next_pending_run_at_ms().is_some_and(|run_at_ms| run_at_ms <= now_ms) {
+            commands.push(Command::PromoteDue { now_ms });
+        }
+        let lost = self.leases.lost_attempts(state, now_mono_ms);
+        if !lost.is_empty() {
+            warn!(n_lost = lost.len(), "executor leases ran out; re-queueing their attempts");
+            commands.push(Command::RequeueLost { now_ms, lost });
+        }
+        let live: Vec<ExecutorCapacity> = self
+            .executors
+            .values()
+            .filter(|capacity| self.leases.is_live(capacity.node_id, now_mono_ms))
+            .cloned()
+            .collect();
+        let assignments = plan(state, &live, config.assign_batch_max, &mut self.cursor);
+        if !assignments.is_empty() {
+            commands.push(Command::Assign { now_ms, assignments });
+        }
+        if Instant::now() >= self.next_purge_at {
+            self.next_purge_at = Instant::now() + Duration::from_millis(config.purge_interval_ms);
+            commands.push(Command::PurgeFinished {
+                now_ms,
+                retention_ms: config.retention_ms,
+                tasks_max: config.purge_batch_max,
+            });
+        }
+        let mut wake_in = self.next_purge_at.saturating_duration_since(Instant::now());
+        if let Some(run_at_ms) = state.next_pending_run_at_ms() {
+            wake_in = wake_in.min(Duration::from_millis(run_at_ms.saturating_sub(now_ms)));
+        }
+        if let Some(expiry_ms) = self.leases.next_expiry_ms(state) {
+            wake_in = wake_in.min(Duration::from_millis(expiry_ms.saturating_sub(now_mono_ms)));
+        }
+        Round { commands, wake_in }
+    }
+
+    async fn run(
+        mut self,
+        mut heartbeats: mpsc::Receiver<(Heartbeat, Instant)>,
+        cancel: CancellationToken,
+    ) {
+        let mut changes = self.service.state_machine.subscribe(0).live;
+        loop {
+            let round = self.plan_round();
+            let mut wrote = false;
+            for command in round.commands {
+                debug!(%command, "scheduling");
+                let timeout = self.service.request_timeout;
+                let written = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    written = fenced_write(&self.service.raft, self.leader_id, command, timeout) => written,
+                };
+                match written {
+                    Ok(Response::Rejected(rejection)) => {
+                        warn!(cause = %rejection, "a scheduling command was refused")
+                    }
+                    // Only progress makes another round worth it at once; a
+                    // round that changed nothing waits, or it would spin.
+                    Ok(response) => wrote |= made_progress(&response),
+                    // on_leader_change's stop ends this loop when leadership
+                    // is really gone; until then a refusal is transient.
+                    Err(WriteFailed::NotLeader) => {
+                        info!(
+                            "a fenced write was refused: leadership is changing; retrying shortly"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(WriteFailed::Other(message)) => {
+                        warn!(cause = %message, "a scheduling write failed; retrying shortly");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            if wrote {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                Some((heartbeat, received_at)) = heartbeats.recv() => {
+                    self.record(heartbeat, received_at);
+                    while let Ok((heartbeat, received_at)) = heartbeats.try_recv() {
+                        self.record(heartbeat, received_at);
+                    }
+                }
+                changed = changes.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = changed {
+                        return;
+                    }
+                    // Drain what else is queued: one round covers them all.
+                    while changes.try_recv().is_ok() {}
+                }
+                _ = tokio::time::sleep(round.wake_in) => {}
+            }
+        }
+    }
+}
+
+fn made_progress(response: &Response) -> bool {
+    match response {
+        Response::Promoted(ids) | Response::Requeued(ids) => !ids.is_empty(),
+        Response::Assigned { assigned, .. } => !assigned.is_empty(),
+        _ => false,
+    }
+}
