@@ -144,7 +144,18 @@ impl LeaderService {
                         "executors may not propose {command}"
                     ));
                 }
+                let (task, token) = match &command {
+                    Command::StartAttempt { task, token, .. }
+                    | Command::CompleteAttempt { task, token, .. } => (*task, *token),
+                    _ => unreachable!("checked above"),
+                };
                 match fenced_write(&self.raft, leader_id, command, self.request_timeout).await {
+                    Ok(Response::Rejected(rejection))
+                        if rejection.kind == crate::scheduler::RejectionKind::Stale =>
+                    {
+                        info!(task_id = %task, token, cause = %rejection, "refused a report from a stale attempt");
+                        ExecutorReply::Applied(Response::Rejected(rejection))
+                    }
                     Ok(response) => ExecutorReply::Applied(response),
                     Err(WriteFailed::NotLeader) => self.not_leader(),
                     Err(WriteFailed::Other(message)) => ExecutorReply::Unavailable(message),

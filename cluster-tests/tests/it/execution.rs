@@ -388,3 +388,64 @@ async fn a_task_with_a_run_at_time_does_not_start_before_it() -> anyhow::Result<
     assert!(finished[0].attempts[0].started_at_unix_ms >= run_at_ms);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_node_gets_no_tasks_and_cancelling_kills_the_process() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let (code, _, stderr) = cluster.cli(&["cluster", "drain", "2"])?;
+    assert_eq!(code, 0, "{stderr}");
+    let mut client = cluster.client()?;
+    let specs = (0..12).map(|_| cluster_tests::spec("sleep", &["0.2"], None)).collect();
+    let ids = submit_batch(&mut client, specs).await?;
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(60)).await?;
+    for task in &tasks {
+        assert_eq!(task.state, pb::TaskState::Succeeded as i32);
+        assert_ne!(task.attempts[0].node_id, 2, "task {} ran on the drained node", task.id);
+    }
+    let (code, _, stderr) = cluster.cli(&["cluster", "undrain", "2"])?;
+    assert_eq!(code, 0, "{stderr}");
+
+    // Cancel a running task: its process is killed and it ends CANCELLED.
+    let dir = tempfile::tempdir()?;
+    let pid_file = dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pid_file.display());
+    let spec = pb::TaskSpec {
+        command: Some(pb::Command {
+            program: "sh".into(),
+            args: vec!["-c".into(), script],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let id = submit(&mut client, spec).await?.task.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() || std::fs::read_to_string(&pid_file)?.trim().is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "task {id} never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = std::fs::read_to_string(&pid_file)?.trim().to_owned();
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "the task's process runs");
+    let (code, _, stderr) = cluster.cli(&["cancel", &id])?;
+    assert_eq!(code, 0, "{stderr}");
+    let finished =
+        wait_until_all_finished(&mut client, std::slice::from_ref(&id), Duration::from_secs(20))
+            .await?;
+    assert_eq!(finished[0].state, pb::TaskState::Cancelled as i32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while finished_attempt_outcome(&mut client, &id).await? != "cancelled" {
+        anyhow::ensure!(Instant::now() < deadline, "the cancelled attempt never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A killed process may linger a moment as a zombie before it is reaped.
+    let gone = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    assert!(gone(&pid), "the cancelled task's process {pid} still runs");
+    Ok(())
+}
+
+async fn finished_attempt_outcome(client: &mut Client, id: &str) -> anyhow::Result<String> {
+    let task = get(client, id, false).await?;
+    Ok(task.attempts.last().map(|attempt| attempt.outcome.clone()).unwrap_or_default())
+}
