@@ -10,6 +10,15 @@
 //!
 //! The binary is `$TASKRAFT_BIN` when set; otherwise the harness builds it
 //! once with `cargo build --release --bin taskraft`.
+//!
+//! [`history`] and [`checker`] record a run Jepsen-style and judge it against
+//! taskraft's promises; `check-history` runs the checker on a saved history.
+
+pub mod checker;
+pub mod history;
+
+#[cfg(test)]
+mod checker_tests;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;

@@ -143,6 +143,9 @@ struct NodeArgs {
     /// How long finished tasks are kept.
     #[arg(long, env = "TASKRAFT_RETENTION_MS")]
     retention_ms: Option<u64>,
+    /// How often the leader purges finished tasks past their retention.
+    #[arg(long, env = "TASKRAFT_PURGE_INTERVAL_MS")]
+    purge_interval_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -336,6 +339,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.limits.queued_tasks_max, args.queued_tasks_max);
     set!(config.execution.lease_ms, args.lease_ms);
     set!(config.execution.retention_ms, args.retention_ms);
+    set!(config.execution.purge_interval_ms, args.purge_interval_ms);
     for label in &args.labels {
         let (key, value) = split_pair(label, "label").map_err(usage)?;
         config.labels.insert(key, value);

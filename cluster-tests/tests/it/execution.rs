@@ -1,14 +1,16 @@
 //! Execution on a live cluster: tasks run where the leader put them, once;
 //! lost tasks run again; stale attempts do not count; delayed tasks wait.
 //!
-//! Tasks here write their own `start` and `end` lines, with the variables
-//! taskraft gives them, to a log the test reads: that is how it checks that
-//! no two attempts of one task ran at the same time.
+//! Tasks here record their own `exec-start` and `exec-end` in a Jepsen-style
+//! history, with the variables taskraft gives them; the tests record their
+//! submissions, faults and a final read, and the checker judges the whole.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cluster_tests::checker::{CheckerConfig, Report, check};
+use cluster_tests::history::{self, Event, FinalAttempt, HistoryWriter, now_ns};
 use cluster_tests::{TestCluster, get, submit};
 use taskraft::client::Client;
 use taskraft::executor::protocol::{ExecutorReply, ExecutorRequest};
@@ -24,13 +26,16 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-/// A task that logs its start, sleeps, and logs its end, to `log`.
-fn logged_task(log: &Path, sleep_s: f64) -> pb::TaskSpec {
-    let line = "$TASKRAFT_TASK_ID $TASKRAFT_ATTEMPT $TASKRAFT_FENCING_TOKEN $TASKRAFT_NODE_ID $(date +%s%N)";
-    let script = format!(
-        "echo \"start {line}\" >> {log}; sleep {sleep_s}; echo \"end {line}\" >> {log}",
-        log = log.display()
-    );
+/// A task that records its start and its end in the history at `history`,
+/// with what taskraft told it, and sleeps in between.
+fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSpec {
+    let event = |kind: &str| {
+        format!(
+            r#"printf '{{"type":"{kind}","task_id":"%s","attempt":%s,"token":%s,"node":%s,"time_ns":%s}}\n' "$TASKRAFT_TASK_ID" "$TASKRAFT_ATTEMPT" "$TASKRAFT_FENCING_TOKEN" "$TASKRAFT_NODE_ID" "$(date +%s%N)" >> {}"#,
+            history.display()
+        )
+    };
+    let script = format!("{}; sleep {sleep_s}; {}", event("exec-start"), event("exec-end"));
     pb::TaskSpec {
         command: Some(pb::Command {
             program: "sh".into(),
@@ -40,66 +45,112 @@ fn logged_task(log: &Path, sleep_s: f64) -> pb::TaskSpec {
         max_attempts: 5,
         // Retries come quickly, so the re-run bound measures the lease, not the backoff.
         backoff: Some(pb::Backoff { initial_ms: 100, max_ms: 200, multiplier_milli: 1_000 }),
+        idempotency_key: key.into(),
         ..Default::default()
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Execution {
-    token: u64,
-    node: u64,
-    start_ns: u128,
-    end_ns: Option<u128>,
-}
-
-/// The executions the tasks logged, by task id.
-fn executions(log: &Path) -> BTreeMap<String, Vec<Execution>> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut by_task: BTreeMap<String, Vec<Execution>> = BTreeMap::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [kind, task, _attempt, token, node, time_ns] = words[..] else {
-            panic!("bad log line {line:?}")
-        };
-        let (token, node, time_ns): (u64, u64, u128) =
-            (token.parse().unwrap(), node.parse().unwrap(), time_ns.parse().unwrap());
-        let runs = by_task.entry(task.to_owned()).or_default();
-        match kind {
-            "start" => runs.push(Execution { token, node, start_ns: time_ns, end_ns: None }),
-            "end" => {
-                runs.iter_mut()
-                    .find(|run| run.token == token)
-                    .expect("an end after its start")
-                    .end_ns = Some(time_ns)
+/// Submits `specs` as one batch, recording the operation in the history.
+async fn submit_recorded(
+    client: &mut Client,
+    history: &HistoryWriter,
+    process: u64,
+    specs: Vec<pb::TaskSpec>,
+) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = specs.iter().map(|spec| spec.idempotency_key.clone()).collect();
+    for key in &keys {
+        history.record(&Event::Invoke {
+            process,
+            f: "submit".into(),
+            key: key.clone(),
+            time_ns: now_ns(),
+        });
+    }
+    match submit_batch(client, specs).await {
+        Ok(ids) => {
+            for (key, id) in keys.iter().zip(&ids) {
+                let ok = Event::Ok {
+                    process,
+                    f: "submit".into(),
+                    key: key.clone(),
+                    task_id: Some(id.clone()),
+                    time_ns: now_ns(),
+                };
+                history.record(&ok);
             }
-            other => panic!("bad log line kind {other}"),
+            Ok(ids)
+        }
+        Err(err) => {
+            // A timeout or a lost answer: it may have happened.
+            for key in &keys {
+                let info = Event::Info {
+                    process,
+                    f: "submit".into(),
+                    key: key.clone(),
+                    error: err.to_string(),
+                    time_ns: now_ns(),
+                };
+                history.record(&info);
+            }
+            Err(err)
         }
     }
-    by_task
 }
 
-/// Fails if two executions of one task overlap in time. An execution that
-/// never logged its end ended no later than `ended_by_ns` if it ran on one
-/// of the `killed` nodes (its process died with its node), else it may
-/// still be running.
-fn assert_no_overlap(by_task: &BTreeMap<String, Vec<Execution>>, killed: &[(u64, u128)]) {
-    for (task, runs) in by_task {
-        let interval = |run: &Execution| {
-            let end = run
-                .end_ns
-                .or_else(|| killed.iter().find(|(node, _)| *node == run.node).map(|(_, at)| *at));
-            (run.start_ns, end.unwrap_or(u128::MAX))
-        };
-        for (a_idx, a) in runs.iter().enumerate() {
-            for b in &runs[a_idx + 1..] {
-                let ((a_start, a_end), (b_start, b_end)) = (interval(a), interval(b));
-                assert!(
-                    a_end <= b_start || b_end <= a_start,
-                    "task {task}: attempts {a:?} and {b:?} overlap"
-                );
-            }
+/// Reads every task linearizably and records it as the history's final state.
+async fn record_final_read(client: &mut Client, history: &HistoryWriter) -> anyhow::Result<()> {
+    let mut page_token = String::new();
+    loop {
+        let token = page_token.clone();
+        let page = client
+            .call(|channel, timeout| {
+                let message = pb::ListTasksRequest {
+                    page_size: 1_000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                };
+                async move {
+                    TasksClient::new(channel)
+                        .list_tasks(taskraft::client::request(message, timeout))
+                        .await
+                }
+            })
+            .await?
+            .into_inner();
+        for task in page.tasks {
+            let attempts = task
+                .attempts
+                .iter()
+                .map(|attempt| FinalAttempt {
+                    token: attempt.fencing_token,
+                    node: attempt.node_id,
+                    assigned_at_ns: attempt.assigned_at_unix_ms * 1_000_000,
+                    ended_at_ns: attempt.ended_at_unix_ms * 1_000_000,
+                    outcome: attempt.outcome.clone(),
+                })
+                .collect();
+            let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
+                state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
+            });
+            let key = task.spec.map(|spec| spec.idempotency_key).unwrap_or_default();
+            history.record(&Event::Final { task_id: task.id, key, state, attempts });
         }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
     }
+    history.record(&Event::Scan { time_ns: now_ns() });
+    Ok(())
+}
+
+/// Runs the checker on the history at `path`, prints its report, and fails
+/// the test on any violation.
+fn assert_history_valid(path: &Path) -> anyhow::Result<Report> {
+    let report = check(&history::read(path)?, &CheckerConfig::default());
+    println!("{report}");
+    anyhow::ensure!(report.valid(), "the history violates taskraft's promises:\n{report}");
+    Ok(report)
 }
 
 async fn wait_until_all_finished(
@@ -173,21 +224,35 @@ async fn five_hundred_short_tasks_all_succeed_with_one_attempt_each() -> anyhow:
 async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let log = dir.path().join("executions.log");
+    let path = dir.path().join("history.jsonl");
+    let history = HistoryWriter::create(&path)?;
     let mut client = cluster.client()?;
-    let specs = (0..30).map(|_| logged_task(&log, 1.0)).collect();
-    let ids = submit_batch(&mut client, specs).await?;
+    let specs = (0..30).map(|idx| logged_task(&path, &format!("before-{idx}"), 1.0)).collect();
+    submit_recorded(&mut client, &history, 0, specs).await?;
     // Let attempts start everywhere, then kill the leader mid-run.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
     cluster.kill(leader)?;
-    let killed_at_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-    let more = (0..10).map(|_| logged_task(&log, 0.2)).collect();
+    history.record(&Event::Nemesis {
+        f: "kill".into(),
+        nodes: vec![leader],
+        leader: true,
+        time_ns: now_ns(),
+    });
     let mut client = cluster.client()?;
-    let mut all_ids = ids;
-    all_ids.extend(submit_batch(&mut client, more).await?);
+    let more = (0..10).map(|idx| logged_task(&path, &format!("after-{idx}"), 0.2)).collect();
+    submit_recorded(&mut client, &history, 1, more).await?;
+    cluster.restart(leader)?;
+    history.record(&Event::Heal { time_ns: now_ns() });
 
-    let tasks = wait_until_all_finished(&mut client, &all_ids, Duration::from_secs(120)).await?;
+    let ids: Vec<String> = history::read(&path)?
+        .into_iter()
+        .filter_map(|event| match event {
+            Event::Ok { task_id, .. } => task_id,
+            _ => None,
+        })
+        .collect();
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(120)).await?;
     for task in &tasks {
         assert_eq!(
             task.state,
@@ -197,18 +262,10 @@ async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> an
             task.attempts
         );
     }
-    let by_task = executions(&log);
-    assert_no_overlap(&by_task, &[(leader, killed_at_ns)]);
-    // Every success was logged by the attempt that counted.
-    for task in &tasks {
-        let counted = task.attempts.last().unwrap();
-        let runs = &by_task[&task.id];
-        assert!(
-            runs.iter().any(|run| run.token == counted.fencing_token && run.end_ns.is_some()),
-            "task {}",
-            task.id
-        );
-    }
+    record_final_read(&mut client, &history).await?;
+    let report = assert_history_valid(&path)?;
+    assert_eq!(report.n_acknowledged, 40);
+    assert_eq!(report.failover_gaps_ms.len(), 1);
     Ok(())
 }
 
@@ -267,13 +324,21 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
 -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let log = dir.path().join("executions.log");
+    let path = dir.path().join("history.jsonl");
+    let history = HistoryWriter::create(&path)?;
     let mut client = cluster.client()?;
-    let task_id = submit(&mut client, logged_task(&log, 8.0)).await?.task.unwrap().id;
+    let task_id = submit_recorded(&mut client, &history, 0, vec![logged_task(&path, "long", 8.0)])
+        .await?
+        .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
     cluster.kill(runner)?;
     let killed_at = Instant::now();
-    let killed_at_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    history.record(&Event::Nemesis {
+        f: "kill".into(),
+        nodes: vec![runner],
+        leader: false,
+        time_ns: now_ns(),
+    });
 
     let mut client = cluster.client()?;
     let retry =
@@ -309,6 +374,7 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
 
     // The node comes back and the task ends with exactly the attempts that count.
     cluster.restart(runner)?;
+    history.record(&Event::Heal { time_ns: now_ns() });
     let finished = wait_until_all_finished(
         &mut client,
         std::slice::from_ref(&task_id),
@@ -320,7 +386,9 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
     assert_eq!(task.attempts.len(), 2, "{:?}", task.attempts);
     assert_eq!(task.attempts[0].outcome, "lost");
     assert_eq!(task.attempts[1].fencing_token, retry.fencing_token);
-    assert_no_overlap(&executions(&log), &[(runner, killed_at_ns)]);
+    record_final_read(&mut client, &history).await?;
+    let report = assert_history_valid(&path)?;
+    assert_eq!(report.duplicated.len(), 1, "the task ran twice, explained by its lost attempt");
     Ok(())
 }
 
@@ -328,9 +396,13 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
 async fn a_paused_node_fences_itself_or_has_its_late_result_refused() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let log = dir.path().join("executions.log");
+    let path = dir.path().join("history.jsonl");
+    let history = HistoryWriter::create(&path)?;
     let mut client = cluster.client()?;
-    let task_id = submit(&mut client, logged_task(&log, 4.0)).await?.task.unwrap().id;
+    let task_id =
+        submit_recorded(&mut client, &history, 0, vec![logged_task(&path, "paused", 4.0)])
+            .await?
+            .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
     cluster.signal(runner, "STOP")?;
     let retry =
@@ -448,4 +520,35 @@ async fn a_drained_node_gets_no_tasks_and_cancelling_kills_the_process() -> anyh
 async fn finished_attempt_outcome(client: &mut Client, id: &str) -> anyhow::Result<String> {
     let task = get(client, id, false).await?;
     Ok(task.attempts.last().map(|attempt| attempt.outcome.clone()).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_tasks_are_purged_after_their_retention() -> anyhow::Result<()> {
+    let cluster =
+        TestCluster::start(3, &["--retention-ms", "1000", "--purge-interval-ms", "300"]).await?;
+    let mut client = cluster.client()?;
+    let keyed =
+        pb::TaskSpec { idempotency_key: "once".into(), ..cluster_tests::spec("true", &[], None) };
+    let id = submit(&mut client, keyed.clone()).await?.task.unwrap().id;
+    let pending =
+        submit(&mut client, cluster_tests::unplaceable(cluster_tests::spec("true", &[], None)))
+            .await?;
+    wait_until_all_finished(&mut client, std::slice::from_ref(&id), Duration::from_secs(20))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match get(&mut client, &id, false).await {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            Ok(_) => anyhow::ensure!(Instant::now() < deadline, "task {id} was never purged"),
+            Err(status) => return Err(status.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Unfinished tasks stay, and the purged task's key is free again.
+    let pending_id = pending.task.unwrap().id;
+    assert_eq!(get(&mut client, &pending_id, false).await?.id, pending_id);
+    let again = submit(&mut client, keyed).await?;
+    assert!(!again.already_existed);
+    assert_ne!(again.task.unwrap().id, id);
+    Ok(())
 }

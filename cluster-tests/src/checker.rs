@@ -1,0 +1,304 @@
+//! Checks a history (see [`crate::history`]) against taskraft's promises and
+//! reports each invariant:
+//!
+//! - **lost**: acknowledged submissions whose task is missing from the final
+//!   read, or never reached a terminal state. Must be empty.
+//! - **unexpected**: tasks that executed although no client ever invoked
+//!   their submission. Must be empty.
+//! - **duplicated executions**: tasks that executed more than once. Counted;
+//!   allowed only where the earlier attempt was lost (its lease expired).
+//! - **overlapping attempts**: two attempts of one task running at the same
+//!   time, beyond a tolerance. Must be empty.
+//! - **accepted stale completions**: a result the cluster recorded for an
+//!   attempt that ended after a newer attempt had been assigned. Must be empty.
+//! - **failover gaps**: from each fault aimed at the leader to the next
+//!   acknowledged operation: p50, p99 and max.
+//! - **liveness after heal**: every task terminal by the final read, and
+//!   that read within a deadline of the heal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::history::{Event, FinalAttempt};
+
+#[derive(Debug, Clone)]
+pub struct CheckerConfig {
+    /// Overlaps shorter than this are not counted (clock reads, one executor tick).
+    pub overlap_tolerance: Duration,
+    /// The longest the final read may come after the heal.
+    pub liveness_deadline: Duration,
+}
+
+impl Default for CheckerConfig {
+    fn default() -> Self {
+        CheckerConfig {
+            overlap_tolerance: Duration::from_millis(50),
+            liveness_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Report {
+    pub n_acknowledged: usize,
+    pub n_executed: usize,
+    pub lost: Vec<String>,
+    pub unexpected: Vec<String>,
+    /// Tasks executed more than once, with whether each is explained by a lost attempt.
+    pub duplicated: BTreeMap<String, bool>,
+    pub overlapping: Vec<String>,
+    pub stale_accepted: Vec<String>,
+    /// Milliseconds from each fault on the leader to the next acknowledged operation.
+    pub failover_gaps_ms: Vec<u64>,
+    /// Tasks not terminal at the final read.
+    pub unfinished: Vec<String>,
+    /// From the heal to the final read; `None` without both.
+    pub heal_to_scan_ms: Option<u64>,
+    pub liveness_deadline_ms: u64,
+}
+
+impl Report {
+    pub fn unexplained_duplicates(&self) -> Vec<&String> {
+        self.duplicated.iter().filter(|(_, explained)| !**explained).map(|(task, _)| task).collect()
+    }
+
+    pub fn liveness_ok(&self) -> bool {
+        self.unfinished.is_empty()
+            && self.heal_to_scan_ms.is_none_or(|ms| ms <= self.liveness_deadline_ms)
+    }
+
+    /// True when every invariant holds.
+    pub fn valid(&self) -> bool {
+        self.lost.is_empty()
+            && self.unexpected.is_empty()
+            && self.unexplained_duplicates().is_empty()
+            && self.overlapping.is_empty()
+            && self.stale_accepted.is_empty()
+            && self.liveness_ok()
+    }
+
+    pub fn failover_percentile_ms(&self, percentile: f64) -> Option<u64> {
+        let mut gaps = self.failover_gaps_ms.clone();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_unstable();
+        let rank = ((percentile / 100.0) * gaps.len() as f64).ceil() as usize;
+        Some(gaps[rank.clamp(1, gaps.len()) - 1])
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = |ok: bool| if ok { "ok" } else { "VIOLATED" };
+        writeln!(
+            f,
+            "acknowledged submissions: {}; tasks executed: {}",
+            self.n_acknowledged, self.n_executed
+        )?;
+        writeln!(
+            f,
+            "lost:                      {} {:?}",
+            verdict(self.lost.is_empty()),
+            self.lost
+        )?;
+        writeln!(
+            f,
+            "unexpected:                {} {:?}",
+            verdict(self.unexpected.is_empty()),
+            self.unexpected
+        )?;
+        let unexplained = self.unexplained_duplicates();
+        writeln!(
+            f,
+            "duplicated executions:     {} {} in all, unexplained {:?}",
+            verdict(unexplained.is_empty()),
+            self.duplicated.len(),
+            unexplained
+        )?;
+        writeln!(
+            f,
+            "overlapping attempts:      {} {:?}",
+            verdict(self.overlapping.is_empty()),
+            self.overlapping
+        )?;
+        writeln!(
+            f,
+            "accepted stale completions: {} {:?}",
+            verdict(self.stale_accepted.is_empty()),
+            self.stale_accepted
+        )?;
+        match (self.failover_percentile_ms(50.0), self.failover_percentile_ms(99.0)) {
+            (Some(p50), Some(p99)) => writeln!(
+                f,
+                "failover gaps:             p50 {p50} ms, p99 {p99} ms, max {} ms over {} faults",
+                self.failover_gaps_ms.iter().max().unwrap_or(&0),
+                self.failover_gaps_ms.len()
+            )?,
+            _ => writeln!(f, "failover gaps:             no fault on a leader")?,
+        }
+        write!(
+            f,
+            "liveness after heal:       {} unfinished {:?}, final read {} after the heal (deadline {} ms)",
+            verdict(self.liveness_ok()),
+            self.unfinished,
+            self.heal_to_scan_ms.map_or("n/a".to_owned(), |ms| format!("{ms} ms")),
+            self.liveness_deadline_ms
+        )
+    }
+}
+
+const TERMINAL: [&str; 3] = ["SUCCEEDED", "FAILED", "CANCELLED"];
+
+#[derive(Debug, Default)]
+struct Execution {
+    node: u64,
+    start_ns: u64,
+    end_ns: Option<u64>,
+}
+
+pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
+    let mut report = Report {
+        liveness_deadline_ms: config.liveness_deadline.as_millis() as u64,
+        ..Report::default()
+    };
+    let mut invoked_keys = BTreeSet::new();
+    let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
+    let mut executions: BTreeMap<String, BTreeMap<u64, Execution>> = BTreeMap::new();
+    let mut finals: BTreeMap<String, (String, String, Vec<FinalAttempt>)> = BTreeMap::new();
+    let mut kills: Vec<(u64, u64)> = Vec::new();
+    let mut leader_faults = Vec::new();
+    let mut ok_times = Vec::new();
+    let (mut heal_ns, mut scan_ns) = (None, None);
+
+    for event in events {
+        match event {
+            Event::Invoke { key, .. } => {
+                invoked_keys.insert(key.clone());
+            }
+            Event::Ok { key, task_id, time_ns, .. } => {
+                ok_times.push(*time_ns);
+                if let Some(task_id) = task_id {
+                    acknowledged.insert(task_id.clone(), key.clone());
+                }
+            }
+            Event::Fail { .. } | Event::Info { .. } => {}
+            Event::ExecStart { task_id, token, node, time_ns, .. } => {
+                let runs = executions.entry(task_id.clone()).or_default();
+                runs.entry(*token).or_default().node = *node;
+                runs.get_mut(token).expect("just inserted").start_ns = *time_ns;
+            }
+            Event::ExecEnd { task_id, token, node, time_ns, .. } => {
+                let run = executions.entry(task_id.clone()).or_default().entry(*token).or_default();
+                run.node = *node;
+                run.end_ns = Some(*time_ns);
+            }
+            Event::Nemesis { f, nodes, leader, time_ns } => {
+                if f == "kill" {
+                    kills.extend(nodes.iter().map(|node| (*node, *time_ns)));
+                }
+                if *leader {
+                    leader_faults.push(*time_ns);
+                }
+            }
+            Event::Heal { time_ns } => heal_ns = Some(*time_ns),
+            Event::Final { task_id, key, state, attempts } => {
+                finals.insert(task_id.clone(), (key.clone(), state.clone(), attempts.clone()));
+            }
+            Event::Scan { time_ns } => scan_ns = Some(*time_ns),
+        }
+    }
+    report.n_acknowledged = acknowledged.len();
+    report.n_executed = executions.len();
+
+    for task_id in acknowledged.keys() {
+        match finals.get(task_id) {
+            Some((_, state, _)) if TERMINAL.contains(&state.as_str()) => {}
+            _ => report.lost.push(task_id.clone()),
+        }
+    }
+    for (task_id, (_, state, _)) in &finals {
+        if !TERMINAL.contains(&state.as_str()) {
+            report.unfinished.push(task_id.clone());
+        }
+    }
+    for task_id in executions.keys() {
+        let key = finals.get(task_id).map(|(key, _, _)| key).or_else(|| acknowledged.get(task_id));
+        if !key.is_some_and(|key| invoked_keys.contains(key)) {
+            report.unexpected.push(task_id.clone());
+        }
+    }
+
+    for (task_id, runs) in &executions {
+        let attempts =
+            finals.get(task_id).map(|(_, _, attempts)| attempts.as_slice()).unwrap_or_default();
+        if runs.len() > 1 {
+            // Every execution but the last must have been lost: re-run by design.
+            let mut tokens: Vec<u64> = runs.keys().copied().collect();
+            tokens.pop();
+            let explained = tokens.iter().all(|token| {
+                attempts.iter().any(|attempt| attempt.token == *token && attempt.outcome == "lost")
+            });
+            report.duplicated.insert(task_id.clone(), explained);
+        }
+        // The end of an execution that did not log one: when the cluster saw
+        // it end, or when its node was killed, or never.
+        let end_of = |token: u64, run: &Execution| {
+            run.end_ns
+                .or_else(|| {
+                    attempts
+                        .iter()
+                        .find(|attempt| attempt.token == token && attempt.ended_at_ns > 0)
+                        .map(|a| a.ended_at_ns)
+                })
+                .or_else(|| {
+                    kills
+                        .iter()
+                        .filter(|(node, at)| *node == run.node && *at >= run.start_ns)
+                        .map(|(_, at)| *at)
+                        .min()
+                })
+                .unwrap_or(u64::MAX)
+        };
+        let tolerance_ns = config.overlap_tolerance.as_nanos() as u64;
+        let intervals: Vec<(u64, u64, u64)> =
+            runs.iter().map(|(token, run)| (*token, run.start_ns, end_of(*token, run))).collect();
+        'pairs: for (idx, a) in intervals.iter().enumerate() {
+            for b in &intervals[idx + 1..] {
+                let overlap_ns = a.2.min(b.2).saturating_sub(a.1.max(b.1));
+                if overlap_ns > tolerance_ns {
+                    report.overlapping.push(task_id.clone());
+                    break 'pairs;
+                }
+            }
+        }
+        // A process outcome recorded for an attempt whose process ended after
+        // the next attempt was assigned: the cluster took a stale result.
+        for pair in attempts.windows(2) {
+            let (older, newer) = (&pair[0], &pair[1]);
+            let from_process = older.outcome.starts_with("exited")
+                || older.outcome.starts_with("killed by signal");
+            let ended_late = runs
+                .get(&older.token)
+                .and_then(|run| run.end_ns)
+                .is_some_and(|end| end > newer.assigned_at_ns);
+            if from_process && ended_late {
+                report.stale_accepted.push(task_id.clone());
+                break;
+            }
+        }
+    }
+
+    ok_times.sort_unstable();
+    for fault_ns in leader_faults {
+        let next_ok = ok_times.iter().find(|ok| **ok > fault_ns);
+        if let Some(next_ok) = next_ok {
+            report.failover_gaps_ms.push((next_ok - fault_ns) / 1_000_000);
+        }
+    }
+    if let (Some(heal), Some(scan)) = (heal_ns, scan_ns) {
+        report.heal_to_scan_ms = Some(scan.saturating_sub(heal) / 1_000_000);
+    }
+    report
+}

@@ -1,0 +1,226 @@
+//! The checker on hand-made histories: a good one passes, and each kind of
+//! violation is caught by the invariant meant to catch it, and only by it.
+
+use std::time::Duration;
+
+use crate::checker::{CheckerConfig, Report, check};
+use crate::history::{Event, FinalAttempt};
+
+const MS: u64 = 1_000_000;
+
+fn invoke(key: &str, at_ms: u64) -> Event {
+    Event::Invoke { process: 0, f: "submit".into(), key: key.into(), time_ns: at_ms * MS }
+}
+fn ok(key: &str, task: &str, at_ms: u64) -> Event {
+    Event::Ok {
+        process: 0,
+        f: "submit".into(),
+        key: key.into(),
+        task_id: Some(task.into()),
+        time_ns: at_ms * MS,
+    }
+}
+fn start(task: &str, token: u64, node: u64, at_ms: u64) -> Event {
+    Event::ExecStart { task_id: task.into(), attempt: 1, token, node, time_ns: at_ms * MS }
+}
+fn end(task: &str, token: u64, node: u64, at_ms: u64) -> Event {
+    Event::ExecEnd { task_id: task.into(), attempt: 1, token, node, time_ns: at_ms * MS }
+}
+fn attempt(token: u64, node: u64, assigned_ms: u64, ended_ms: u64, outcome: &str) -> FinalAttempt {
+    FinalAttempt {
+        token,
+        node,
+        assigned_at_ns: assigned_ms * MS,
+        ended_at_ns: ended_ms * MS,
+        outcome: outcome.into(),
+    }
+}
+fn final_record(task: &str, key: &str, state: &str, attempts: Vec<FinalAttempt>) -> Event {
+    Event::Final { task_id: task.into(), key: key.into(), state: state.into(), attempts }
+}
+
+/// Two tasks; the leader (node 1) is killed while task 2 runs on it, and
+/// task 2 runs again on node 2 after its lease ran out.
+fn good() -> Vec<Event> {
+    vec![
+        invoke("a", 0),
+        ok("a", "1", 10),
+        invoke("b", 11),
+        ok("b", "2", 20),
+        start("1", 5, 3, 30),
+        end("1", 5, 3, 40),
+        start("2", 6, 1, 31),
+        Event::Nemesis { f: "kill".into(), nodes: vec![1], leader: true, time_ns: 100 * MS },
+        invoke("c", 150),
+        ok("c", "3", 900),
+        start("2", 9, 2, 4_200),
+        end("2", 9, 2, 4_300),
+        start("3", 10, 2, 4_210),
+        end("3", 10, 2, 4_220),
+        Event::Heal { time_ns: 5_000 * MS },
+        final_record("1", "a", "SUCCEEDED", vec![attempt(5, 3, 25, 41, "exited 0")]),
+        final_record(
+            "2",
+            "b",
+            "SUCCEEDED",
+            vec![attempt(6, 1, 25, 4_100, "lost"), attempt(9, 2, 4_150, 4_301, "exited 0")],
+        ),
+        final_record("3", "c", "SUCCEEDED", vec![attempt(10, 2, 4_150, 4_221, "exited 0")]),
+        Event::Scan { time_ns: 6_000 * MS },
+    ]
+}
+
+fn run(events: &[Event]) -> Report {
+    check(
+        events,
+        &CheckerConfig {
+            overlap_tolerance: Duration::from_millis(5),
+            liveness_deadline: Duration::from_secs(10),
+        },
+    )
+}
+
+/// Only the named invariant fails.
+fn only(report: &Report, violated: &str) {
+    let checks = [
+        ("lost", report.lost.is_empty()),
+        ("unexpected", report.unexpected.is_empty()),
+        ("duplicated", report.unexplained_duplicates().is_empty()),
+        ("overlapping", report.overlapping.is_empty()),
+        ("stale", report.stale_accepted.is_empty()),
+        ("liveness", report.liveness_ok()),
+    ];
+    for (name, holds) in checks {
+        assert_eq!(holds, name != violated, "{name} in:\n{report}");
+    }
+    assert!(!report.valid());
+}
+
+#[test]
+fn a_good_history_passes() {
+    let report = run(&good());
+    assert!(report.valid(), "{report}");
+    assert_eq!((report.n_acknowledged, report.n_executed), (3, 3));
+    assert_eq!(report.duplicated.len(), 1, "task 2 ran twice, explained by its lost attempt");
+    assert_eq!(report.failover_gaps_ms, vec![800]);
+    assert_eq!(report.heal_to_scan_ms, Some(1_000));
+}
+
+#[test]
+fn a_lost_task_is_caught() {
+    let mut events = good();
+    events.retain(|event| !matches!(event, Event::Final { task_id, .. } if task_id == "3"));
+    let report = run(&events);
+    assert_eq!(report.lost, vec!["3"]);
+    only(&report, "lost");
+}
+
+#[test]
+fn an_unsubmitted_execution_is_caught() {
+    let mut events = good();
+    events.push(start("77", 50, 3, 4_500));
+    events.push(end("77", 50, 3, 4_600));
+    let report = run(&events);
+    assert_eq!(report.unexpected, vec!["77"]);
+    only(&report, "unexpected");
+}
+
+#[test]
+fn an_unexplained_second_execution_is_caught() {
+    let mut events = good();
+    // Task 1 ran twice though its first attempt succeeded.
+    events.push(start("1", 12, 2, 4_400));
+    events.push(end("1", 12, 2, 4_410));
+    let report = run(&events);
+    assert_eq!(report.unexplained_duplicates(), vec!["1"]);
+    only(&report, "duplicated");
+}
+
+#[test]
+fn overlapping_attempts_are_caught_beyond_the_tolerance() {
+    let mut events = good();
+    // Task 2's first attempt logs its end long after the second began.
+    events.push(end("2", 6, 1, 4_250));
+    let report = run(&events);
+    assert_eq!(report.overlapping, vec!["2"]);
+    only(&report, "overlapping");
+    // Within the tolerance it is not counted.
+    let mut events = good();
+    events.push(end("2", 6, 1, 4_203));
+    assert!(run(&events).overlapping.is_empty());
+    // An execution with no end at all, on a node never killed, may still run.
+    let mut events = good();
+    events.push(start("2", 7, 3, 40));
+    events.push(Event::Final {
+        task_id: "9".into(),
+        key: "a".into(),
+        state: "SUCCEEDED".into(),
+        attempts: vec![],
+    });
+    assert_eq!(run(&events).overlapping, vec!["2"]);
+}
+
+#[test]
+fn an_accepted_stale_result_is_caught() {
+    let mut events = good();
+    // The cluster recorded task 2's first attempt as exited, though that
+    // process ended after the second attempt was assigned.
+    for event in &mut events {
+        if let Event::Final { task_id, attempts, .. } = event
+            && task_id == "2"
+        {
+            attempts[0].outcome = "exited 0".into();
+        }
+    }
+    events.push(end("2", 6, 1, 4_180));
+    let report = run(&events);
+    assert_eq!(report.stale_accepted, vec!["2"]);
+    // The first attempt is no longer "lost", so its second run is unexplained too.
+    assert_eq!(report.unexplained_duplicates(), vec!["2"]);
+    assert!(!report.valid());
+}
+
+#[test]
+fn an_unfinished_task_or_a_late_final_read_fails_liveness() {
+    let mut events = good();
+    events.push(invoke("d", 4_000));
+    events.push(Event::Info {
+        process: 1,
+        f: "submit".into(),
+        key: "d".into(),
+        error: "timeout".into(),
+        time_ns: 4_900 * MS,
+    });
+    events.push(final_record("4", "d", "RUNNING", vec![attempt(20, 3, 4_950, 0, "")]));
+    let report = run(&events);
+    assert_eq!(report.unfinished, vec!["4"]);
+    only(&report, "liveness");
+
+    let mut events = good();
+    events.push(Event::Scan { time_ns: 20_000 * MS });
+    let report = run(&events);
+    assert_eq!(report.heal_to_scan_ms, Some(15_000));
+    only(&report, "liveness");
+}
+
+#[test]
+fn failover_percentiles() {
+    let report = Report { failover_gaps_ms: vec![900, 100, 500, 300, 700], ..Report::default() };
+    assert_eq!(report.failover_percentile_ms(50.0), Some(500));
+    assert_eq!(report.failover_percentile_ms(99.0), Some(900));
+    assert_eq!(Report::default().failover_percentile_ms(50.0), None);
+}
+
+#[test]
+fn histories_round_trip_through_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.jsonl");
+    let writer = crate::history::HistoryWriter::create(&path).unwrap();
+    for event in good() {
+        writer.record(&event);
+    }
+    assert_eq!(crate::history::read(&path).unwrap(), good());
+    std::fs::write(&path, "{\"type\":\"invoke\"}\n").unwrap();
+    let err = crate::history::read(&path).unwrap_err().to_string();
+    assert!(err.contains(":1: not a history event"), "{err}");
+}
