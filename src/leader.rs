@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openraft::Instant as _;
 use openraft::impls::ProgressResponder;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::sync::mpsc;
@@ -44,6 +45,8 @@ pub struct LeaderService {
     state_machine: StateMachineStore,
     config: ExecutionConfig,
     request_timeout: Duration,
+    /// A leader renews leases only if a majority acknowledged it this recently.
+    quorum_fresh: Duration,
     current: Mutex<Option<RunningLoop>>,
 }
 
@@ -60,6 +63,7 @@ impl LeaderService {
         state_machine: StateMachineStore,
         config: ExecutionConfig,
         request_timeout: Duration,
+        quorum_fresh: Duration,
     ) -> LeaderService {
         LeaderService {
             node_id,
@@ -67,8 +71,20 @@ impl LeaderService {
             state_machine,
             config,
             request_timeout,
+            quorum_fresh,
             current: Mutex::new(None),
         }
+    }
+
+    /// Whether a majority acknowledged this leader within `quorum_fresh`. An
+    /// isolated leader keeps believing it leads until it hears of a newer
+    /// term; it must not keep its own executor's lease alive meanwhile, or
+    /// that executor would never fence itself while the majority's new leader
+    /// re-runs its attempts.
+    fn quorum_is_fresh(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= self.quorum_fresh)
     }
 
     /// Called when this node becomes the committed leader `leader_id`.
@@ -125,6 +141,10 @@ impl LeaderService {
             return self.not_leader();
         };
         match request {
+            ExecutorRequest::Heartbeat(_) if !self.quorum_is_fresh() => ExecutorReply::Unavailable(
+                "the leader has not heard from a majority recently; the lease is not renewed"
+                    .into(),
+            ),
             ExecutorRequest::Heartbeat(heartbeat) => {
                 match heartbeats.try_send((heartbeat, Instant::now())) {
                     Ok(()) => ExecutorReply::HeartbeatAccepted,

@@ -109,6 +109,9 @@ async fn run_validated(
         state_machine.clone(),
         config.execution.clone(),
         Duration::from_millis(server.request_timeout_ms),
+        // Within the shortest election timeout: by then a cut-off leader
+        // stops renewing leases, before any other node can have been elected.
+        Duration::from_millis(config.raft.election_timeout_ms_min),
     ));
     let leader_watch = {
         let on_start = leader_service.clone();

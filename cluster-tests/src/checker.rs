@@ -26,6 +26,9 @@ use crate::history::{Event, FinalAttempt};
 pub struct CheckerConfig {
     /// Overlaps shorter than this are not counted (clock reads, one executor tick).
     pub overlap_tolerance: Duration,
+    /// How often ticking tasks write `exec-alive`: a run that stopped ticking
+    /// without an `exec-end` died within this long of its last tick.
+    pub alive_interval: Duration,
     /// The longest the final read may come after the heal.
     pub liveness_deadline: Duration,
 }
@@ -34,6 +37,7 @@ impl Default for CheckerConfig {
     fn default() -> Self {
         CheckerConfig {
             overlap_tolerance: Duration::from_millis(50),
+            alive_interval: Duration::from_millis(250),
             liveness_deadline: Duration::from_secs(60),
         }
     }
@@ -156,6 +160,8 @@ struct Execution {
     node: u64,
     start_ns: u64,
     end_ns: Option<u64>,
+    /// The last `exec-alive`, for tasks that tick.
+    alive_ns: Option<u64>,
 }
 
 pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
@@ -188,6 +194,11 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 let runs = executions.entry(task_id.clone()).or_default();
                 runs.entry(*token).or_default().node = *node;
                 runs.get_mut(token).expect("just inserted").start_ns = *time_ns;
+            }
+            Event::ExecAlive { task_id, token, node, time_ns, .. } => {
+                let run = executions.entry(task_id.clone()).or_default().entry(*token).or_default();
+                run.node = *node;
+                run.alive_ns = run.alive_ns.max(Some(*time_ns));
             }
             Event::ExecEnd { task_id, token, node, time_ns, .. } => {
                 let run = executions.entry(task_id.clone()).or_default().entry(*token).or_default();
@@ -242,10 +253,13 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
             });
             report.duplicated.insert(task_id.clone(), explained);
         }
-        // The end of an execution that did not log one: when the cluster saw
-        // it end, or when its node was killed, or never.
+        // The end of an execution that did not log one. The task's own ticks
+        // say best: within one tick of the last. Without ticks: when the
+        // cluster saw it end, or when its node was killed, or never.
+        let alive_ns = config.alive_interval.as_nanos() as u64;
         let end_of = |token: u64, run: &Execution| {
             run.end_ns
+                .or(run.alive_ns.map(|last| last + alive_ns))
                 .or_else(|| {
                     attempts
                         .iter()

@@ -75,6 +75,7 @@ fn run(events: &[Event]) -> Report {
         events,
         &CheckerConfig {
             overlap_tolerance: Duration::from_millis(5),
+            alive_interval: Duration::from_millis(100),
             liveness_deadline: Duration::from_secs(10),
         },
     )
@@ -158,6 +159,37 @@ fn overlapping_attempts_are_caught_beyond_the_tolerance() {
         attempts: vec![],
     });
     assert_eq!(run(&events).overlapping, vec!["2"]);
+}
+
+#[test]
+fn a_killed_run_that_kept_ticking_overlaps_even_if_the_cluster_says_it_ended() {
+    // Task 2's first run left no end, but ticked until long after the
+    // cluster gave up on it (4 100 ms) and the second run began (4 200 ms).
+    let mut events = good();
+    for at_ms in (1_000..=4_600).step_by(100) {
+        events.push(Event::ExecAlive {
+            task_id: "2".into(),
+            attempt: 1,
+            token: 6,
+            node: 1,
+            time_ns: at_ms * MS,
+        });
+    }
+    let report = run(&events);
+    assert_eq!(report.overlapping, vec!["2"]);
+    only(&report, "overlapping");
+    // Ticks that stop before the second run began are fine.
+    let mut events = good();
+    for at_ms in (1_000..=4_000).step_by(100) {
+        events.push(Event::ExecAlive {
+            task_id: "2".into(),
+            attempt: 1,
+            token: 6,
+            node: 1,
+            time_ns: at_ms * MS,
+        });
+    }
+    assert!(run(&events).valid());
 }
 
 #[test]

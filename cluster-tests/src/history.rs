@@ -3,7 +3,8 @@
 //! - Client operations are recorded as an `invoke`, then exactly one of `ok`,
 //!   `fail` (it certainly did not happen) or `info` (unknown: a timeout).
 //! - Tasks record their own `exec-start` and `exec-end`, with the task id,
-//!   attempt, fencing token and node they got from taskraft.
+//!   attempt, fencing token and node they got from taskraft; long tasks also
+//!   `exec-alive` every tick, which bounds when a killed one really died.
 //! - The nemesis records what it broke and when it healed.
 //! - At the end, a `final` record per task, read linearizably after the heal,
 //!   and one `scan` marking when that read was done.
@@ -29,6 +30,8 @@ pub enum Event {
     Info { process: u64, f: String, key: String, error: String, time_ns: u64 },
     /// A task's process started, as the process itself saw it.
     ExecStart { task_id: String, attempt: u32, token: u64, node: u64, time_ns: u64 },
+    /// A task's process is still running (long tasks say so every tick).
+    ExecAlive { task_id: String, attempt: u32, token: u64, node: u64, time_ns: u64 },
     /// A task's process reached its end.
     ExecEnd { task_id: String, attempt: u32, token: u64, node: u64, time_ns: u64 },
     /// A fault: `f` is its kind (`kill`, `pause`, `partition`, ...), aimed at `nodes`.

@@ -16,6 +16,7 @@
 
 pub mod checker;
 pub mod history;
+pub mod netns;
 
 #[cfg(test)]
 mod checker_tests;
@@ -97,24 +98,48 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     initial_cluster: String,
     extra_args: Vec<String>,
+    /// The namespaces the nodes run in, when the cluster was started in them.
+    pub netns: Option<netns::Netns>,
     dir: TempDir,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl TestCluster {
-    /// Starts `n_nodes` nodes that form a new cluster, and waits for a leader.
+    /// Starts `n_nodes` nodes on 127.0.0.1 that form a new cluster, and waits for a leader.
     pub async fn start(n_nodes: usize, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        TestCluster::start_with(n_nodes, extra_args, false).await
+    }
+
+    /// Like [`TestCluster::start`], each node in a network namespace of its
+    /// own, so that the network between them can be cut (see [`netns::Netns`]).
+    pub async fn start_in_netns(
+        n_nodes: usize,
+        extra_args: &[&str],
+    ) -> anyhow::Result<TestCluster> {
+        TestCluster::start_with(n_nodes, extra_args, true).await
+    }
+
+    async fn start_with(
+        n_nodes: usize,
+        extra_args: &[&str],
+        in_netns: bool,
+    ) -> anyhow::Result<TestCluster> {
         let serial = CLUSTER_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         binary()?;
+        let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64)?) } else { None };
         let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
         let ports = free_ports(n_nodes * 2)?;
+        let addr = |idx: usize, port_idx: usize| match &netns {
+            Some(netns) => format!("{}:{}", netns.ip(idx as u64 + 1), [7001, 7101][port_idx]),
+            None => format!("127.0.0.1:{}", ports[idx * 2 + port_idx]),
+        };
         let nodes: Vec<TestNode> = (0..n_nodes)
             .map(|idx| {
                 let id = idx as u64 + 1;
                 TestNode {
                     id,
-                    api_addr: format!("127.0.0.1:{}", ports[idx * 2]),
-                    raft_addr: format!("127.0.0.1:{}", ports[idx * 2 + 1]),
+                    api_addr: addr(idx, 0),
+                    raft_addr: addr(idx, 1),
                     data_dir: dir.path().join(format!("node{id}")),
                     log_path: dir.path().join(format!("node{id}.log")),
                     joins: false,
@@ -131,6 +156,7 @@ impl TestCluster {
             nodes,
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            netns,
             dir,
             _serial: serial,
         };
@@ -159,7 +185,17 @@ impl TestCluster {
         }
         let initial_cluster = if node.joins { String::new() } else { initial_cluster };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log_path)?;
-        let child = Command::new(binary)
+        // In a namespace, `ip netns exec` execs the node in place: the child's PID is the node's.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &netns.namespace(id)]).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let node = &mut self.nodes[(id - 1) as usize];
+        let child = command
             .arg("node")
             .args([
                 "--id",

@@ -34,6 +34,9 @@ use crate::raft::{NodeId, PeerNode, Raft};
 use crate::scheduler::{Command, Response};
 use crate::storage::StateMachineStore;
 
+/// How often a pending write checks that its leader still hears a majority.
+const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The metadata key that marks a request forwarded by another node.
 pub const FORWARDED_KEY: &str = "x-taskraft-forwarded-by";
 
@@ -211,8 +214,23 @@ impl Context {
     pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
         self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
-        let result =
-            tokio::time::timeout(self.request_timeout(), self.raft.client_write(command)).await;
+        let write = tokio::time::timeout(self.request_timeout(), self.raft.client_write(command));
+        // A leader cut off from its majority answers as soon as it knows,
+        // rather than holding the client until the timeout.
+        let quorum_lost = async {
+            loop {
+                tokio::time::sleep(QUORUM_CHECK_INTERVAL).await;
+                if let Err(err) = self.check_quorum() {
+                    return err;
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = write => result,
+            err = quorum_lost => {
+                return Err(ApiError::unavailable(format!("{err}; the write may still commit later")));
+            }
+        };
         match result {
             Ok(Ok(written)) => Ok(written.data),
             Ok(Err(RaftError::APIError(err))) => Err(self.write_error(err)),

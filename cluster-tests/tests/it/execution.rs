@@ -28,14 +28,24 @@ fn now_ms() -> u64 {
 
 /// A task that records its start and its end in the history at `history`,
 /// with what taskraft told it, and sleeps in between.
-fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSpec {
+pub(crate) fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSpec {
     let event = |kind: &str| {
         format!(
             r#"printf '{{"type":"{kind}","task_id":"%s","attempt":%s,"token":%s,"node":%s,"time_ns":%s}}\n' "$TASKRAFT_TASK_ID" "$TASKRAFT_ATTEMPT" "$TASKRAFT_FENCING_TOKEN" "$TASKRAFT_NODE_ID" "$(date +%s%N)" >> {}"#,
             history.display()
         )
     };
-    let script = format!("{}; sleep {sleep_s}; {}", event("exec-start"), event("exec-end"));
+    // Longer tasks tick every 0.1 s, so that a killed one shows when it died.
+    let body = if sleep_s > 1.0 {
+        let n_ticks = (sleep_s * 10.0) as u32;
+        format!(
+            "i=0; while [ $i -lt {n_ticks} ]; do sleep 0.1; {}; i=$((i+1)); done",
+            event("exec-alive")
+        )
+    } else {
+        format!("sleep {sleep_s}")
+    };
+    let script = format!("{}; {body}; {}", event("exec-start"), event("exec-end"));
     pb::TaskSpec {
         command: Some(pb::Command {
             program: "sh".into(),
@@ -51,7 +61,7 @@ fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSpec {
 }
 
 /// Submits `specs` as one batch, recording the operation in the history.
-async fn submit_recorded(
+pub(crate) async fn submit_recorded(
     client: &mut Client,
     history: &HistoryWriter,
     process: u64,
@@ -98,7 +108,10 @@ async fn submit_recorded(
 }
 
 /// Reads every task linearizably and records it as the history's final state.
-async fn record_final_read(client: &mut Client, history: &HistoryWriter) -> anyhow::Result<()> {
+pub(crate) async fn record_final_read(
+    client: &mut Client,
+    history: &HistoryWriter,
+) -> anyhow::Result<()> {
     let mut page_token = String::new();
     loop {
         let token = page_token.clone();
@@ -146,14 +159,14 @@ async fn record_final_read(client: &mut Client, history: &HistoryWriter) -> anyh
 
 /// Runs the checker on the history at `path`, prints its report, and fails
 /// the test on any violation.
-fn assert_history_valid(path: &Path) -> anyhow::Result<Report> {
+pub(crate) fn assert_history_valid(path: &Path) -> anyhow::Result<Report> {
     let report = check(&history::read(path)?, &CheckerConfig::default());
     println!("{report}");
     anyhow::ensure!(report.valid(), "the history violates taskraft's promises:\n{report}");
     Ok(report)
 }
 
-async fn wait_until_all_finished(
+pub(crate) async fn wait_until_all_finished(
     client: &mut Client,
     ids: &[String],
     timeout: Duration,

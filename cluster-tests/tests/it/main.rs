@@ -7,4 +7,5 @@ mod catch_up;
 mod execution;
 mod failover;
 mod membership;
+mod nemesis;
 mod replication;
