@@ -309,6 +309,21 @@ async fn runner_as_follower(
     }
 }
 
+/// Waits until the history shows the process of attempt `token` started.
+async fn wait_for_exec_start(path: &Path, token: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let started = history::read(path)?.iter().any(
+            |event| matches!(event, Event::ExecStart { token: started, .. } if *started == token),
+        );
+        if started {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "attempt {token} never started its process");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for_new_attempt(
     client: &mut Client,
     task_id: &str,
@@ -344,6 +359,9 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
         .await?
         .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
+    // RUNNING is committed just before the process starts: act only once the
+    // process itself has said it runs.
+    wait_for_exec_start(&path, old_token).await?;
     cluster.kill(runner)?;
     let killed_at = Instant::now();
     history.record(&Event::Nemesis {
@@ -417,6 +435,9 @@ async fn a_paused_node_fences_itself_or_has_its_late_result_refused() -> anyhow:
             .await?
             .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
+    // RUNNING is committed just before the process starts: act only once the
+    // process itself has said it runs.
+    wait_for_exec_start(&path, old_token).await?;
     cluster.signal(runner, "STOP")?;
     let retry =
         wait_for_new_attempt(&mut client, &task_id, old_token, Duration::from_secs(20)).await?;
