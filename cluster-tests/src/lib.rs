@@ -398,34 +398,8 @@ impl TestCluster {
     /// Every task in node `id`'s own state (stale reads), by id.
     pub async fn local_tasks(&self, id: u64) -> anyhow::Result<BTreeMap<String, pb::Task>> {
         let mut client = self.node_client(id, Duration::from_secs(5))?;
-        let mut tasks = BTreeMap::new();
-        let mut page_token = String::new();
-        loop {
-            let token = page_token.clone();
-            let page = client
-                .call(|channel, timeout| {
-                    let message = pb::ListTasksRequest {
-                        page_size: 1_000,
-                        page_token: token.clone(),
-                        stale: true,
-                        ..Default::default()
-                    };
-                    async move {
-                        TasksClient::new(channel)
-                            .list_tasks(taskraft::client::request(message, timeout))
-                            .await
-                    }
-                })
-                .await?
-                .into_inner();
-            for task in page.tasks {
-                tasks.insert(task.id.clone(), task);
-            }
-            if page.next_page_token.is_empty() {
-                return Ok(tasks);
-            }
-            page_token = page.next_page_token;
-        }
+        let tasks = list_all(&mut client, true).await?;
+        Ok(tasks.into_iter().map(|task| (task.id.clone(), task)).collect())
     }
 }
 
@@ -469,6 +443,36 @@ pub fn spec(program: &str, args: &[&str], key: Option<String>) -> pb::TaskSpec {
 pub fn unplaceable(mut spec: pb::TaskSpec) -> pb::TaskSpec {
     spec.labels.insert("pool".into(), "nowhere".into());
     spec
+}
+
+/// Every task, page by page, through `client`; linearizable unless `stale`.
+pub async fn list_all(client: &mut Client, stale: bool) -> anyhow::Result<Vec<pb::Task>> {
+    let mut tasks = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let token = page_token.clone();
+        let page = client
+            .call(|channel, timeout| {
+                let message = pb::ListTasksRequest {
+                    page_size: 1_000,
+                    page_token: token.clone(),
+                    stale,
+                    ..Default::default()
+                };
+                async move {
+                    TasksClient::new(channel)
+                        .list_tasks(taskraft::client::request(message, timeout))
+                        .await
+                }
+            })
+            .await?
+            .into_inner();
+        tasks.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            return Ok(tasks);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// Submits one spec through `client`.

@@ -112,46 +112,23 @@ pub(crate) async fn record_final_read(
     client: &mut Client,
     history: &HistoryWriter,
 ) -> anyhow::Result<()> {
-    let mut page_token = String::new();
-    loop {
-        let token = page_token.clone();
-        let page = client
-            .call(|channel, timeout| {
-                let message = pb::ListTasksRequest {
-                    page_size: 1_000,
-                    page_token: token.clone(),
-                    ..Default::default()
-                };
-                async move {
-                    TasksClient::new(channel)
-                        .list_tasks(taskraft::client::request(message, timeout))
-                        .await
-                }
+    for task in cluster_tests::list_all(client, false).await? {
+        let attempts = task
+            .attempts
+            .iter()
+            .map(|attempt| FinalAttempt {
+                token: attempt.fencing_token,
+                node: attempt.node_id,
+                assigned_at_ns: attempt.assigned_at_unix_ms * 1_000_000,
+                ended_at_ns: attempt.ended_at_unix_ms * 1_000_000,
+                outcome: attempt.outcome.clone(),
             })
-            .await?
-            .into_inner();
-        for task in page.tasks {
-            let attempts = task
-                .attempts
-                .iter()
-                .map(|attempt| FinalAttempt {
-                    token: attempt.fencing_token,
-                    node: attempt.node_id,
-                    assigned_at_ns: attempt.assigned_at_unix_ms * 1_000_000,
-                    ended_at_ns: attempt.ended_at_unix_ms * 1_000_000,
-                    outcome: attempt.outcome.clone(),
-                })
-                .collect();
-            let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
-                state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
-            });
-            let key = task.spec.map(|spec| spec.idempotency_key).unwrap_or_default();
-            history.record(&Event::Final { task_id: task.id, key, state, attempts });
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
+            .collect();
+        let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
+            state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
+        });
+        let key = task.spec.map(|spec| spec.idempotency_key).unwrap_or_default();
+        history.record(&Event::Final { task_id: task.id, key, state, attempts });
     }
     history.record(&Event::Scan { time_ns: now_ns() });
     Ok(())
