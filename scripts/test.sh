@@ -14,9 +14,11 @@ cargo fmt --all --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "building the release binary the cluster tests run"
-cargo build --release --locked --bin taskraft
-export TASKRAFT_BIN="$root/target/release/taskraft"
+# One release build serves the cluster tests, the smoke runs and the Docker
+# image: statically linked, as a FROM-scratch image needs.
+step "building the release binary the cluster tests run (statically linked)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --bin taskraft
+export TASKRAFT_BIN="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 
 step "unit, storage and cluster tests"
 cargo test --workspace --locked
@@ -57,3 +59,10 @@ tasks_after_restart=$("$TASKRAFT_BIN" --endpoints 127.0.0.1:17001,127.0.0.1:1700
 smoke_cluster down
 for n in 1 2 3; do expect_status "node $n: not running"; done
 echo "cluster.sh commands work"
+
+step "Docker: the cluster as containers, through a kill -9 and a pause of the leader"
+if docker info > /dev/null 2>&1; then
+  scripts/docker.sh smoke
+else
+  echo "skipped: the Docker engine does not answer here (docker info fails)"
+fi

@@ -17,6 +17,10 @@ use crate::api::error::LEADER_HINT_KEY;
 pub const ENDPOINTS_DEFAULT: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
 /// The largest message the client sends or accepts.
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// How often an HTTP/2 ping checks that a node still answers.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MS_MIN: u64 = 50;
 const BACKOFF_MS_MAX: u64 = 200;
 
@@ -75,6 +79,11 @@ impl Client {
                 message: err.to_string(),
             })?
             .connect_timeout(Duration::from_millis(500))
+            // A node that is stopped keeps its connections open and answers
+            // nothing; unanswered pings close them, so that calls move on.
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy();
         self.endpoints.push(endpoint.to_owned());

@@ -20,6 +20,7 @@ use crate::api::cluster::ClusterService;
 use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::executor::Executor;
+use crate::executor::warden::WardenHandle;
 use crate::leader::LeaderService;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
@@ -42,6 +43,8 @@ pub enum NodeError {
     Raft(String),
     #[error("{what} server failed: {source}")]
     Serve { what: &'static str, source: tonic::transport::Error },
+    #[error("cannot start the warden that fences this node's tasks: {0}")]
+    Warden(std::io::Error),
 }
 
 /// Runs a node until `shutdown` completes.
@@ -141,8 +144,10 @@ async fn run_validated(
         peers: peers.clone(),
         rpc_timeout: Duration::from_millis(server.rpc_timeout_ms),
         shutdown: token.clone(),
+        lease_from: std::sync::Mutex::new(None),
     });
-    let executor_task = tokio::spawn(executor.run().in_current_span());
+    let warden = WardenHandle::spawn().map_err(NodeError::Warden)?;
+    let executor_task = tokio::spawn(executor.run(warden).in_current_span());
     let ctx = Arc::new(Context::new(raft.clone(), state_machine, config.clone(), token.clone()));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<TasksServer<TasksService>>().await;

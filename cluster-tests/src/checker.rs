@@ -206,7 +206,8 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 run.end_ns = Some(*time_ns);
             }
             Event::Nemesis { f, nodes, leader, time_ns } => {
-                if f == "kill" {
+                // `kill`, `kill-leader`, `kill-task-node`, `restart-all`, ...
+                if f.starts_with("kill") || f == "restart-all" {
                     kills.extend(nodes.iter().map(|node| (*node, *time_ns)));
                 }
                 if *leader {

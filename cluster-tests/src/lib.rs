@@ -98,7 +98,8 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     initial_cluster: String,
     extra_args: Vec<String>,
-    /// The namespaces the nodes run in, when the cluster was started in them.
+    /// The namespaces the nodes run in, when the cluster was started in
+    /// them; one more than the initial nodes, for a node that joins.
     pub netns: Option<netns::Netns>,
     dir: TempDir,
     _serial: MutexGuard<'static, ()>,
@@ -126,7 +127,7 @@ impl TestCluster {
     ) -> anyhow::Result<TestCluster> {
         let serial = CLUSTER_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         binary()?;
-        let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64)?) } else { None };
+        let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64 + 1)?) } else { None };
         let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
         let ports = free_ports(n_nodes * 2)?;
         let addr = |idx: usize, port_idx: usize| match &netns {
@@ -223,11 +224,17 @@ impl TestCluster {
     /// its id. Add it with `AddNode`.
     pub fn spawn_joining_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.len() as u64 + 1;
-        let ports = free_ports(2)?;
+        let (api_addr, raft_addr) = match &self.netns {
+            Some(netns) => (format!("{}:7001", netns.ip(id)), format!("{}:7101", netns.ip(id))),
+            None => {
+                let ports = free_ports(2)?;
+                (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]))
+            }
+        };
         self.nodes.push(TestNode {
             id,
-            api_addr: format!("127.0.0.1:{}", ports[0]),
-            raft_addr: format!("127.0.0.1:{}", ports[1]),
+            api_addr,
+            raft_addr,
             data_dir: self.dir.path().join(format!("node{id}")),
             log_path: self.dir.path().join(format!("node{id}.log")),
             joins: true,

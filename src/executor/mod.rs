@@ -14,11 +14,16 @@
 //! running anymore (their processes died with the node), so they are
 //! reported lost at once rather than after a lease period.
 //!
+//! A node that cannot act, because it is stopped, is fenced from outside:
+//! its [`warden`] kills its tasks when the lease it last reported runs out.
+//!
 //! - [`process`]: running one program with its timeout and output capture.
 //! - [`protocol`]: the messages between executors and the leader.
+//! - [`warden`]: the process that enforces the lease when the node cannot.
 
 pub mod process;
 pub mod protocol;
+pub mod warden;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +38,7 @@ use crate::api::unix_now_ms;
 use crate::config::ExecutionConfig;
 use crate::executor::process::{AttemptEnv, StopReason};
 use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::executor::warden::WardenHandle;
 use crate::leader::LeaderService;
 use crate::proto::peer_v1::RaftMessage;
 use crate::proto::peer_v1::raft_peer_client::RaftPeerClient;
@@ -56,6 +62,8 @@ pub struct Executor {
     pub peers: PeerNetwork,
     pub rpc_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// When the last heartbeat the leader accepted was sent: the lease runs from there.
+    pub lease_from: std::sync::Mutex<Option<Instant>>,
 }
 
 struct RunningAttempt {
@@ -72,20 +80,16 @@ struct Ledger {
     /// Attempts with tokens up to this index were assigned before this
     /// executor started: their processes are gone.
     boot_index: u64,
-    /// When the last heartbeat the leader accepted was sent.
-    lease_from: Option<Instant>,
+    warden: WardenHandle,
 }
 
 impl Executor {
-    /// Runs until `shutdown` fires; then stops every attempt.
-    pub async fn run(self: Arc<Self>) {
+    /// Runs until `shutdown` fires; then stops every attempt. `warden` is
+    /// this node's warden, started before the node serves.
+    pub async fn run(self: Arc<Self>, warden: WardenHandle) {
         let boot_index = self.state_machine.read().last_applied.map_or(0, |log_id| log_id.index());
-        let mut ledger = Ledger {
-            running: HashMap::new(),
-            handled: HashSet::new(),
-            boot_index,
-            lease_from: None,
-        };
+        let mut ledger =
+            Ledger { running: HashMap::new(), handled: HashSet::new(), boot_index, warden };
         let mut changes = self.state_machine.subscribe(0).live;
         let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(self.slots as usize + 64);
         let mut tick =
@@ -131,17 +135,42 @@ impl Executor {
         // Bounded by one interval, so a silent leader cannot hold up self-fencing.
         let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
         match self.send(ExecutorRequest::Heartbeat(heartbeat), timeout).await {
-            Ok(ExecutorReply::HeartbeatAccepted) => ledger.lease_from = Some(sent_at),
+            Ok(ExecutorReply::HeartbeatAccepted) => {
+                *self.lease_from.lock().expect("lease lock poisoned") = Some(sent_at);
+                let remaining =
+                    Duration::from_millis(self.config.lease_ms).saturating_sub(sent_at.elapsed());
+                self.renew_warden(ledger, remaining, timeout).await;
+            }
             Ok(reply) => debug!(?reply, "heartbeat not accepted"),
             Err(err) => debug!(cause = %err, "heartbeat failed"),
         }
     }
 
+    /// Passes the lease on to the warden; starts a new warden if it died.
+    async fn renew_warden(&self, ledger: &mut Ledger, remaining: Duration, timeout: Duration) {
+        if ledger.warden.has_exited() {
+            warn!("the warden exited; starting a new one");
+            match WardenHandle::spawn() {
+                Ok(warden) => ledger.warden = warden,
+                Err(err) => warn!(cause = %err, "cannot start a new warden"),
+            }
+        }
+        if let Err(err) = ledger.warden.renew(remaining, timeout).await {
+            warn!(cause = %err, "cannot pass the lease to the warden");
+        }
+    }
+
+    fn lease_expired(&self) -> bool {
+        let lease = Duration::from_millis(self.config.lease_ms);
+        self.lease_from
+            .lock()
+            .expect("lease lock poisoned")
+            .is_none_or(|from| from.elapsed() >= lease)
+    }
+
     /// Kills every attempt when the lease has run out.
     fn self_fence(&self, ledger: &mut Ledger) {
-        let lease = Duration::from_millis(self.config.lease_ms);
-        let expired = ledger.lease_from.is_none_or(|from| from.elapsed() >= lease);
-        if !expired || ledger.running.is_empty() {
+        if !self.lease_expired() || ledger.running.is_empty() {
             return;
         }
         warn!(n_attempts = ledger.running.len(), "lease expired; killing this node's attempts");
@@ -256,11 +285,19 @@ impl Executor {
             stop,
         )
         .await;
-        info!(outcome = ?result.outcome, "attempt ended");
+        let outcome = match result.outcome {
+            // The warden killed it because the lease ran out while this node
+            // could not act: the attempt is lost, not failed by a signal.
+            Outcome::Signalled { signal } if signal == libc_sigkill() && self.lease_expired() => {
+                Outcome::Lost
+            }
+            outcome => outcome,
+        };
+        info!(?outcome, "attempt ended");
         let report = AttemptReport {
             started_at_ms: Some(started_at_ms),
             ended_at_ms: unix_now_ms(),
-            outcome: result.outcome,
+            outcome,
             stdout_tail: result.stdout_tail,
             stderr_tail: result.stderr_tail,
         };
@@ -327,6 +364,10 @@ impl Executor {
                 .map_err(|status| status.message().to_owned())?;
         codec::decode("executor reply", &reply.into_inner().data).map_err(|err| err.to_string())
     }
+}
+
+fn libc_sigkill() -> i32 {
+    nix::sys::signal::Signal::SIGKILL as i32
 }
 
 fn lost_report(task: TaskId, token: u64) -> Command {
