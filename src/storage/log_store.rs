@@ -7,6 +7,11 @@
 //! covers every tree), and only then completes the callbacks in order. So no
 //! callback fires before its entries are on disk, and concurrent appends share
 //! one fsync. `save_vote` and `purge` flush inline before they return.
+//!
+//! `purge` records its purge point durably before it deletes entries, and
+//! `open` finishes a purge that a crash interrupted. A purge may go past the
+//! last entry (a follower installing a snapshot ahead of its log), so the
+//! last log id is the later of the last entry and the purge point.
 
 use std::fmt::Debug;
 use std::io;
@@ -41,7 +46,31 @@ impl LogStore {
         let meta = db.open_tree("raft_meta").map_err(sled_err)?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
         tokio::spawn(flush_loop(db.clone(), flush_rx));
-        Ok(LogStore { db: db.clone(), log, meta, flush_tx })
+        let store = LogStore { db: db.clone(), log, meta, flush_tx };
+        if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
+            let n_removed = store.remove_up_to(purged.index())?;
+            if n_removed > 0 {
+                info!(%purged, n_removed, "finished a purge a crash had interrupted");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Deletes every entry with an index up to `index`; returns how many.
+    fn remove_up_to(&self, index: u64) -> io::Result<usize> {
+        let keys: Vec<sled::IVec> = self
+            .log
+            .range(..=index_key(index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_err)?;
+        let n_keys = keys.len();
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(sled_err)?;
+        Ok(n_keys)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -141,7 +170,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self.read_meta(KEY_LAST_PURGED)?;
-        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        let last_log_id = self.last_entry_log_id()?.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -206,21 +235,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Record the purge point first, so the log state stays right whatever
-        // part of the deletion survives a crash.
+        // Record the purge point first; `open` finishes the deletion if a
+        // crash interrupts it.
         self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id)).map_err(sled_err)?;
         self.db.flush_async().await.map_err(sled_err)?;
-        let keys: Vec<sled::IVec> = self
-            .log
-            .range(..=index_key(log_id.index()))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(sled_err)?;
+        self.remove_up_to(log_id.index())?;
         Ok(())
     }
 }

@@ -84,6 +84,35 @@ async fn reopened_store_keeps_log_vote_and_state() {
     assert_eq!(state_machine.read().state.n_tasks(), 3);
 }
 
+/// A follower that installs a snapshot ahead of its log purges past its last
+/// entry. A crash after the purge point is on disk but before the entries
+/// are deleted must leave a store that opens consistent (a kill-mid-snapshot
+/// nemesis found a node that could not restart: "last_log_id < last_purged").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_past_the_log_interrupted_by_a_crash_is_finished_on_open() {
+    let dir = TempDir::new().unwrap();
+    {
+        let (mut log_store, _) = open_stores(dir.path()).unwrap();
+        let entries: Vec<Entry> = (1..=5).map(|index| submit_entry(index, "true")).collect();
+        append_and_wait(&mut log_store, entries).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    {
+        // The crash: the purge point (index 9, past the last entry) is
+        // durable, the deletion of entries 1..=5 never happened.
+        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+        let purged = submit_entry(9, "true").log_id;
+        let meta = db.open_tree("raft_meta").unwrap();
+        meta.insert(b"last_purged", crate::raft::codec::encode(&purged)).unwrap();
+        db.flush().unwrap();
+    }
+    let (mut log_store, _) = open_stores(dir.path()).unwrap();
+    let state = log_store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|log_id| log_id.index()), Some(9));
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(9));
+    assert!(log_store.try_get_log_entries(0..10).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_behind_the_snapshot_is_loaded_from_it() {
     let dir = TempDir::new().unwrap();
