@@ -136,7 +136,8 @@ impl Executor {
         let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
         match self.send(ExecutorRequest::Heartbeat(heartbeat), timeout).await {
             Ok(ExecutorReply::HeartbeatAccepted) => {
-                *self.lease_from.lock().expect("lease lock poisoned") = Some(sent_at);
+                *self.lease_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(sent_at);
                 let remaining =
                     Duration::from_millis(self.config.lease_ms).saturating_sub(sent_at.elapsed());
                 self.renew_warden(ledger, remaining, timeout).await;
@@ -164,7 +165,7 @@ impl Executor {
         let lease = Duration::from_millis(self.config.lease_ms);
         self.lease_from
             .lock()
-            .expect("lease lock poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_none_or(|from| from.elapsed() >= lease)
     }
 

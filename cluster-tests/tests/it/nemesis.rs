@@ -138,6 +138,8 @@ struct Run {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
     n_targets: usize,
+    /// Set once the checker has passed the run.
+    passed: bool,
 }
 
 impl Run {
@@ -163,6 +165,7 @@ impl Run {
             stop,
             workers,
             n_targets: 0,
+            passed: false,
         })
     }
 
@@ -372,10 +375,10 @@ impl Run {
 
     /// Stops the workload, waits for every acknowledged task, reads the
     /// final state, and has the checker judge the history.
-    async fn finish(self, name: &str) -> anyhow::Result<()> {
+    async fn finish(&mut self, name: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         self.stop.store(true, Ordering::Relaxed);
-        for worker in self.workers {
+        for worker in std::mem::take(&mut self.workers) {
             worker.await?;
         }
         self.cluster.wait_for_leader(Duration::from_secs(30)).await?;
@@ -400,7 +403,25 @@ impl Run {
             std::fs::copy(&self.path, Path::new(&keep_dir).join(format!("{name}.jsonl")))?;
         }
         assert_history_valid(&self.path)?;
+        self.passed = true;
         Ok(())
+    }
+}
+
+impl Drop for Run {
+    /// A run that did not pass shows the end of every node's log.
+    fn drop(&mut self) {
+        if self.passed {
+            return;
+        }
+        for node in &self.cluster.nodes {
+            let log = self.cluster.log(node.id);
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
