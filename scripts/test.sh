@@ -17,7 +17,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # One release build serves the cluster tests, the smoke runs and the Docker
 # image: statically linked, as a FROM-scratch image needs.
 step "building the release binary the cluster tests run (statically linked)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --bin taskraft
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --workspace --bins
 export TASKRAFT_BIN="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 
 step "unit, storage and cluster tests"
@@ -66,3 +66,11 @@ if docker info > /dev/null 2>&1; then
 else
   echo "skipped: the Docker engine does not answer here (docker info fails)"
 fi
+
+step "benchmark smoke: scripts/bench.sh --quick on one scenario (proves the script, measures nothing)"
+bench_dir=$(mktemp -d)
+scripts/bench.sh --quick --scenario submit_c16 --out "$bench_dir" > "$bench_dir/bench.out" 2>&1 ||
+  { cat "$bench_dir/bench.out"; echo "bench.sh failed"; exit 1; }
+grep -q "| submit_c16 |" "$bench_dir/bench.out" || { cat "$bench_dir/bench.out"; echo "bench.sh printed no table"; exit 1; }
+rm -rf "$bench_dir"
+echo "bench.sh ran end to end"

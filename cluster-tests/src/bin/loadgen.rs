@@ -1,0 +1,372 @@
+//! The load generator of `scripts/bench.sh`: drives a taskraft cluster
+//! (SubmitTask, or SubmitTasks in batches) or an etcd cluster (Put) with the
+//! same settings, and prints one JSON line of results.
+//!
+//! - Closed loop (`--clients N`): N requests in flight, each sent when the
+//!   one before it answered; for throughput.
+//! - Open loop (`--rate R`): requests sent at R per second whatever the
+//!   answers, latency counted from when each was due, so that a stall cannot
+//!   hide behind requests never sent (no coordinated omission).
+//!
+//! Requests go to the leader only, over `--connections` HTTP/2 connections.
+//! Latencies go into an HDR histogram, after `--warmup`. CPU seconds of the
+//! servers (`--server-pids`) and of the generator come from `/proc`.
+//! Submitted tasks are scheduled a day ahead, so that submissions are
+//! measured, not executions; each spec is about `--payload-bytes` long, like
+//! the etcd value.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use prost::Message;
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::cluster_client::ClusterClient;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The longest one request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most requests an open-loop run keeps in flight.
+const OPEN_LOOP_IN_FLIGHT_MAX: usize = 4_096;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Target {
+    Taskraft,
+    Etcd,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Drives taskraft or etcd with the same load; prints one JSON line")]
+struct Args {
+    #[arg(long, value_enum)]
+    target: Target,
+    /// Client addresses of the cluster's members, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Closed loop: requests in flight. Open loop: the most in flight.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// HTTP/2 connections to the leader.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Open loop at this many requests per second (closed loop when absent).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    warmup: Duration,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    duration: Duration,
+    /// The etcd value size, and about the size of each task spec.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// taskraft only: tasks per SubmitTasks call (1: SubmitTask).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// PIDs of the server processes, for their CPU time.
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
+}
+
+/// One way to send one request.
+#[derive(Clone)]
+enum Driver {
+    Taskraft { clients: Vec<TasksClient<Channel>>, spec: Box<pb::TaskSpec>, batch: usize },
+    Etcd { clients: Vec<etcd::kv_client::KvClient<Channel>>, value: Vec<u8> },
+}
+
+impl Driver {
+    /// Sends request `seq` of worker `worker`; returns the items it committed.
+    async fn send(&self, worker: usize, seq: u64) -> Result<u64, tonic::Status> {
+        match self {
+            Driver::Taskraft { clients, spec, batch } => {
+                let mut client = clients[worker % clients.len()].clone();
+                if *batch <= 1 {
+                    let request = taskraft::client::request(
+                        pb::SubmitTaskRequest { spec: Some((**spec).clone()) },
+                        REQUEST_TIMEOUT,
+                    );
+                    client.submit_task(request).await?;
+                    Ok(1)
+                } else {
+                    let specs = vec![(**spec).clone(); *batch];
+                    let request = taskraft::client::request(
+                        pb::SubmitTasksRequest { specs },
+                        REQUEST_TIMEOUT,
+                    );
+                    let reply = client.submit_tasks(request).await?.into_inner();
+                    Ok(reply.results.len() as u64)
+                }
+            }
+            Driver::Etcd { clients, value } => {
+                let mut client = clients[worker % clients.len()].clone();
+                let key = format!("k{worker:05}{seq:010}").into_bytes();
+                let request = taskraft::client::request(
+                    etcd::PutRequest { key, value: value.clone(), ..Default::default() },
+                    REQUEST_TIMEOUT,
+                );
+                client.put(request).await?;
+                Ok(1)
+            }
+        }
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(REQUEST_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
+/// The client address of the current leader.
+async fn leader_addr(target: Target, endpoints: &[String]) -> anyhow::Result<String> {
+    match target {
+        Target::Taskraft => {
+            for endpoint in endpoints {
+                let Ok(channel) = connect(endpoint).await else { continue };
+                let Ok(reply) = ClusterClient::new(channel)
+                    .status(pb::StatusRequest { local_only: false })
+                    .await
+                else {
+                    continue;
+                };
+                let status = reply.into_inner();
+                if let Some(node) =
+                    status.nodes.iter().find(|node| node.node_id == status.leader_id)
+                {
+                    return Ok(node.api_addr.clone());
+                }
+            }
+            bail!("no taskraft node named a leader: {endpoints:?}")
+        }
+        Target::Etcd => {
+            for endpoint in endpoints {
+                let Ok(channel) = connect(endpoint).await else { continue };
+                let client = &mut etcd::maintenance_client::MaintenanceClient::new(channel);
+                let Ok(reply) = client.status(etcd::StatusRequest {}).await else { continue };
+                let status = reply.into_inner();
+                let member = status.header.map_or(0, |header| header.member_id);
+                if status.leader != 0 && status.leader == member {
+                    return Ok(endpoint.clone());
+                }
+            }
+            bail!("no etcd member says it leads: {endpoints:?}")
+        }
+    }
+}
+
+/// CPU seconds (user + system) that process `pid` has used.
+fn cpu_seconds(pid: u32, clock_ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks)
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct Counters {
+    items: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    measuring: AtomicBool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.clients > 0 && args.connections > 0,
+        "clients and connections must be positive"
+    );
+    anyhow::ensure!(args.batch > 0, "batch must be positive");
+    if args.target == Target::Etcd && args.batch > 1 {
+        bail!("--batch applies to taskraft only");
+    }
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        channels.push(connect(&leader).await?);
+    }
+    let driver = match args.target {
+        Target::Taskraft => {
+            // `true` with a padding argument: about `payload_bytes` encoded.
+            let mut spec = pb::TaskSpec {
+                command: Some(pb::Command { program: "true".into(), ..Default::default() }),
+                schedule: Some(pb::task_spec::Schedule::DelayMs(24 * 3600 * 1000)),
+                ..Default::default()
+            };
+            let pad = args.payload_bytes.saturating_sub(spec.encoded_len() + 4);
+            if let Some(command) = spec.command.as_mut() {
+                command.args.push("x".repeat(pad));
+            }
+            let clients = channels
+                .into_iter()
+                .map(|channel| {
+                    TasksClient::new(channel)
+                        .max_encoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
+                        .max_decoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
+                })
+                .collect();
+            Driver::Taskraft { clients, spec: Box::new(spec), batch: args.batch }
+        }
+        Target::Etcd => Driver::Etcd {
+            clients: channels.into_iter().map(etcd::kv_client::KvClient::new).collect(),
+            value: vec![b'v'; args.payload_bytes],
+        },
+    };
+    let item_bytes = match &driver {
+        Driver::Taskraft { spec, .. } => spec.encoded_len(),
+        Driver::Etcd { value, .. } => value.len(),
+    };
+
+    let counters = Arc::new(Counters {
+        items: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        measuring: AtomicBool::new(false),
+    });
+    // Microseconds, from 1 µs to a minute, to three significant figures.
+    let histogram =
+        Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let end = measure_from + args.duration;
+    let record = {
+        let (counters, histogram) = (counters.clone(), histogram.clone());
+        move |due: Instant, result: Result<u64, tonic::Status>| {
+            if !counters.measuring.load(Ordering::Relaxed) || Instant::now() > end {
+                return;
+            }
+            match result {
+                Ok(items) => {
+                    counters.items.fetch_add(items, Ordering::Relaxed);
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    let micros = due.elapsed().as_micros() as u64;
+                    histogram.lock().expect("histogram lock").saturating_record(micros.max(1));
+                }
+                Err(_) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+
+    let mut workers = Vec::new();
+    match args.rate {
+        None => {
+            for worker in 0..args.clients {
+                let (driver, record) = (driver.clone(), record.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut seq = 0;
+                    while Instant::now() < end {
+                        let due = Instant::now();
+                        let result = driver.send(worker, seq).await;
+                        record(due, result);
+                        seq += 1;
+                    }
+                }));
+            }
+        }
+        Some(rate) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be positive");
+            let in_flight = Arc::new(Semaphore::new(args.clients.min(OPEN_LOOP_IN_FLIGHT_MAX)));
+            let (driver, record) = (driver.clone(), record.clone());
+            workers.push(tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let mut seq: u64 = 0;
+                loop {
+                    let due = started + interval.mul_f64(seq as f64);
+                    if due >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                    let (driver, record) = (driver.clone(), record.clone());
+                    tokio::spawn(async move {
+                        let result = driver.send(seq as usize, seq).await;
+                        record(due, result);
+                        drop(permit);
+                    });
+                    seq += 1;
+                }
+            }));
+        }
+    }
+
+    let ticks = clock_ticks();
+    let server_cpu =
+        |pids: &[u32]| pids.iter().filter_map(|pid| cpu_seconds(*pid, ticks)).sum::<f64>();
+    let own_pid = std::process::id();
+    tokio::time::sleep_until(measure_from.into()).await;
+    counters.measuring.store(true, Ordering::Relaxed);
+    let (server_cpu_from, own_cpu_from) =
+        (server_cpu(&args.server_pids), cpu_seconds(own_pid, ticks).unwrap_or(0.0));
+    let measured_at = Instant::now();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5).min(end - Instant::now())).await;
+        let elapsed = measured_at.elapsed().as_secs_f64();
+        eprintln!(
+            "  {:>5.1} s: {:>9.0} items/s, {} errors",
+            elapsed,
+            counters.items.load(Ordering::Relaxed) as f64 / elapsed,
+            counters.errors.load(Ordering::Relaxed)
+        );
+    }
+    let elapsed = measured_at.elapsed().as_secs_f64();
+    let (server_cpu_to, own_cpu_to) =
+        (server_cpu(&args.server_pids), cpu_seconds(own_pid, ticks).unwrap_or(0.0));
+    counters.measuring.store(false, Ordering::Relaxed);
+    for worker in workers {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, worker).await;
+    }
+
+    let histogram = histogram.lock().expect("histogram lock").clone();
+    let items = counters.items.load(Ordering::Relaxed);
+    let server_cpu_s = server_cpu_to - server_cpu_from;
+    let loadgen_cpu_s = own_cpu_to - own_cpu_from;
+    let result = serde_json::json!({
+        "target": match args.target { Target::Taskraft => "taskraft", Target::Etcd => "etcd" },
+        "mode": if args.rate.is_some() { "open" } else { "closed" },
+        "clients": args.clients,
+        "connections": args.connections,
+        "rate": args.rate,
+        "batch": args.batch,
+        "item_bytes": item_bytes,
+        "seconds": elapsed,
+        "items": items,
+        "requests": counters.requests.load(Ordering::Relaxed),
+        "errors": counters.errors.load(Ordering::Relaxed),
+        "items_per_s": items as f64 / elapsed,
+        "p50_us": histogram.value_at_quantile(0.50),
+        "p99_us": histogram.value_at_quantile(0.99),
+        "max_us": histogram.max(),
+        "server_cpu_s": server_cpu_s,
+        "loadgen_cpu_s": loadgen_cpu_s,
+        "cpu_us_per_item": if items > 0 { (server_cpu_s + loadgen_cpu_s) * 1e6 / items as f64 } else { 0.0 },
+    });
+    println!("{result}");
+    Ok(())
+}

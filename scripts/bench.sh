@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Benchmarks taskraft side by side with etcd 3.4 (Debian's etcd-server), three
+# members each on loopback, fsync on, driven by the same load generator
+# (cluster-tests/src/bin/loadgen.rs) with the same settings. Each scenario
+# runs on a fresh cluster of each system, interleaved A/B/A/B; the report
+# gives the absolute numbers and the median of the per-pair ratios.
+#
+#   scripts/bench.sh [--quick] [--scenario NAME] [--pairs N] [--out DIR]
+#
+# Scenarios (more to come, see issue 5): submit_c1, submit_c16, submit_c64
+# (committed submissions per second against etcd puts per second at 1, 16
+# and 64 clients; cpu_per_commit comes from submit_c64) and submit_batch
+# (SubmitTasks of 100, against submit_c64).
+# --quick: one pair, 2 s warm-up, 5 s runs. The full run: 3 pairs, 5 s + 20 s.
+# Results: <DIR>/<date>-<host>.json and .md, DIR being docs/bench/results
+# unless --out says otherwise. Every process and
+# directory the script makes is removed at the end, processes by PID.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+quick=0
+only=""
+pairs=""
+out_dir="$root/docs/bench/results"
+usage() { echo "usage: scripts/bench.sh [--quick] [--scenario NAME] [--pairs N] [--out DIR]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --scenario) [ $# -ge 2 ] || usage; only=$2; shift 2 ;;
+    --pairs) [ $# -ge 2 ] || usage; pairs=$2; shift 2 ;;
+    --out) [ $# -ge 2 ] || usage; out_dir=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "bench.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+if [ "$quick" = 1 ]; then warmup=2s; duration=5s; pairs=${pairs:-1}; else warmup=5s; duration=20s; pairs=${pairs:-3}; fi
+[[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --pairs takes a positive number" >&2; usage; }
+
+all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch)
+if [ -n "$only" ]; then
+  printf '%s\n' "${all_scenarios[@]}" | grep -qx "$only" || { echo "bench.sh: no scenario $only (${all_scenarios[*]})" >&2; exit 2; }
+  scenarios=("$only")
+else
+  scenarios=("${all_scenarios[@]}")
+fi
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+work=$(mktemp -d /tmp/taskraft-bench.XXXXXX)
+etcd_pids=()
+cleanup() {
+  stop_etcd
+  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+    scripts/cluster.sh down > /dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The same static release build as scripts/test.sh, so that neither builds twice.
+step "building taskraft and the load generator (release, statically linked)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --workspace --bins
+taskraft_bin="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
+loadgen="$root/target/x86_64-unknown-linux-gnu/release/loadgen"
+if ! command -v etcd > /dev/null; then
+  step "installing etcd (Debian's etcd-server)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server > /dev/null
+fi
+etcd_version=$(etcd --version | head -n1)
+
+start_taskraft() {
+  rm -rf "$work/taskraft"
+  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+    TASKRAFT_SKIP_BUILD=1 TASKRAFT_BIN="$taskraft_bin" scripts/cluster.sh up > "$work/cluster.out" 2>&1 ||
+    { cat "$work/cluster.out" >&2; exit 1; }
+  taskraft_pids=$(cat "$work"/taskraft/node{1,2,3}/pid | paste -sd,)
+}
+stop_taskraft() {
+  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+    scripts/cluster.sh down > /dev/null 2>&1
+  rm -rf "$work/taskraft"
+}
+start_etcd() {
+  local cluster=n1=http://127.0.0.1:23801,n2=http://127.0.0.1:23802,n3=http://127.0.0.1:23803 n
+  rm -rf "$work/etcd"
+  mkdir -p "$work/etcd"
+  etcd_pids=()
+  for n in 1 2 3; do
+    etcd --name "n$n" --data-dir "$work/etcd/n$n" --initial-cluster "$cluster" \
+      --initial-cluster-token bench --initial-cluster-state new \
+      --listen-client-urls "http://127.0.0.1:2379$n" --advertise-client-urls "http://127.0.0.1:2379$n" \
+      --listen-peer-urls "http://127.0.0.1:2380$n" --initial-advertise-peer-urls "http://127.0.0.1:2380$n" \
+      > "$work/etcd/n$n.log" 2>&1 &
+    etcd_pids+=($!)
+  done
+  # Ready when the load generator can find a leader.
+  local deadline=$((SECONDS + 30))
+  until "$loadgen" --target etcd --endpoints "$etcd_endpoints" --warmup 0s --duration 1ms > /dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { tail -n 20 "$work"/etcd/n*.log >&2; echo "etcd did not elect a leader" >&2; exit 1; }
+    sleep 0.3
+  done
+}
+stop_etcd() {
+  local pid
+  for pid in "${etcd_pids[@]}"; do kill "$pid" 2> /dev/null || true; done
+  for pid in "${etcd_pids[@]}"; do wait "$pid" 2> /dev/null || true; done
+  etcd_pids=()
+  rm -rf "$work/etcd"
+}
+etcd_endpoints=127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793
+taskraft_endpoints=127.0.0.1:19001,127.0.0.1:19002,127.0.0.1:19003
+
+# The load of each scenario: clients connections batch.
+load_of() {
+  case "$1" in
+    submit_c1) echo "1 1 1" ;;
+    submit_c16) echo "16 4 1" ;;
+    submit_c64 | submit_batch) echo "64 8 1" ;;
+  esac
+}
+
+results="$work/results.jsonl"
+: > "$results"
+run() {  # run SCENARIO LABEL TARGET PAIR CLIENTS CONNECTIONS BATCH
+  local scenario=$1 system=$2 target=$3 pair=$4 clients=$5 connections=$6 batch=$7 out
+  printf '  %-13s %-8s pair %d/%d: ' "$scenario" "$system" "$pair" "$pairs" >&2
+  if [ "$target" = taskraft ]; then
+    start_taskraft
+    out=$("$loadgen" --target taskraft --endpoints "$taskraft_endpoints" --server-pids "$taskraft_pids" \
+      --clients "$clients" --connections "$connections" --batch "$batch" --warmup "$warmup" --duration "$duration" 2> "$work/loadgen.err") ||
+      { cat "$work/loadgen.err" >&2; exit 1; }
+    stop_taskraft
+  else
+    start_etcd
+    out=$("$loadgen" --target etcd --endpoints "$etcd_endpoints" --server-pids "$(IFS=,; echo "${etcd_pids[*]}")" \
+      --clients "$clients" --connections "$connections" --warmup "$warmup" --duration "$duration" 2> "$work/loadgen.err") ||
+      { cat "$work/loadgen.err" >&2; exit 1; }
+    stop_etcd
+  fi
+  echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("%9.0f/s  p50 %.2f ms  p99 %.2f ms  cpu %.0f us/item  errors %d" % (r["items_per_s"], r["p50_us"] / 1000, r["p99_us"] / 1000, r["cpu_us_per_item"], r["errors"]))' >&2
+  echo "{\"scenario\":\"$scenario\",\"system\":\"$system\",\"pair\":$pair,\"result\":$out}" >> "$results"
+}
+
+step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
+for scenario in "${scenarios[@]}"; do
+  read -r clients connections batch <<< "$(load_of "$scenario")"
+  for pair in $(seq 1 "$pairs"); do
+    if [ "$scenario" = submit_batch ]; then
+      run "$scenario" taskraft taskraft "$pair" 16 4 100
+      run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
+    else
+      run "$scenario" taskraft taskraft "$pair" "$clients" "$connections" "$batch"
+      run "$scenario" etcd etcd "$pair" "$clients" "$connections" "$batch"
+    fi
+  done
+done
+
+step "report"
+mkdir -p "$out_dir"
+stamp="$(date -u +%Y-%m-%d)-$(hostname -s)"
+python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" << 'EOF'
+import json, platform, statistics, sys
+results_path, json_path, md_path, quick, pairs, etcd_version = sys.argv[1:]
+rows = [json.loads(line) for line in open(results_path)]
+cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t") if "model name" in open("/proc/cpuinfo").read() else platform.processor()
+machine = f"{cpu}, {len(open('/proc/cpuinfo').read().split('processor')) - 1} cores, Linux {platform.release()}"
+by = {}
+for row in rows:
+    by.setdefault((row["scenario"], row["system"]), {})[row["pair"]] = row["result"]
+report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "scenarios": {}, "runs": rows}
+table = []
+def ratio_of(scenario, ours, theirs, key, invert=False):
+    a, b = by.get((scenario, ours), {}), by.get((scenario, theirs), {})
+    ratios = [(b[p][key] / a[p][key]) if invert else (a[p][key] / b[p][key]) for p in a if p in b and a[p][key] and b[p][key]]
+    return statistics.median(ratios) if ratios else None
+def median(scenario, system, key):
+    values = [r[key] for r in by.get((scenario, system), {}).values()]
+    return statistics.median(values) if values else None
+for scenario in dict.fromkeys(row["scenario"] for row in rows):
+    other = "c64" if scenario == "submit_batch" else "etcd"
+    entry = {
+        "taskraft_items_per_s": median(scenario, "taskraft", "items_per_s"),
+        f"{other}_items_per_s": median(scenario, other, "items_per_s"),
+        "taskraft_p50_ms": median(scenario, "taskraft", "p50_us") / 1000,
+        "taskraft_p99_ms": median(scenario, "taskraft", "p99_us") / 1000,
+        f"{other}_p50_ms": median(scenario, other, "p50_us") / 1000,
+        f"{other}_p99_ms": median(scenario, other, "p99_us") / 1000,
+        "ratio": ratio_of(scenario, "taskraft", other, "items_per_s"),
+    }
+    report["scenarios"][scenario] = entry
+    table.append((scenario, entry["taskraft_items_per_s"], entry[f"{other}_items_per_s"], other, entry["ratio"],
+                  entry["taskraft_p50_ms"], entry[f"{other}_p50_ms"]))
+    if scenario == "submit_c64":
+        cpu_ratio = ratio_of(scenario, "taskraft", "etcd", "cpu_us_per_item")
+        entry_cpu = {"taskraft_cpu_us": median(scenario, "taskraft", "cpu_us_per_item"),
+                     "etcd_cpu_us": median(scenario, "etcd", "cpu_us_per_item"), "ratio": cpu_ratio}
+        report["scenarios"]["cpu_per_commit"] = entry_cpu
+        table.append(("cpu_per_commit", entry_cpu["taskraft_cpu_us"], entry_cpu["etcd_cpu_us"], "etcd", cpu_ratio, None, None))
+json.dump(report, open(json_path, "w"), indent=2)
+lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}.", "",
+         "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
+fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+for scenario, ours, theirs, other, ratio, p50, their_p50 in table:
+    unit = " µs/commit" if scenario == "cpu_per_commit" else "/s"
+    lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {fmt(ratio, '.2f')}× | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
+open(md_path, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo
+echo "written: $out_dir/$stamp.json and .md"
