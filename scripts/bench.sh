@@ -56,9 +56,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The same static release build as scripts/test.sh, so that neither builds twice.
 step "building taskraft and the load generator (release, statically linked)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --workspace --bins
+scripts/build-static.sh
 taskraft_bin="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 loadgen="$root/target/x86_64-unknown-linux-gnu/release/loadgen"
 if ! command -v etcd > /dev/null; then

@@ -37,8 +37,7 @@ need_docker() {
 build() {
   need_docker
   step "building taskraft statically linked (target/$target/release)"
-  # The same build as scripts/test.sh and scripts/bench.sh, so each reuses the others'.
-  RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$target" --workspace --bins
+  "$root/scripts/build-static.sh"
   file_out=$(file -b "$static_bin" 2> /dev/null || true)
   case "$file_out" in *dynamically*) die "the binary is not static: $file_out" ;; esac
   if [ ! -x /bin/busybox ]; then

@@ -17,7 +17,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # One release build serves the cluster tests, the smoke runs and the Docker
 # image: statically linked, as a FROM-scratch image needs.
 step "building the release binary the cluster tests run (statically linked)"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --workspace --bins
+scripts/build-static.sh
 export TASKRAFT_BIN="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 
 step "unit, storage and cluster tests"
