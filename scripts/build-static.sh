@@ -5,5 +5,5 @@
 # it, so each reuses the others' artifacts instead of building again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RUSTFLAGS="-C target-feature=+crt-static" \
+RUSTFLAGS="-C target-feature=+crt-static --cfg tokio_unstable" \
   cargo build --release --locked --target x86_64-unknown-linux-gnu --workspace --bins

@@ -23,6 +23,14 @@ export TASKRAFT_BIN="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 step "unit, storage and cluster tests"
 cargo test --workspace --locked
 
+# Each seed is a three-node cluster under turmoil with seeded faults, in a
+# process of its own; a failure prints the command that replays it.
+sim_seeds=${TASKRAFT_SIM_SEEDS:-100}
+step "deterministic simulation: $sim_seeds seeds, each judged by the checker"
+sim_dir="$root/target/sim"
+rm -rf "$sim_dir"
+"$root/target/x86_64-unknown-linux-gnu/release/sim" --seeds "$sim_seeds" --jobs 2 --dir "$sim_dir"
+
 step "smoke run of scripts/demo.sh on a throwaway cluster"
 smoke_dir=$(mktemp -d)
 cleanup() {

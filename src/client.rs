@@ -7,11 +7,14 @@
 //! status is final. Each attempt carries the per-call timeout.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::error::LEADER_HINT_KEY;
+use crate::platform::{Network, Tcp};
 
 /// The default endpoints: the local cluster that `scripts/cluster.sh` starts.
 pub const ENDPOINTS_DEFAULT: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
@@ -40,6 +43,7 @@ pub struct Client {
     retry_for: Duration,
     /// The deadline of one attempt.
     attempt_timeout: Duration,
+    network: Arc<dyn Network>,
 }
 
 impl Client {
@@ -48,12 +52,23 @@ impl Client {
         retry_for: Duration,
         attempt_timeout: Duration,
     ) -> Result<Client, ClientError> {
+        Client::on_network(endpoints, retry_for, attempt_timeout, Arc::new(Tcp))
+    }
+
+    /// A client that connects through `network` (a simulation's, say).
+    pub fn on_network(
+        endpoints: &[String],
+        retry_for: Duration,
+        attempt_timeout: Duration,
+        network: Arc<dyn Network>,
+    ) -> Result<Client, ClientError> {
         let mut client = Client {
             endpoints: Vec::new(),
             channels: Vec::new(),
             current: 0,
             retry_for,
             attempt_timeout,
+            network,
         };
         for endpoint in endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
             client.add_endpoint(endpoint)?;
@@ -73,7 +88,7 @@ impl Client {
         } else {
             format!("http://{endpoint}")
         };
-        let channel = Endpoint::from_shared(url)
+        let settings = Endpoint::from_shared(url)
             .map_err(|err| ClientError::BadEndpoint {
                 endpoint: endpoint.into(),
                 message: err.to_string(),
@@ -83,9 +98,8 @@ impl Client {
             // nothing; unanswered pings close them, so that calls move on.
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = self.network.channel(settings);
         self.endpoints.push(endpoint.to_owned());
         self.channels.push(channel);
         Ok(self.endpoints.len() - 1)

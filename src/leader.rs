@@ -15,18 +15,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::Instant as _;
 use openraft::impls::ProgressResponder;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::unix_now_ms;
 use crate::config::ExecutionConfig;
 use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::platform::Clock;
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
@@ -47,6 +48,7 @@ pub struct LeaderService {
     request_timeout: Duration,
     /// A leader renews leases only if a majority acknowledged it this recently.
     quorum_fresh: Duration,
+    clock: Arc<dyn Clock>,
     current: Mutex<Option<RunningLoop>>,
 }
 
@@ -64,6 +66,7 @@ impl LeaderService {
         config: ExecutionConfig,
         request_timeout: Duration,
         quorum_fresh: Duration,
+        clock: Arc<dyn Clock>,
     ) -> LeaderService {
         LeaderService {
             node_id,
@@ -72,6 +75,7 @@ impl LeaderService {
             config,
             request_timeout,
             quorum_fresh,
+            clock,
             current: Mutex::new(None),
         }
     }
@@ -257,7 +261,7 @@ impl SchedulingLoop {
 
     fn plan_round(&mut self) -> Round {
         let config = &self.service.config;
-        let now_ms = unix_now_ms();
+        let now_ms = self.service.clock.unix_now_ms();
         let now_mono_ms = self.now_mono_ms();
         let applied = self.service.state_machine.read();
         let state = &applied.state;

@@ -9,6 +9,7 @@
 //! - [`executor`]: runs the attempts assigned to this node.
 //! - [`leader`]: the leader's scheduling loop and the endpoint executors report to.
 //! - [`node`]: wiring one node together and shutting it down.
+//! - [`platform`]: what a node takes by injection: network, clock, disk, task runner.
 //! - [`config`]: the node configuration and its limits.
 //! - [`client`]: the client used by the CLI and the tests.
 //! - [`proto`]: generated protobuf code, used only at the edges.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod executor;
 pub mod leader;
 pub mod node;
+pub mod platform;
 pub mod proto;
 pub mod raft;
 pub mod scheduler;

@@ -2,17 +2,17 @@
 //! the peer service on their own listeners, and shuts down in order.
 //!
 //! `run` takes its shutdown signal as a future, so `main` passes Ctrl-C or
-//! SIGTERM and tests pass whatever they like. Shutdown order: stop serving
-//! clients and peers, stop Raft, flush sled.
+//! SIGTERM and tests pass whatever they like; [`run_on`] also takes the
+//! [`Platform`] (network, clock, disk, task runner), which a simulation
+//! replaces. Shutdown order: stop serving clients and peers, stop Raft,
+//! flush the database.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::SnapshotPolicy;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::api::Context;
@@ -22,6 +22,7 @@ use crate::config::{ConfigError, NodeConfig};
 use crate::executor::Executor;
 use crate::executor::warden::WardenHandle;
 use crate::leader::LeaderService;
+use crate::platform::{Incoming, Platform};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
 use crate::proto::taskraft_v1::cluster_server::ClusterServer;
@@ -29,7 +30,7 @@ use crate::proto::taskraft_v1::tasks_server::TasksServer;
 use crate::raft::Raft;
 use crate::raft::network::{PeerClientConfig, PeerNetwork};
 use crate::raft::service::PeerService;
-use crate::storage::{self, EventLimits, LogStore, StateMachineStore};
+use crate::storage::{EventLimits, LogStore, StateMachineStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -47,11 +48,20 @@ pub enum NodeError {
     Warden(std::io::Error),
 }
 
-/// Runs a node until `shutdown` completes.
+/// Runs a node on the real platform until `shutdown` completes.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    run_on(config, Platform::production(), shutdown).await
+}
+
+/// Runs a node on `platform` until `shutdown` completes.
+pub async fn run_on(
+    config: NodeConfig,
+    platform: Platform,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
     config.validate()?;
     let span = info_span!("node", node_id = config.node_id);
-    run_validated(Arc::new(config), shutdown).instrument(span).await
+    run_validated(Arc::new(config), platform, shutdown).instrument(span).await
 }
 
 fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
@@ -70,42 +80,41 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
     raft_config.validate().map_err(|err| NodeError::Raft(format!("invalid Raft timings: {err}")))
 }
 
-/// The accepted connections of `listener`, with Nagle's algorithm off. The
-/// server builder's `tcp_nodelay` applies only to listeners it binds itself;
-/// without this, each small reply waited for the peer's delayed ACK (40 ms).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr)
+async fn bind(platform: &Platform, addr: &str) -> Result<Incoming, NodeError> {
+    platform
+        .network
+        .listen(addr)
         .await
         .map_err(|source| NodeError::Listen { addr: addr.to_owned(), source })
 }
 
 async fn run_validated(
     config: Arc<NodeConfig>,
+    platform: Platform,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let server = &config.server;
     // Bind first: a taken port is the commonest start-up failure, and it
     // should be reported before anything touches the data directory.
-    let api_listener = bind(&config.api_addr).await?;
-    let raft_listener = bind(&config.raft_addr).await?;
+    let api_listener = bind(&platform, &config.api_addr).await?;
+    let raft_listener = bind(&platform, &config.raft_addr).await?;
 
-    let db = storage::open_db(&config.data_dir, server.sled_cache_bytes_max)?;
+    let db = platform.disk.open(&config.data_dir, server.sled_cache_bytes_max)?;
     let log_store = LogStore::open(&db, server.flush_queue_max)?;
     let event_limits = EventLimits {
         history_events_max: server.watch_history_events_max,
         channel_events_max: server.watch_channel_events_max,
     };
     let state_machine = StateMachineStore::open(&db, &config.snapshot_dir(), event_limits)?;
-    let peers = PeerNetwork::new(PeerClientConfig {
-        connect_timeout_ms: server.connect_timeout_ms,
-        message_bytes_max: server.peer_message_bytes_max,
-        snapshot_chunk_bytes: server.snapshot_chunk_bytes,
-        snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
-    });
+    let peers = PeerNetwork::new(
+        PeerClientConfig {
+            connect_timeout_ms: server.connect_timeout_ms,
+            message_bytes_max: server.peer_message_bytes_max,
+            snapshot_chunk_bytes: server.snapshot_chunk_bytes,
+            snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
+        },
+        platform.network.clone(),
+    );
     let raft_config = Arc::new(raft_config(&config)?);
     let raft =
         Raft::new(config.node_id, raft_config, peers.clone(), log_store, state_machine.clone())
@@ -122,6 +131,7 @@ async fn run_validated(
         // Within the shortest election timeout: by then a cut-off leader
         // stops renewing leases, before any other node can have been elected.
         Duration::from_millis(config.raft.election_timeout_ms_min),
+        platform.clock.clone(),
     ));
     let leader_watch = {
         let on_start = leader_service.clone();
@@ -151,11 +161,23 @@ async fn run_validated(
         peers: peers.clone(),
         rpc_timeout: Duration::from_millis(server.rpc_timeout_ms),
         shutdown: token.clone(),
+        clock: platform.clock.clone(),
+        runner: platform.runner.clone(),
         lease_from: std::sync::Mutex::new(None),
     });
-    let warden = WardenHandle::spawn().map_err(NodeError::Warden)?;
+    let warden = match platform.warden {
+        true => Some(WardenHandle::spawn().map_err(NodeError::Warden)?),
+        false => None,
+    };
     let executor_task = tokio::spawn(executor.run(warden).in_current_span());
-    let ctx = Arc::new(Context::new(raft.clone(), state_machine, config.clone(), token.clone()));
+    let ctx = Arc::new(Context::new(
+        raft.clone(),
+        state_machine,
+        config.clone(),
+        token.clone(),
+        platform.clock.clone(),
+        platform.network.clone(),
+    ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<TasksServer<TasksService>>().await;
     health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
@@ -185,7 +207,7 @@ async fn run_validated(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming(api_listener), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(api_listener, token.clone().cancelled_owned());
 
     let peer_bytes_max = server.peer_message_bytes_max;
     let peer_service = PeerService::new(
@@ -200,7 +222,7 @@ async fn run_validated(
                 .max_decoding_message_size(peer_bytes_max)
                 .max_encoding_message_size(peer_bytes_max),
         )
-        .serve_with_incoming_shutdown(incoming(raft_listener), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(raft_listener, token.clone().cancelled_owned());
 
     info!(api_addr = %config.api_addr, raft_addr = %config.raft_addr, "node serving");
     let mut api_task = tokio::spawn(api_server.in_current_span());
@@ -231,9 +253,7 @@ async fn run_validated(
     if let Err(err) = raft.shutdown().await {
         error!(cause = %err, "raft did not shut down cleanly");
     }
-    db.flush_async()
-        .await
-        .map_err(|err| NodeError::Storage(std::io::Error::other(err.to_string())))?;
+    db.flush().await?;
     info!("node stopped");
     match failure {
         Some(err) => Err(err),

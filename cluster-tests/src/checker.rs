@@ -31,6 +31,10 @@ pub struct CheckerConfig {
     pub alive_interval: Duration,
     /// The longest the final read may come after the heal.
     pub liveness_deadline: Duration,
+    /// How far the cluster's clocks (which stamp attempts) may be from the
+    /// history's clock. Zero when both are one machine's clock; a
+    /// simulation that skews node clocks sets its largest skew.
+    pub clock_skew_tolerance: Duration,
 }
 
 impl Default for CheckerConfig {
@@ -39,6 +43,7 @@ impl Default for CheckerConfig {
             overlap_tolerance: Duration::from_millis(50),
             alive_interval: Duration::from_millis(250),
             liveness_deadline: Duration::from_secs(60),
+            clock_skew_tolerance: Duration::ZERO,
         }
     }
 }
@@ -294,10 +299,11 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
             let (older, newer) = (&pair[0], &pair[1]);
             let from_process = older.outcome.starts_with("exited")
                 || older.outcome.starts_with("killed by signal");
+            let skew_ns = config.clock_skew_tolerance.as_nanos() as u64;
             let ended_late = runs
                 .get(&older.token)
                 .and_then(|run| run.end_ns)
-                .is_some_and(|end| end > newer.assigned_at_ns);
+                .is_some_and(|end| end > newer.assigned_at_ns + skew_ns);
             if from_process && ended_late {
                 report.stale_accepted.push(task_id.clone());
                 break;

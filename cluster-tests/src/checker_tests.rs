@@ -77,6 +77,7 @@ fn run(events: &[Event]) -> Report {
             overlap_tolerance: Duration::from_millis(5),
             alive_interval: Duration::from_millis(100),
             liveness_deadline: Duration::from_secs(10),
+            clock_skew_tolerance: Duration::ZERO,
         },
     )
 }
@@ -210,6 +211,30 @@ fn an_accepted_stale_result_is_caught() {
     // The first attempt is no longer "lost", so its second run is unexplained too.
     assert_eq!(report.unexplained_duplicates(), vec!["2"]);
     assert!(!report.valid());
+}
+
+/// With node clocks that may be off by the tolerance (a simulation skews
+/// them), an end within it of the next assignment is not proof of staleness;
+/// one beyond it still is.
+#[test]
+fn the_stale_check_allows_for_the_configured_clock_skew() {
+    let mut events = good();
+    for event in &mut events {
+        if let Event::Final { task_id, attempts, .. } = event
+            && task_id == "2"
+        {
+            attempts[0].outcome = "exited 0".into();
+        }
+    }
+    events.push(end("2", 6, 1, 4_180));
+    let config = |skew_ms: u64| CheckerConfig {
+        overlap_tolerance: Duration::from_millis(5),
+        alive_interval: Duration::from_millis(100),
+        liveness_deadline: Duration::from_secs(10),
+        clock_skew_tolerance: Duration::from_millis(skew_ms),
+    };
+    assert!(check(&events, &config(60_000)).stale_accepted.is_empty());
+    assert_eq!(check(&events, &config(10)).stale_accepted, vec!["2"]);
 }
 
 #[test]

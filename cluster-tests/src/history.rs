@@ -61,12 +61,24 @@ pub struct FinalAttempt {
 #[derive(Clone)]
 pub struct HistoryWriter {
     file: Arc<Mutex<std::fs::File>>,
+    clock: fn() -> u64,
 }
 
 impl HistoryWriter {
+    /// A history stamped by the machine's clock ([`now_ns`]).
     pub fn create(path: &Path) -> std::io::Result<HistoryWriter> {
+        HistoryWriter::with_clock(path, now_ns)
+    }
+
+    /// A history stamped by `clock` (a simulation's, say), in nanoseconds.
+    pub fn with_clock(path: &Path, clock: fn() -> u64) -> std::io::Result<HistoryWriter> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(HistoryWriter { file: Arc::new(Mutex::new(file)) })
+        Ok(HistoryWriter { file: Arc::new(Mutex::new(file)), clock })
+    }
+
+    /// The time by this history's clock.
+    pub fn now_ns(&self) -> u64 {
+        (self.clock)()
     }
 
     pub fn record(&self, event: &Event) {

@@ -17,6 +17,9 @@
 pub mod checker;
 pub mod history;
 pub mod netns;
+pub mod seeded;
+pub mod sim;
+pub mod workload;
 
 #[cfg(test)]
 mod checker_tests;

@@ -18,7 +18,7 @@ pub mod tasks;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use openraft::Instant as _;
 use openraft::ReadPolicy;
@@ -30,6 +30,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::error::ApiError;
 use crate::config::NodeConfig;
+use crate::platform::{Clock, Network};
+use crate::raft::network::{PEER_KEEP_ALIVE_INTERVAL, PEER_KEEP_ALIVE_TIMEOUT};
 use crate::raft::{NodeId, PeerNode, Raft};
 use crate::scheduler::{Command, Response};
 use crate::storage::StateMachineStore;
@@ -50,6 +52,10 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// One permit per open watch stream.
     pub watchers: Arc<Semaphore>,
+    /// The wall clock: only the edges read it; the state machine gets times
+    /// inside commands.
+    pub clock: Arc<dyn Clock>,
+    network: Arc<dyn Network>,
     /// One lazily connected channel per other node's API address.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -67,6 +73,8 @@ impl Context {
         state_machine: StateMachineStore,
         config: Arc<NodeConfig>,
         shutdown: CancellationToken,
+        clock: Arc<dyn Clock>,
+        network: Arc<dyn Network>,
     ) -> Context {
         Context {
             node_id: config.node_id,
@@ -75,6 +83,8 @@ impl Context {
             watchers: Arc::new(Semaphore::new(config.server.watchers_max)),
             config,
             shutdown,
+            clock,
+            network,
             channels: Mutex::default(),
         }
     }
@@ -134,8 +144,10 @@ impl Context {
         let endpoint = Endpoint::from_shared(format!("http://{api_addr}"))
             .map_err(|err| ApiError::Internal(format!("bad node address {api_addr:?}: {err}")))?
             .connect_timeout(Duration::from_millis(self.config.server.connect_timeout_ms))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+            .http2_keep_alive_interval(PEER_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(PEER_KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = self.network.channel(endpoint);
         channels.insert(api_addr.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -300,10 +312,4 @@ impl Context {
 /// Whether a status is tonic's report that the caller's own deadline passed.
 pub fn is_own_deadline(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired"
-}
-
-/// The wall clock in milliseconds since the Unix epoch. Only the edges read
-/// it; the state machine gets times inside commands.
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }

@@ -13,7 +13,7 @@ use tracing::{Instrument, info_span};
 
 use crate::api::convert::{parse_task_id, spec_from_pb, state_from_pb, task_to_pb};
 use crate::api::error::ApiError;
-use crate::api::{Context, Route, unix_now_ms};
+use crate::api::{Context, Route};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::tasks_client::TasksClient;
 use crate::proto::taskraft_v1::tasks_server::Tasks;
@@ -44,7 +44,7 @@ impl TasksService {
                 limits.batch_tasks_max
             )));
         }
-        let now_ms = unix_now_ms();
+        let now_ms = self.ctx.clock.unix_now_ms();
         let n_specs = specs.len();
         let specs = specs
             .into_iter()
@@ -228,7 +228,11 @@ impl Tasks for TasksService {
                 .await?;
             return Ok(Response::new(reply));
         }
-        match self.ctx.write(Command::CancelTask { now_ms: unix_now_ms(), id }).await? {
+        match self
+            .ctx
+            .write(Command::CancelTask { now_ms: self.ctx.clock.unix_now_ms(), id })
+            .await?
+        {
             Applied::Cancelled(task) => {
                 tracing::info!(task_id = %id, "task cancelled");
                 Ok(Response::new(pb::CancelTaskResponse { task: Some(task_to_pb(&task)) }))

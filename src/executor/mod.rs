@@ -25,21 +25,22 @@ pub mod process;
 pub mod protocol;
 pub mod warden;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::unix_now_ms;
 use crate::config::ExecutionConfig;
-use crate::executor::process::{AttemptEnv, StopReason};
+use crate::executor::process::{AttemptEnv, RunRequest, StopReason, TaskRunner};
 use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
 use crate::executor::warden::WardenHandle;
 use crate::leader::LeaderService;
+use crate::platform::Clock;
 use crate::proto::peer_v1::RaftMessage;
 use crate::proto::peer_v1::raft_peer_client::RaftPeerClient;
 use crate::raft::codec;
@@ -62,6 +63,8 @@ pub struct Executor {
     pub peers: PeerNetwork,
     pub rpc_timeout: Duration,
     pub shutdown: CancellationToken,
+    pub clock: Arc<dyn Clock>,
+    pub runner: Arc<dyn TaskRunner>,
     /// When the last heartbeat the leader accepted was sent: the lease runs from there.
     pub lease_from: std::sync::Mutex<Option<Instant>>,
 }
@@ -73,23 +76,24 @@ struct RunningAttempt {
 
 /// The executor loop's own bookkeeping.
 struct Ledger {
-    running: HashMap<TaskId, RunningAttempt>,
+    running: BTreeMap<TaskId, RunningAttempt>,
     /// Attempts this executor has handled since it started, so that one is
     /// never run twice while its completion is on its way.
-    handled: HashSet<(TaskId, u64)>,
+    handled: BTreeSet<(TaskId, u64)>,
     /// Attempts with tokens up to this index were assigned before this
     /// executor started: their processes are gone.
     boot_index: u64,
-    warden: WardenHandle,
+    /// `None` where tasks are not processes (a simulation).
+    warden: Option<WardenHandle>,
 }
 
 impl Executor {
     /// Runs until `shutdown` fires; then stops every attempt. `warden` is
     /// this node's warden, started before the node serves.
-    pub async fn run(self: Arc<Self>, warden: WardenHandle) {
+    pub async fn run(self: Arc<Self>, warden: Option<WardenHandle>) {
         let boot_index = self.state_machine.read().last_applied.map_or(0, |log_id| log_id.index());
         let mut ledger =
-            Ledger { running: HashMap::new(), handled: HashSet::new(), boot_index, warden };
+            Ledger { running: BTreeMap::new(), handled: BTreeSet::new(), boot_index, warden };
         let mut changes = self.state_machine.subscribe(0).live;
         let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(self.slots as usize + 64);
         let mut tick =
@@ -116,7 +120,7 @@ impl Executor {
                 }
             }
         }
-        for (_, mut running) in ledger.running.drain() {
+        for (_, mut running) in std::mem::take(&mut ledger.running) {
             if let Some(stop) = running.stop.take() {
                 let _ = stop.send(StopReason::Shutdown);
             }
@@ -149,14 +153,15 @@ impl Executor {
 
     /// Passes the lease on to the warden; starts a new warden if it died.
     async fn renew_warden(&self, ledger: &mut Ledger, remaining: Duration, timeout: Duration) {
-        if ledger.warden.has_exited() {
+        let Some(warden) = &mut ledger.warden else { return };
+        if warden.has_exited() {
             warn!("the warden exited; starting a new one");
             match WardenHandle::spawn() {
-                Ok(warden) => ledger.warden = warden,
+                Ok(new_warden) => *warden = new_warden,
                 Err(err) => warn!(cause = %err, "cannot start a new warden"),
             }
         }
-        if let Err(err) = ledger.warden.renew(remaining, timeout).await {
+        if let Err(err) = warden.renew(remaining, timeout).await {
             warn!(cause = %err, "cannot pass the lease to the warden");
         }
     }
@@ -237,7 +242,7 @@ impl Executor {
         let span = info_span!("attempt", task_id = %task.id, attempt = attempt.number, token = attempt.fencing_token);
         if attempt.fencing_token <= ledger.boot_index || task.state == TaskState::Running {
             // Its process died with this node's previous run.
-            let command = lost_report(task.id, attempt.fencing_token);
+            let command = lost_report(self.clock.unix_now_ms(), task.id, attempt.fencing_token);
             tokio::spawn(async move { executor.report(command).await }.instrument(span));
             return;
         }
@@ -261,7 +266,8 @@ impl Executor {
     async fn run_attempt(&self, task: &Task, stop: oneshot::Receiver<StopReason>) {
         let attempt = task.attempts.last().expect("an assigned task has an attempt");
         let token = attempt.fencing_token;
-        let start = Command::StartAttempt { now_ms: unix_now_ms(), task: task.id, token };
+        let start =
+            Command::StartAttempt { now_ms: self.clock.unix_now_ms(), task: task.id, token };
         match self.report(start).await {
             Some(Response::Attempt(_)) => {}
             Some(other) => {
@@ -270,7 +276,7 @@ impl Executor {
             }
             None => return,
         }
-        let started_at_ms = unix_now_ms();
+        let started_at_ms = self.clock.unix_now_ms();
         info!(program = %task.spec.command.program, "attempt started");
         let env = AttemptEnv {
             task_id: task.id.0,
@@ -278,14 +284,13 @@ impl Executor {
             fencing_token: token,
             node_id: self.node_id,
         };
-        let result = process::run(
-            &task.spec.command,
-            &env,
-            Duration::from_millis(task.spec.timeout_ms),
-            self.config.output_tail_bytes_max,
-            stop,
-        )
-        .await;
+        let request = RunRequest {
+            command: task.spec.command.clone(),
+            env,
+            timeout: Duration::from_millis(task.spec.timeout_ms),
+            output_tail_bytes_max: self.config.output_tail_bytes_max,
+        };
+        let result = self.runner.run(request, stop).await;
         let outcome = match result.outcome {
             // The warden killed it because the lease ran out while this node
             // could not act: the attempt is lost, not failed by a signal.
@@ -297,13 +302,13 @@ impl Executor {
         info!(?outcome, "attempt ended");
         let report = AttemptReport {
             started_at_ms: Some(started_at_ms),
-            ended_at_ms: unix_now_ms(),
+            ended_at_ms: self.clock.unix_now_ms(),
             outcome,
             stdout_tail: result.stdout_tail,
             stderr_tail: result.stderr_tail,
         };
         self.report(Command::CompleteAttempt {
-            now_ms: unix_now_ms(),
+            now_ms: self.clock.unix_now_ms(),
             task: task.id,
             token,
             report,
@@ -371,8 +376,7 @@ fn libc_sigkill() -> i32 {
     nix::sys::signal::Signal::SIGKILL as i32
 }
 
-fn lost_report(task: TaskId, token: u64) -> Command {
-    let now_ms = unix_now_ms();
+fn lost_report(now_ms: u64, task: TaskId, token: u64) -> Command {
     let report = AttemptReport {
         started_at_ms: None,
         ended_at_ms: now_ms,

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -35,6 +36,46 @@ pub struct ProcessResult {
     pub outcome: Outcome,
     pub stdout_tail: String,
     pub stderr_tail: String,
+}
+
+/// One attempt for a [`TaskRunner`] to run.
+pub struct RunRequest {
+    pub command: CommandSpec,
+    pub env: AttemptEnv,
+    pub timeout: Duration,
+    pub output_tail_bytes_max: usize,
+}
+
+/// Runs attempts: as processes in production, simulated in a simulation.
+pub trait TaskRunner: Send + Sync + 'static {
+    /// Runs `request` until it ends, its timeout passes, or `stop` fires.
+    fn run(
+        &self,
+        request: RunRequest,
+        stop: oneshot::Receiver<StopReason>,
+    ) -> BoxFuture<'static, ProcessResult>;
+}
+
+/// Runs each attempt as an operating-system process (see [`run`]).
+pub struct ProcessRunner;
+
+impl TaskRunner for ProcessRunner {
+    fn run(
+        &self,
+        request: RunRequest,
+        stop: oneshot::Receiver<StopReason>,
+    ) -> BoxFuture<'static, ProcessResult> {
+        Box::pin(async move {
+            run(
+                &request.command,
+                &request.env,
+                request.timeout,
+                request.output_tail_bytes_max,
+                stop,
+            )
+            .await
+        })
+    }
 }
 
 /// What the process is told about itself.

@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod network;
+pub mod runtime;
 pub mod service;
 
 use std::fmt;
@@ -39,6 +40,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = PeerNode,
+        AsyncRuntime = runtime::SeedableTokio,
 );
 
 pub type NodeId = u64;

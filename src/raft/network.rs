@@ -19,11 +19,17 @@ use openraft::raft::{
 use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
+use crate::platform::Network;
 use crate::proto::peer_v1::raft_peer_client::RaftPeerClient;
 use crate::proto::peer_v1::{RaftMessage, SnapshotChunk};
 use crate::raft::codec;
 use crate::raft::{NodeId, PeerNode, Snapshot, TypeConfig, Vote};
-use crate::storage::SnapshotFile;
+use crate::storage::{SnapshotFile, kv};
+
+/// How often an HTTP/2 ping checks that a peer still answers.
+pub const PEER_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const PEER_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Settings of the peer clients.
 #[derive(Debug, Clone)]
@@ -41,12 +47,13 @@ pub struct PeerClientConfig {
 #[derive(Clone)]
 pub struct PeerNetwork {
     config: Arc<PeerClientConfig>,
+    network: Arc<dyn Network>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerNetwork {
-    pub fn new(config: PeerClientConfig) -> PeerNetwork {
-        PeerNetwork { config: Arc::new(config), channels: Arc::default() }
+    pub fn new(config: PeerClientConfig, network: Arc<dyn Network>) -> PeerNetwork {
+        PeerNetwork { config: Arc::new(config), network, channels: Arc::default() }
     }
 
     /// The shared channel to the peer at `raft_addr`, created on first use.
@@ -58,10 +65,14 @@ impl PeerNetwork {
         let endpoint = Endpoint::from_shared(format!("http://{raft_addr}"))
             .map_err(|err| format!("bad peer address {raft_addr:?}: {err}"))?
             .connect_timeout(Duration::from_millis(self.config.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
+            // A peer that stopped answering on an open connection (its host
+            // froze or vanished without a reset, or bytes were lost) is
+            // dropped within two seconds, so the next call reconnects
+            // instead of timing out on the dead connection again.
+            .http2_keep_alive_interval(PEER_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(PEER_KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+        let channel = self.network.channel(endpoint);
         channels.insert(raft_addr.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -202,11 +213,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let header = codec::encode(&(vote, snapshot.meta.clone()));
         let chunk_bytes = self.config.snapshot_chunk_bytes;
         let file = snapshot.snapshot;
-        let chunks =
-            tokio::task::spawn_blocking(move || snapshot_chunks(header, file, chunk_bytes))
-                .await
-                .map_err(|err| StreamingError::Network(NetworkError::new(&err)))?
-                .map_err(|err| StreamingError::Network(NetworkError::new(&err)))?;
+        let chunks = kv::blocking(move || snapshot_chunks(header, file, chunk_bytes))
+            .await
+            .map_err(|err| StreamingError::Network(NetworkError::new(&err)))?;
         let deadline = Duration::from_millis(self.config.snapshot_send_timeout_ms);
         let mut request = tonic::Request::new(futures::stream::iter(chunks));
         request.set_timeout(deadline);

@@ -1,9 +1,10 @@
-//! The Raft log and Raft metadata in sled, with group commit.
+//! The Raft log and Raft metadata in the key-value layer ([`super::kv`]:
+//! sled, or a simulated disk), with group commit.
 //!
 //! `append` writes entries to the `raft_log` tree at once, so they are
 //! readable on return, and hands openraft's completion callback to a single
 //! flusher loop. The loop drains every callback queued so far, calls
-//! `Db::flush_async` once (sled fsyncs its whole page cache, so one flush
+//! `Db::flush` once (sled fsyncs its whole page cache, so one flush
 //! covers every tree), and only then completes the callbacks in order. So no
 //! callback fires before its entries are on disk, and concurrent appends share
 //! one fsync. `save_vote` and `purge` flush inline before they return.
@@ -24,6 +25,7 @@ use tracing::{error, info};
 
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
+use crate::storage::kv::{Batch, Db, IVec, Tree};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -32,18 +34,18 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// The Raft log store. Cheap to clone: clones share the trees and the flusher.
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
+    db: Db,
+    log: Tree,
+    meta: Tree,
     flush_tx: mpsc::Sender<IOFlushed<TypeConfig>>,
 }
 
 impl LogStore {
     /// Opens the log trees of `db` and starts the flusher loop. At most
     /// `flush_queue_max` appends wait for a flush at once; more wait to queue.
-    pub fn open(db: &sled::Db, flush_queue_max: usize) -> io::Result<LogStore> {
-        let log = db.open_tree("raft_log").map_err(sled_err)?;
-        let meta = db.open_tree("raft_meta").map_err(sled_err)?;
+    pub fn open(db: &Db, flush_queue_max: usize) -> io::Result<LogStore> {
+        let log = db.open_tree("raft_log")?;
+        let meta = db.open_tree("raft_meta")?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
         tokio::spawn(flush_loop(db.clone(), flush_rx));
         let store = LogStore { db: db.clone(), log, meta, flush_tx };
@@ -58,18 +60,17 @@ impl LogStore {
 
     /// Deletes every entry with an index up to `index`; returns how many.
     fn remove_up_to(&self, index: u64) -> io::Result<usize> {
-        let keys: Vec<sled::IVec> = self
+        let keys: Vec<IVec> = self
             .log
-            .range(..=index_key(index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(sled_err)?;
+            .range(Bound::Unbounded, Bound::Included(&index_key(index)))?
+            .map(|item| item.map(|(key, _)| key))
+            .collect::<io::Result<_>>()?;
         let n_keys = keys.len();
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for key in keys {
             batch.remove(key);
         }
-        self.log.apply_batch(batch).map_err(sled_err)?;
+        self.log.apply_batch(batch)?;
         Ok(n_keys)
     }
 
@@ -82,14 +83,14 @@ impl LogStore {
             KEY_COMMITTED => "stored committed log id",
             _ => "stored last purged log id",
         };
-        match self.meta.get(key).map_err(sled_err)? {
+        match self.meta.get(key)? {
             None => Ok(None),
             Some(bytes) => codec::decode(what, &bytes).map(Some).map_err(io::Error::other),
         }
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
-        match self.log.last().map_err(sled_err)? {
+        match self.log.last()? {
             None => Ok(None),
             Some((_, bytes)) => Ok(Some(decode_entry(&bytes)?.log_id)),
         }
@@ -97,28 +98,27 @@ impl LogStore {
 }
 
 /// Completes append callbacks only after a flush that covers them.
-async fn flush_loop(db: sled::Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+async fn flush_loop(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
     while let Some(callback) = flush_rx.recv().await {
         waiting.push(callback);
         while let Ok(callback) = flush_rx.try_recv() {
             waiting.push(callback);
         }
-        let result = db.flush_async().await;
+        let result = db.flush().await;
         if let Err(err) = &result {
             error!(cause = %err, "flushing the Raft log failed");
         }
         for callback in waiting.drain(..) {
             callback.io_completed(
-                result.as_ref().map(|_| ()).map_err(|err| io::Error::other(err.to_string())),
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|err| io::Error::new(err.kind(), err.to_string())),
             );
         }
     }
     info!("log flusher stopped");
-}
-
-fn sled_err(err: sled::Error) -> io::Error {
-    io::Error::other(format!("sled: {err}"))
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -140,8 +140,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut entries = Vec::new();
-        for item in self.log.range(index_key(start)..) {
-            let (key, bytes) = item.map_err(sled_err)?;
+        for item in self.log.range(Bound::Included(&index_key(start)), Bound::Unbounded)? {
+            let (key, bytes) = item?;
             let index = u64::from_be_bytes(
                 key.as_ref().try_into().map_err(|_| io::Error::other("bad log key"))?,
             );
@@ -179,8 +179,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.meta.insert(KEY_VOTE, codec::encode(vote)).map_err(sled_err)?;
-        self.db.flush_async().await.map_err(sled_err)?;
+        self.meta.insert(KEY_VOTE, codec::encode(vote))?;
+        self.db.flush().await?;
         Ok(())
     }
 
@@ -188,10 +188,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Not flushed on purpose: losing it only means re-applying from the
         // state machine's own last_applied, which is always safe.
         match committed {
-            Some(log_id) => {
-                self.meta.insert(KEY_COMMITTED, codec::encode(&log_id)).map_err(sled_err)?
-            }
-            None => self.meta.remove(KEY_COMMITTED).map_err(sled_err)?,
+            Some(log_id) => self.meta.insert(KEY_COMMITTED, codec::encode(&log_id))?,
+            None => self.meta.remove(KEY_COMMITTED)?,
         };
         Ok(())
     }
@@ -209,14 +207,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for entry in entries {
             if let EntryPayload::Membership(_) = &entry.payload {
                 info!(log_id = %entry.log_id, "appending a membership entry");
             }
-            batch.insert(&index_key(entry.log_id.index()), codec::encode(&entry));
+            batch.insert(&index_key(entry.log_id.index())[..], codec::encode(&entry));
         }
-        self.log.apply_batch(batch).map_err(sled_err)?;
+        self.log.apply_batch(batch)?;
         if self.flush_tx.send(callback).await.is_err() {
             return Err(io::Error::other("the log flusher has stopped"));
         }
@@ -226,10 +224,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |log_id| log_id.index() + 1);
         // Delete from the tail backwards so no hole is ever left.
-        let keys: Vec<sled::IVec> =
-            self.log.range(index_key(from)..).keys().collect::<Result<_, _>>().map_err(sled_err)?;
+        let keys: Vec<IVec> = self
+            .log
+            .range(Bound::Included(&index_key(from)), Bound::Unbounded)?
+            .map(|item| item.map(|(key, _)| key))
+            .collect::<io::Result<_>>()?;
         for key in keys.into_iter().rev() {
-            self.log.remove(key).map_err(sled_err)?;
+            self.log.remove(&key)?;
         }
         Ok(())
     }
@@ -237,8 +238,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first; `open` finishes the deletion if a
         // crash interrupts it.
-        self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id)).map_err(sled_err)?;
-        self.db.flush_async().await.map_err(sled_err)?;
+        self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id))?;
+        self.db.flush().await?;
         self.remove_up_to(log_id.index())?;
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The state machine store: the scheduler's [`State`] in memory, mirrored in
-//! the sled tree `sm`, with snapshots in files and a stream of task events.
+//! the tree `sm` of the key-value layer, with snapshots in files and a
+//! stream of task events.
 //!
 //! Each call to `apply` writes every task it changed, the new `last_applied`,
-//! the membership and the meta in one sled batch, which is atomic, so
+//! the membership and the meta in one batch, which is atomic, so
 //! `last_applied` never runs ahead of the state it covers. The batch is not
 //! flushed: the Raft log is, and on restart anything lost is re-applied from
 //! it. If the `sm` tree is behind the current snapshot file (the log behind a
@@ -10,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
@@ -22,6 +24,7 @@ use tracing::{info, warn};
 use crate::raft::codec;
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::scheduler::{Response, State, StateMeta, Task, TaskId};
+use crate::storage::kv::{self, Batch, Db, Tree};
 use crate::storage::snapshot::{self, SnapshotFile};
 
 const KEY_LAST_APPLIED: &[u8] = b"m:last_applied";
@@ -61,8 +64,8 @@ pub struct StateMachineStore {
 }
 
 struct Shared {
-    db: sled::Db,
-    tree: sled::Tree,
+    db: Db,
+    tree: Tree,
     snapshot_dir: PathBuf,
     applied: RwLock<Applied>,
     /// Recent events, oldest first. Locked after `applied` when both are.
@@ -81,13 +84,13 @@ impl StateMachineStore {
     /// Opens the `sm` tree of `db` and loads the state, from the current
     /// snapshot in `snapshot_dir` if the tree is behind it.
     pub fn open(
-        db: &sled::Db,
+        db: &Db,
         snapshot_dir: &Path,
         limits: EventLimits,
     ) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(snapshot_dir)?;
         remove_temporary_files(snapshot_dir)?;
-        let tree = db.open_tree("sm").map_err(sled_err)?;
+        let tree = db.open_tree("sm")?;
         let mut applied = load_tree(&tree)?;
         if let Some(mut file) = snapshot::open_current(snapshot_dir)? {
             let meta = snapshot::read_meta(&mut file.file)?;
@@ -100,7 +103,7 @@ impl StateMachineStore {
                     membership: meta.last_membership,
                 };
                 write_whole_tree(&tree, &applied)?;
-                db.flush().map_err(sled_err)?;
+                db.flush_blocking()?;
             }
         }
         info!(last_applied = ?applied.last_applied, n_tasks = applied.state.n_tasks(), "state machine loaded");
@@ -167,15 +170,15 @@ impl StateMachineStore {
     }
 }
 
-fn load_tree(tree: &sled::Tree) -> io::Result<Applied> {
+fn load_tree(tree: &Tree) -> io::Result<Applied> {
     let last_applied: Option<LogId> =
         read_value(tree, KEY_LAST_APPLIED, "stored last applied log id")?.flatten();
     let membership: StoredMembership =
         read_value(tree, KEY_MEMBERSHIP, "stored membership")?.unwrap_or_default();
     let meta: StateMeta = read_value(tree, KEY_STATE_META, "stored meta")?.unwrap_or_default();
     let mut tasks = Vec::new();
-    for item in tree.scan_prefix(TASK_PREFIX) {
-        let (_, bytes) = item.map_err(sled_err)?;
+    for item in tree.scan_prefix(TASK_PREFIX)? {
+        let (_, bytes) = item?;
         tasks.push(codec::decode::<Task>("stored task", &bytes).map_err(io::Error::other)?);
     }
     let state = State::from_parts(meta, tasks).map_err(|err| {
@@ -185,30 +188,30 @@ fn load_tree(tree: &sled::Tree) -> io::Result<Applied> {
 }
 
 fn read_value<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: &Tree,
     key: &[u8],
     what: &'static str,
 ) -> io::Result<Option<T>> {
-    match tree.get(key).map_err(sled_err)? {
+    match tree.get(key)? {
         None => Ok(None),
         Some(bytes) => codec::decode(what, &bytes).map(Some).map_err(io::Error::other),
     }
 }
 
 /// Replaces the whole `sm` tree with `applied`, in one atomic batch.
-fn write_whole_tree(tree: &sled::Tree, applied: &Applied) -> io::Result<()> {
-    let mut batch = sled::Batch::default();
-    for key in tree.iter().keys() {
-        batch.remove(key.map_err(sled_err)?);
+fn write_whole_tree(tree: &Tree, applied: &Applied) -> io::Result<()> {
+    let mut batch = Batch::default();
+    for item in tree.range(Bound::Unbounded, Bound::Unbounded)? {
+        batch.remove(item?.0);
     }
     for task in applied.state.tasks() {
         batch.insert(task_key(task.id).to_vec(), codec::encode(task));
     }
     put_meta(&mut batch, applied);
-    tree.apply_batch(batch).map_err(sled_err)
+    tree.apply_batch(batch)
 }
 
-fn put_meta(batch: &mut sled::Batch, applied: &Applied) {
+fn put_meta(batch: &mut Batch, applied: &Applied) {
     batch.insert(KEY_LAST_APPLIED, codec::encode(&applied.last_applied));
     batch.insert(KEY_MEMBERSHIP, codec::encode(&applied.membership));
     batch.insert(KEY_STATE_META, codec::encode(applied.state.meta()));
@@ -232,10 +235,6 @@ fn remove_temporary_files(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn sled_err(err: sled::Error) -> io::Error {
-    io::Error::other(format!("sled: {err}"))
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotData = SnapshotFile;
     type SnapshotBuilder = StateMachineStore;
@@ -256,7 +255,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut events = Vec::new();
         {
             let mut applied = self.shared.applied.write().expect("state lock poisoned");
-            let mut batch = sled::Batch::default();
+            let mut batch = Batch::default();
             for (entry, responder) in entries {
                 let index = entry.log_id.index();
                 let response = match entry.payload {
@@ -284,7 +283,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 responses.push((responder, response));
             }
             put_meta(&mut batch, &applied);
-            self.shared.tree.apply_batch(batch).map_err(sled_err)?;
+            self.shared.tree.apply_batch(batch)?;
         }
         self.publish(events);
         for (responder, response) in responses {
@@ -305,14 +304,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: SnapshotFile,
     ) -> Result<(), io::Error> {
         let dir = self.shared.snapshot_dir.clone();
-        let (file_meta, state, current) = tokio::task::spawn_blocking(move || {
+        let (file_meta, state, current) = kv::blocking(move || {
             let mut snapshot = snapshot;
             let (file_meta, state) = snapshot::read_all(&mut snapshot.file)?;
             let current = snapshot::make_current(&dir, snapshot)?;
-            Ok::<_, io::Error>((file_meta, state, current))
+            Ok((file_meta, state, current))
         })
-        .await
-        .map_err(io::Error::other)??;
+        .await?;
         drop(current);
         if &file_meta != meta {
             return Err(io::Error::new(
@@ -335,7 +333,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 events.push(TaskEvent { revision: task.revision, task: task.clone() });
             }
         }
-        self.shared.db.flush_async().await.map_err(sled_err)?;
+        self.shared.db.flush().await?;
         events.sort_by_key(|event| (event.revision, event.task.id));
         info!(snapshot = ?meta.last_log_id, previous_index, "installed a snapshot");
         self.publish(events);
@@ -344,7 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let dir = self.shared.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || {
+        kv::blocking(move || {
             let Some(mut file) = snapshot::open_current(&dir)? else {
                 return Ok(None);
             };
@@ -352,7 +350,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Ok(Some(Snapshot { meta, snapshot: file }))
         })
         .await
-        .map_err(io::Error::other)?
     }
 }
 
@@ -370,11 +367,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             (meta, bytes)
         };
         let dir = self.shared.snapshot_dir.clone();
-        let file = tokio::task::spawn_blocking(move || {
-            snapshot::write_file(&dir, snapshot::CURRENT_FILE_NAME, &bytes)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let file =
+            kv::blocking(move || snapshot::write_file(&dir, snapshot::CURRENT_FILE_NAME, &bytes))
+                .await?;
         info!(snapshot = ?meta.last_log_id, "built a snapshot");
         Ok(Snapshot { meta, snapshot: file })
     }

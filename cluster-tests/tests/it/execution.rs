@@ -9,13 +9,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cluster_tests::checker::{CheckerConfig, Report, check};
-use cluster_tests::history::{self, Event, FinalAttempt, HistoryWriter, now_ns};
+use cluster_tests::history::{self, Event, HistoryWriter, now_ns};
+use cluster_tests::workload::{
+    assert_history_valid, record_final_read, submit_batch, submit_recorded, wait_until_all_finished,
+};
 use cluster_tests::{TestCluster, get, submit};
 use taskraft::client::Client;
 use taskraft::executor::protocol::{ExecutorReply, ExecutorRequest};
 use taskraft::proto::taskraft_v1 as pb;
-use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 use taskraft::scheduler::{AttemptReport, Command, Outcome, RejectionKind, Response, TaskId};
 
 /// The lease the cluster runs with (the default) and the promise on top of it.
@@ -58,136 +59,6 @@ pub(crate) fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSp
         idempotency_key: key.into(),
         ..Default::default()
     }
-}
-
-/// Submits `specs` as one batch, recording the operation in the history.
-pub(crate) async fn submit_recorded(
-    client: &mut Client,
-    history: &HistoryWriter,
-    process: u64,
-    specs: Vec<pb::TaskSpec>,
-) -> anyhow::Result<Vec<String>> {
-    let keys: Vec<String> = specs.iter().map(|spec| spec.idempotency_key.clone()).collect();
-    for key in &keys {
-        history.record(&Event::Invoke {
-            process,
-            f: "submit".into(),
-            key: key.clone(),
-            time_ns: now_ns(),
-        });
-    }
-    match submit_batch(client, specs).await {
-        Ok(ids) => {
-            for (key, id) in keys.iter().zip(&ids) {
-                let ok = Event::Ok {
-                    process,
-                    f: "submit".into(),
-                    key: key.clone(),
-                    task_id: Some(id.clone()),
-                    time_ns: now_ns(),
-                };
-                history.record(&ok);
-            }
-            Ok(ids)
-        }
-        Err(err) => {
-            // A timeout or a lost answer: it may have happened.
-            for key in &keys {
-                let info = Event::Info {
-                    process,
-                    f: "submit".into(),
-                    key: key.clone(),
-                    error: err.to_string(),
-                    time_ns: now_ns(),
-                };
-                history.record(&info);
-            }
-            Err(err)
-        }
-    }
-}
-
-/// Reads every task linearizably and records it as the history's final state.
-pub(crate) async fn record_final_read(
-    client: &mut Client,
-    history: &HistoryWriter,
-) -> anyhow::Result<()> {
-    for task in cluster_tests::list_all(client, false).await? {
-        let attempts = task
-            .attempts
-            .iter()
-            .map(|attempt| FinalAttempt {
-                token: attempt.fencing_token,
-                node: attempt.node_id,
-                assigned_at_ns: attempt.assigned_at_unix_ms * 1_000_000,
-                ended_at_ns: attempt.ended_at_unix_ms * 1_000_000,
-                outcome: attempt.outcome.clone(),
-            })
-            .collect();
-        let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
-            state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
-        });
-        let key = task.spec.map(|spec| spec.idempotency_key).unwrap_or_default();
-        history.record(&Event::Final { task_id: task.id, key, state, attempts });
-    }
-    history.record(&Event::Scan { time_ns: now_ns() });
-    Ok(())
-}
-
-/// Runs the checker on the history at `path`, prints its report, and fails
-/// the test on any violation.
-pub(crate) fn assert_history_valid(path: &Path) -> anyhow::Result<Report> {
-    let report = check(&history::read(path)?, &CheckerConfig::default());
-    println!("{report}");
-    anyhow::ensure!(report.valid(), "the history violates taskraft's promises:\n{report}");
-    Ok(report)
-}
-
-pub(crate) async fn wait_until_all_finished(
-    client: &mut Client,
-    ids: &[String],
-    timeout: Duration,
-) -> anyhow::Result<Vec<pb::Task>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut tasks = Vec::new();
-        for id in ids {
-            tasks.push(get(client, id, false).await?);
-        }
-        let finished = |task: &pb::Task| {
-            [pb::TaskState::Succeeded, pb::TaskState::Failed, pb::TaskState::Cancelled]
-                .map(|s| s as i32)
-                .contains(&task.state)
-        };
-        let n_unfinished = tasks.iter().filter(|task| !finished(task)).count();
-        if n_unfinished == 0 {
-            return Ok(tasks);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{n_unfinished} of {} tasks unfinished after {timeout:?}",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn submit_batch(
-    client: &mut Client,
-    specs: Vec<pb::TaskSpec>,
-) -> anyhow::Result<Vec<String>> {
-    let reply = client
-        .call(|channel, timeout| {
-            let message = pb::SubmitTasksRequest { specs: specs.clone() };
-            async move {
-                TasksClient::new(channel)
-                    .submit_tasks(taskraft::client::request(message, timeout))
-                    .await
-            }
-        })
-        .await?
-        .into_inner();
-    Ok(reply.results.into_iter().map(|result| result.task.unwrap().id).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

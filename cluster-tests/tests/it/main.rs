@@ -9,3 +9,4 @@ mod failover;
 mod membership;
 mod nemesis;
 mod replication;
+mod simulation;

@@ -15,14 +15,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use cluster_tests::history::{self, Event, HistoryWriter, now_ns};
+use cluster_tests::seeded::SplitMix64;
 use cluster_tests::{TestCluster, get};
 use taskraft::client::Client;
 use taskraft::proto::taskraft_v1 as pb;
 use tokio::task::JoinHandle;
 
-use crate::execution::{
-    assert_history_valid, logged_task, record_final_read, submit_recorded, wait_until_all_finished,
+use cluster_tests::workload::{
+    assert_history_valid, record_final_read, submit_recorded, wait_until_all_finished,
 };
+
+use crate::execution::logged_task;
 
 /// How long a fault lasts: past an election and a whole lease plus grace.
 const FAULT: Duration = Duration::from_secs(6);
@@ -536,27 +539,9 @@ async fn add_a_node_and_remove_the_leader_under_load() -> anyhow::Result<()> {
     scenario(Fault::Membership).await
 }
 
-/// A small deterministic generator (SplitMix64), so that a seed replays
-/// the same schedule.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The faults a seed draws, with how long each lasts and the quiet after it.
 fn schedule(seed: u64, duration: Duration) -> Vec<(Fault, Duration, Duration)> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut steps = Vec::new();
     let mut total = Duration::ZERO;
     let mut membership_used = false;

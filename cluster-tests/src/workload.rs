@@ -1,0 +1,152 @@
+//! The client side of a checked run, shared by the fault suite and the
+//! simulation: submissions recorded as invoke and ok or info, waiting for
+//! every acknowledged task, the final linearizable read, and the verdict.
+
+use std::path::Path;
+use std::time::Duration;
+
+use taskraft::client::Client;
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use tokio::time::Instant;
+
+use crate::checker::{CheckerConfig, Report, check};
+use crate::get;
+use crate::history::{self, Event, FinalAttempt, HistoryWriter};
+
+/// Submits `specs` as one batch, recording the operation in the history.
+pub async fn submit_recorded(
+    client: &mut Client,
+    history: &HistoryWriter,
+    process: u64,
+    specs: Vec<pb::TaskSpec>,
+) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = specs.iter().map(|spec| spec.idempotency_key.clone()).collect();
+    for key in &keys {
+        history.record(&Event::Invoke {
+            process,
+            f: "submit".into(),
+            key: key.clone(),
+            time_ns: history.now_ns(),
+        });
+    }
+    match submit_batch(client, specs).await {
+        Ok(ids) => {
+            for (key, id) in keys.iter().zip(&ids) {
+                let ok = Event::Ok {
+                    process,
+                    f: "submit".into(),
+                    key: key.clone(),
+                    task_id: Some(id.clone()),
+                    time_ns: history.now_ns(),
+                };
+                history.record(&ok);
+            }
+            Ok(ids)
+        }
+        Err(err) => {
+            // A timeout or a lost answer: it may have happened.
+            for key in &keys {
+                let info = Event::Info {
+                    process,
+                    f: "submit".into(),
+                    key: key.clone(),
+                    error: err.to_string(),
+                    time_ns: history.now_ns(),
+                };
+                history.record(&info);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Reads every task linearizably and records it as the history's final state.
+pub async fn record_final_read(client: &mut Client, history: &HistoryWriter) -> anyhow::Result<()> {
+    for task in crate::list_all(client, false).await? {
+        let attempts = task
+            .attempts
+            .iter()
+            .map(|attempt| FinalAttempt {
+                token: attempt.fencing_token,
+                node: attempt.node_id,
+                assigned_at_ns: attempt.assigned_at_unix_ms * 1_000_000,
+                ended_at_ns: attempt.ended_at_unix_ms * 1_000_000,
+                outcome: attempt.outcome.clone(),
+            })
+            .collect();
+        let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
+            state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
+        });
+        let key = task.spec.map(|spec| spec.idempotency_key).unwrap_or_default();
+        history.record(&Event::Final { task_id: task.id, key, state, attempts });
+    }
+    history.record(&Event::Scan { time_ns: history.now_ns() });
+    Ok(())
+}
+
+/// Runs the checker on the history at `path`, prints its report, and fails
+/// the test on any violation.
+pub fn assert_history_valid(path: &Path) -> anyhow::Result<Report> {
+    let report = check(&history::read(path)?, &CheckerConfig::default());
+    println!("{report}");
+    anyhow::ensure!(report.valid(), "the history violates taskraft's promises:\n{report}");
+    Ok(report)
+}
+
+/// Waits until every task of `ids` is terminal, reading linearizably. A
+/// read that fails (the cluster is still recovering) is tried again; only
+/// the deadline ends the wait.
+pub async fn wait_until_all_finished(
+    client: &mut Client,
+    ids: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<pb::Task>> {
+    let deadline = Instant::now() + timeout;
+    let finished = |task: &pb::Task| {
+        [pb::TaskState::Succeeded, pb::TaskState::Failed, pb::TaskState::Cancelled]
+            .map(|s| s as i32)
+            .contains(&task.state)
+    };
+    let mut tasks: Vec<Option<pb::Task>> = vec![None; ids.len()];
+    loop {
+        let mut last_error = None;
+        for (id, task) in ids.iter().zip(tasks.iter_mut()) {
+            if task.as_ref().is_some_and(finished) {
+                continue;
+            }
+            match get(client, id, false).await {
+                Ok(read) => *task = Some(read),
+                Err(status) => last_error = Some(status),
+            }
+        }
+        let n_unfinished = tasks.iter().filter(|task| !task.as_ref().is_some_and(finished)).count();
+        if n_unfinished == 0 {
+            return Ok(tasks.into_iter().flatten().collect());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{n_unfinished} of {} tasks unfinished after {timeout:?} (last read error: {last_error:?})",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn submit_batch(
+    client: &mut Client,
+    specs: Vec<pb::TaskSpec>,
+) -> anyhow::Result<Vec<String>> {
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::SubmitTasksRequest { specs: specs.clone() };
+            async move {
+                TasksClient::new(channel)
+                    .submit_tasks(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await?
+        .into_inner();
+    Ok(reply.results.into_iter().map(|result| result.task.unwrap().id).collect())
+}
