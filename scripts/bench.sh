@@ -9,10 +9,15 @@
 #
 # Scenarios (more to come, see issue 5): submit_c1, submit_c16, submit_c64
 # (committed submissions per second against etcd puts per second at 1, 16
-# and 64 clients; cpu_per_commit comes from submit_c64) and submit_batch
-# (SubmitTasks of 100, against submit_c64).
-# --quick: one pair, 2 s warm-up, 5 s runs. The full run: 3 pairs, 5 s + 20 s.
-# Results: <DIR>/<date>-<host>.json and .md, DIR being docs/bench/results
+# and 64 clients; cpu_per_commit comes from submit_c64), submit_batch
+# (SubmitTasks of 100, against submit_c64) and failover (kill -9 of the
+# leader, 20 trials each: taskraft and etcd with matched timeouts, heartbeat
+# 50 ms and election timeout 300 ms, then taskraft at its defaults; the time
+# until a write sent after the kill commits, and for taskraft until the next
+# task starts; a trial that loses an acknowledged task fails the run).
+# --quick: one pair, 2 s warm-up, 5 s runs, 3 failover trials. The full run:
+# 3 pairs, 5 s + 20 s.
+# Results: <DIR>/<date>-<host>[-<scenario>].json and .md, DIR being docs/bench/results
 # unless --out says otherwise. Every process and
 # directory the script makes is removed at the end, processes by PID.
 set -euo pipefail
@@ -34,10 +39,10 @@ while [ $# -gt 0 ]; do
     *) echo "bench.sh: unknown argument $1" >&2; usage ;;
   esac
 done
-if [ "$quick" = 1 ]; then warmup=2s; duration=5s; pairs=${pairs:-1}; else warmup=5s; duration=20s; pairs=${pairs:-3}; fi
+if [ "$quick" = 1 ]; then warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; else warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; fi
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --pairs takes a positive number" >&2; usage; }
 
-all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch)
+all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch failover)
 if [ -n "$only" ]; then
   printf '%s\n' "${all_scenarios[@]}" | grep -qx "$only" || { echo "bench.sh: no scenario $only (${all_scenarios[*]})" >&2; exit 2; }
   scenarios=("$only")
@@ -66,9 +71,16 @@ if ! command -v etcd > /dev/null; then
 fi
 etcd_version=$(etcd --version | head -n1)
 
+# Raft timings of the next cluster started: empty for the defaults.
+taskraft_timing=()
+etcd_timing=()
 start_taskraft() {
   rm -rf "$work/taskraft"
-  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+  up_taskraft
+}
+# Starts the nodes that are not running, on their data.
+up_taskraft() {
+  env "${taskraft_timing[@]}" TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
     TASKRAFT_SKIP_BUILD=1 TASKRAFT_BIN="$taskraft_bin" scripts/cluster.sh up > "$work/cluster.out" 2>&1 ||
     { cat "$work/cluster.out" >&2; exit 1; }
   taskraft_pids=$(cat "$work"/taskraft/node{1,2,3}/pid | paste -sd,)
@@ -78,19 +90,22 @@ stop_taskraft() {
     scripts/cluster.sh down > /dev/null 2>&1
   rm -rf "$work/taskraft"
 }
+# Starts etcd member N (1-3) on its data directory; its PID goes to etcd_pids[N-1].
+start_etcd_member() {
+  local n=$1 cluster=n1=http://127.0.0.1:23801,n2=http://127.0.0.1:23802,n3=http://127.0.0.1:23803
+  etcd --name "n$n" --data-dir "$work/etcd/n$n" --initial-cluster "$cluster" \
+    --initial-cluster-token bench --initial-cluster-state new "${etcd_timing[@]}" \
+    --listen-client-urls "http://127.0.0.1:2379$n" --advertise-client-urls "http://127.0.0.1:2379$n" \
+    --listen-peer-urls "http://127.0.0.1:2380$n" --initial-advertise-peer-urls "http://127.0.0.1:2380$n" \
+    >> "$work/etcd/n$n.log" 2>&1 &
+  etcd_pids[n - 1]=$!
+}
 start_etcd() {
-  local cluster=n1=http://127.0.0.1:23801,n2=http://127.0.0.1:23802,n3=http://127.0.0.1:23803 n
+  local n
   rm -rf "$work/etcd"
   mkdir -p "$work/etcd"
   etcd_pids=()
-  for n in 1 2 3; do
-    etcd --name "n$n" --data-dir "$work/etcd/n$n" --initial-cluster "$cluster" \
-      --initial-cluster-token bench --initial-cluster-state new \
-      --listen-client-urls "http://127.0.0.1:2379$n" --advertise-client-urls "http://127.0.0.1:2379$n" \
-      --listen-peer-urls "http://127.0.0.1:2380$n" --initial-advertise-peer-urls "http://127.0.0.1:2380$n" \
-      > "$work/etcd/n$n.log" 2>&1 &
-    etcd_pids+=($!)
-  done
+  for n in 1 2 3; do start_etcd_member "$n"; done
   # Ready when the load generator can find a leader.
   local deadline=$((SECONDS + 30))
   until "$loadgen" --target etcd --endpoints "$etcd_endpoints" --warmup 0s --duration 1ms > /dev/null 2>&1; do
@@ -139,8 +154,54 @@ run() {  # run SCENARIO LABEL TARGET PAIR CLIENTS CONNECTIONS BATCH
   echo "{\"scenario\":\"$scenario\",\"system\":\"$system\",\"pair\":$pair,\"result\":$out}" >> "$results"
 }
 
+# Waits until a write through the member at ENDPOINT commits again.
+wait_rejoined() {  # wait_rejoined TARGET ENDPOINT
+  local deadline=$((SECONDS + 30))
+  until "$loadgen" --target "$1" --endpoints "$2" --ready > /dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "the restarted member $2 did not rejoin" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
+failover_trials() {  # failover_trials LABEL TARGET
+  local system=$1 target=$2 trial out killed
+  if [ "$target" = taskraft ]; then start_taskraft; else start_etcd; fi
+  for trial in $(seq 1 "$trials"); do
+    printf '  failover      %-16s trial %2d/%d: ' "$system" "$trial" "$trials" >&2
+    if [ "$target" = taskraft ]; then
+      out=$("$loadgen" --target taskraft --endpoints "$taskraft_endpoints" --server-pids "$taskraft_pids" --failover 2> "$work/loadgen.err") ||
+        { cat "$work/loadgen.err" >&2; exit 1; }
+      up_taskraft
+    else
+      out=$("$loadgen" --target etcd --endpoints "$etcd_endpoints" --server-pids "$(IFS=,; echo "${etcd_pids[*]}")" --failover 2> "$work/loadgen.err") ||
+        { cat "$work/loadgen.err" >&2; exit 1; }
+      killed=$(echo "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["killed"][-1])')
+      { wait "${etcd_pids[killed - 1]}"; } 2> /dev/null || true
+      start_etcd_member "$killed"
+    fi
+    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("commit after %.0f ms" % r["commit_gap_ms"] + ("; task started after %d ms; %d of %d acknowledged lost" % (r["start_gap_ms"], r["lost"], r["acknowledged"]) if "lost" in r else ""))' >&2
+    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); sys.exit(1 if r.get("lost", 0) else 0)' ||
+      { echo "bench.sh: a failover trial lost acknowledged tasks" >&2; exit 1; }
+    echo "{\"scenario\":\"failover\",\"system\":\"$system\",\"pair\":$trial,\"result\":$out}" >> "$results"
+    killed=$(echo "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["killed"])')
+    wait_rejoined "$target" "$killed"
+    sleep 1
+  done
+  if [ "$target" = taskraft ]; then stop_taskraft; else stop_etcd; fi
+}
+
 step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
 for scenario in "${scenarios[@]}"; do
+  if [ "$scenario" = failover ]; then
+    taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS_MIN=300 TASKRAFT_ELECTION_TIMEOUT_MS_MAX=600)
+    etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
+    failover_trials taskraft-matched taskraft
+    failover_trials etcd-matched etcd
+    taskraft_timing=()
+    etcd_timing=()
+    failover_trials taskraft-default taskraft
+    continue
+  fi
   read -r clients connections batch <<< "$(load_of "$scenario")"
   for pair in $(seq 1 "$pairs"); do
     if [ "$scenario" = submit_batch ]; then
@@ -155,7 +216,7 @@ done
 
 step "report"
 mkdir -p "$out_dir"
-stamp="$(date -u +%Y-%m-%d)-$(hostname -s)"
+stamp="$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}"
 python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" << 'EOF'
 import json, platform, statistics, sys
 results_path, json_path, md_path, quick, pairs, etcd_version = sys.argv[1:]
@@ -174,6 +235,26 @@ def ratio_of(scenario, ours, theirs, key, invert=False):
 def median(scenario, system, key):
     values = [r[key] for r in by.get((scenario, system), {}).values()]
     return statistics.median(values) if values else None
+failover = {}
+for row in rows:
+    if row["scenario"] == "failover":
+        failover.setdefault(row["system"], []).append(row["result"])
+rows = [row for row in rows if row["scenario"] != "failover"]
+def quantile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))] if values else None
+if failover:
+    report["scenarios"]["failover"] = {
+        system: {
+            "trials": len(results),
+            "commit_gap_p50_ms": quantile([r["commit_gap_ms"] for r in results], 0.50),
+            "commit_gap_p99_ms": quantile([r["commit_gap_ms"] for r in results], 0.99),
+            "start_gap_p50_ms": quantile([r["start_gap_ms"] for r in results if "start_gap_ms" in r], 0.50),
+            "start_gap_p99_ms": quantile([r["start_gap_ms"] for r in results if "start_gap_ms" in r], 0.99),
+            "lost": sum(r.get("lost", 0) for r in results),
+        }
+        for system, results in failover.items()
+    }
 for scenario in dict.fromkeys(row["scenario"] for row in rows):
     other = "c64" if scenario == "submit_batch" else "etcd"
     entry = {
@@ -195,12 +276,18 @@ for scenario in dict.fromkeys(row["scenario"] for row in rows):
         report["scenarios"]["cpu_per_commit"] = entry_cpu
         table.append(("cpu_per_commit", entry_cpu["taskraft_cpu_us"], entry_cpu["etcd_cpu_us"], "etcd", cpu_ratio, None, None))
 json.dump(report, open(json_path, "w"), indent=2)
-lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}.", "",
-         "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
+lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."]
+if table:
+    lines += ["", "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
 for scenario, ours, theirs, other, ratio, p50, their_p50 in table:
     unit = " µs/commit" if scenario == "cpu_per_commit" else "/s"
     lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {fmt(ratio, '.2f')}× | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
+if failover:
+    lines += ["", "Failover (kill -9 of the leader; a write through a follower until one sent after the kill commits; for taskraft, until the next task starts):", "",
+              "| system | trials | commit p50 ms | commit p99 ms | task start p50 ms | task start p99 ms | lost acknowledged |", "|---|---|---|---|---|---|---|"]
+    for system, entry in report["scenarios"]["failover"].items():
+        lines.append(f"| {system} | {entry['trials']} | {fmt(entry['commit_gap_p50_ms'], '.0f')} | {fmt(entry['commit_gap_p99_ms'], '.0f')} | {fmt(entry['start_gap_p50_ms'], '.0f')} | {fmt(entry['start_gap_p99_ms'], '.0f')} | {entry['lost']} |")
 open(md_path, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

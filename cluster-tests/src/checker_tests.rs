@@ -193,11 +193,10 @@ fn a_killed_run_that_kept_ticking_overlaps_even_if_the_cluster_says_it_ended() {
     assert!(run(&events).valid());
 }
 
-#[test]
-fn an_accepted_stale_result_is_caught() {
+/// The good history, but the cluster recorded task 2's first attempt as
+/// exited, though that process ended after the second attempt was assigned.
+fn with_a_stale_result_accepted() -> Vec<Event> {
     let mut events = good();
-    // The cluster recorded task 2's first attempt as exited, though that
-    // process ended after the second attempt was assigned.
     for event in &mut events {
         if let Event::Final { task_id, attempts, .. } = event
             && task_id == "2"
@@ -206,7 +205,12 @@ fn an_accepted_stale_result_is_caught() {
         }
     }
     events.push(end("2", 6, 1, 4_180));
-    let report = run(&events);
+    events
+}
+
+#[test]
+fn an_accepted_stale_result_is_caught() {
+    let report = run(&with_a_stale_result_accepted());
     assert_eq!(report.stale_accepted, vec!["2"]);
     // The first attempt is no longer "lost", so its second run is unexplained too.
     assert_eq!(report.unexplained_duplicates(), vec!["2"]);
@@ -218,15 +222,7 @@ fn an_accepted_stale_result_is_caught() {
 /// one beyond it still is.
 #[test]
 fn the_stale_check_allows_for_the_configured_clock_skew() {
-    let mut events = good();
-    for event in &mut events {
-        if let Event::Final { task_id, attempts, .. } = event
-            && task_id == "2"
-        {
-            attempts[0].outcome = "exited 0".into();
-        }
-    }
-    events.push(end("2", 6, 1, 4_180));
+    let events = with_a_stale_result_accepted();
     let config = |skew_ms: u64| CheckerConfig {
         overlap_tolerance: Duration::from_millis(5),
         alive_interval: Duration::from_millis(100),

@@ -106,6 +106,17 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Event>> {
     Ok(events)
 }
 
+/// The ids of the tasks whose submission was acknowledged, in order.
+pub fn acknowledged(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Ok { task_id, .. } => task_id.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The current time in nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()

@@ -560,13 +560,7 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
     while run.n_stopped.load(Ordering::Relaxed) < N_CLIENTS {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acknowledged: Vec<String> = history::read(&run.history_path)?
-        .into_iter()
-        .filter_map(|event| match event {
-            Event::Ok { task_id, .. } => task_id,
-            _ => None,
-        })
-        .collect();
+    let acknowledged = history::acknowledged(&history::read(&run.history_path)?);
     wait_until_all_finished(&mut client, &acknowledged, run.liveness_deadline)
         .await
         .context("liveness: the healed cluster did not finish every acknowledged task")?;

@@ -14,6 +14,12 @@
 //! Submitted tasks are scheduled a day ahead, so that submissions are
 //! measured, not executions; each spec is about `--payload-bytes` long, like
 //! the etcd value.
+//!
+//! `--failover` runs one failover trial instead: it writes once at a time
+//! through a follower, kills the leader with SIGKILL (`--server-pids` in
+//! the order of `--endpoints`), and reports how long until a write sent
+//! after the kill commits; for taskraft also until the next task starts, and
+//! whether every acknowledged submission is still there.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,7 +80,18 @@ struct Args {
     /// PIDs of the server processes, for their CPU time.
     #[arg(long, value_delimiter = ',')]
     server_pids: Vec<u32>,
+    /// Run one failover trial (see the module docs).
+    #[arg(long)]
+    failover: bool,
+    /// Only write once through each endpoint; fail if one cannot commit.
+    #[arg(long)]
+    ready: bool,
 }
+
+/// The deadline of one write while the leader may be dead.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The longest a failover trial waits for writes, or a task, to go through.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 
 /// One way to send one request.
 #[derive(Clone)]
@@ -204,6 +221,17 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0, "batch must be positive");
     if args.target == Target::Etcd && args.batch > 1 {
         bail!("--batch applies to taskraft only");
+    }
+    if args.failover {
+        return failover_trial(&args).await;
+    }
+    if args.ready {
+        for endpoint in &args.endpoints {
+            probe_write(args.target, &connect(endpoint).await?, 0)
+                .await
+                .with_context(|| format!("a write through {endpoint} did not commit"))?;
+        }
+        return Ok(());
     }
     let leader = leader_addr(args.target, &args.endpoints).await?;
     let mut channels = Vec::new();
@@ -369,4 +397,160 @@ async fn main() -> anyhow::Result<()> {
     });
     println!("{result}");
     Ok(())
+}
+
+/// One write through the probe endpoint: the id of the task it submitted
+/// (taskraft) or of the key it put (etcd).
+async fn probe_write(target: Target, channel: &Channel, seq: u64) -> anyhow::Result<String> {
+    let write = async {
+        match target {
+            Target::Taskraft => {
+                let spec = pb::TaskSpec {
+                    command: Some(pb::Command { program: "true".into(), ..Default::default() }),
+                    schedule: Some(pb::task_spec::Schedule::DelayMs(24 * 3600 * 1000)),
+                    ..Default::default()
+                };
+                let request = taskraft::client::request(
+                    pb::SubmitTaskRequest { spec: Some(spec) },
+                    PROBE_TIMEOUT,
+                );
+                let reply = TasksClient::new(channel.clone()).submit_task(request).await?;
+                Ok(reply.into_inner().task.map(|task| task.id).unwrap_or_default())
+            }
+            Target::Etcd => {
+                let key = format!("failover{seq:010}").into_bytes();
+                let request = taskraft::client::request(
+                    etcd::PutRequest { key, value: b"v".to_vec(), ..Default::default() },
+                    PROBE_TIMEOUT,
+                );
+                etcd::kv_client::KvClient::new(channel.clone()).put(request).await?;
+                Ok(format!("failover{seq:010}"))
+            }
+        }
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, write).await {
+        Ok(result) => result,
+        Err(_) => bail!("no answer within {PROBE_TIMEOUT:?}"),
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// Kills the leader and measures how long the cluster is blind.
+async fn failover_trial(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.server_pids.len() == args.endpoints.len(),
+        "--failover needs one --server-pids entry per endpoint, in the same order"
+    );
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let leader_idx = args
+        .endpoints
+        .iter()
+        .position(|endpoint| *endpoint == leader)
+        .with_context(|| format!("the leader {leader} is not among {:?}", args.endpoints))?;
+    let probe_addr = &args.endpoints[(leader_idx + 1) % args.endpoints.len()];
+    let probe = connect(probe_addr).await?;
+    let mut acknowledged = Vec::new();
+    let mut seq = 0;
+    // A second of writes through the follower first: the path works.
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < warm_until {
+        acknowledged.push(probe_write(args.target, &probe, seq).await?);
+        seq += 1;
+    }
+    let pid = args.server_pids[leader_idx];
+    let killed_at = Instant::now();
+    let killed_at_unix_ms = unix_ms();
+    let status = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    let commit_gap = loop {
+        anyhow::ensure!(
+            killed_at.elapsed() < FAILOVER_DEADLINE,
+            "no write committed within {FAILOVER_DEADLINE:?} of the kill"
+        );
+        let sent_at = Instant::now();
+        match probe_write(args.target, &probe, seq).await {
+            Ok(id) => {
+                acknowledged.push(id);
+                if sent_at >= killed_at {
+                    break killed_at.elapsed();
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+        seq += 1;
+    };
+    let mut result = serde_json::json!({
+        "target": match args.target { Target::Taskraft => "taskraft", Target::Etcd => "etcd" },
+        "killed": leader,
+        "probe": probe_addr,
+        "commit_gap_ms": commit_gap.as_secs_f64() * 1e3,
+    });
+    if args.target == Target::Taskraft {
+        let (start_gap_ms, n_lost) =
+            task_start_and_losses(&probe, killed_at_unix_ms, &acknowledged).await?;
+        result["start_gap_ms"] = serde_json::json!(start_gap_ms);
+        result["acknowledged"] = serde_json::json!(acknowledged.len());
+        result["lost"] = serde_json::json!(n_lost);
+    }
+    println!("{result}");
+    Ok(())
+}
+
+/// Submits a task that runs at once and waits for its start: milliseconds
+/// from the kill to that start. Then reads back every acknowledged task:
+/// how many are missing.
+async fn task_start_and_losses(
+    probe: &Channel,
+    killed_at_unix_ms: u64,
+    acknowledged: &[String],
+) -> anyhow::Result<(u64, usize)> {
+    let deadline = Instant::now() + FAILOVER_DEADLINE;
+    let mut tasks = TasksClient::new(probe.clone());
+    let spec = pb::TaskSpec {
+        command: Some(pb::Command { program: "true".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let submitted = tasks
+        .submit_task(taskraft::client::request(
+            pb::SubmitTaskRequest { spec: Some(spec) },
+            REQUEST_TIMEOUT,
+        ))
+        .await?
+        .into_inner();
+    let id = submitted.task.map(|task| task.id).unwrap_or_default();
+    let started_at_ms = loop {
+        anyhow::ensure!(Instant::now() < deadline, "task {id} did not start in time");
+        let request = taskraft::client::request(
+            pb::GetTaskRequest { id: id.clone(), stale: false },
+            REQUEST_TIMEOUT,
+        );
+        if let Ok(reply) = tasks.get_task(request).await
+            && let Some(started) = reply
+                .into_inner()
+                .task
+                .and_then(|task| task.attempts.first().map(|a| a.started_at_unix_ms))
+                .filter(|started| *started > 0)
+        {
+            break started;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let mut n_lost = 0;
+    for id in acknowledged {
+        let request = taskraft::client::request(
+            pb::GetTaskRequest { id: id.clone(), stale: false },
+            REQUEST_TIMEOUT,
+        );
+        match tasks.get_task(request).await {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::NotFound => n_lost += 1,
+            Err(status) => bail!("cannot read back task {id}: {status}"),
+        }
+    }
+    Ok((started_at_ms.saturating_sub(killed_at_unix_ms), n_lost))
 }

@@ -385,13 +385,7 @@ impl Run {
             worker.await?;
         }
         self.cluster.wait_for_leader(Duration::from_secs(30)).await?;
-        let acknowledged: Vec<String> = history::read(&self.path)?
-            .into_iter()
-            .filter_map(|event| match event {
-                Event::Ok { task_id, .. } => task_id,
-                _ => None,
-            })
-            .collect();
+        let acknowledged = history::acknowledged(&history::read(&self.path)?);
         ensure!(
             acknowledged.len() > 20,
             "the workload made too little progress: {} acks",
