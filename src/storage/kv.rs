@@ -13,7 +13,7 @@
 //! inline on a current-thread runtime: such a runtime has no other thread
 //! to keep going meanwhile, and a simulation stays deterministic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,8 +86,8 @@ impl Db {
             Db::Sled(db) => db.flush().map(|_| ()).map_err(sled_err),
             Db::Memory(handle) => {
                 let mut state = handle.lock()?;
-                let n_ops = state.unsynced.len();
-                state.sync(n_ops);
+                let upto = state.next_seq;
+                state.sync_before(upto);
                 Ok(())
             }
         }
@@ -213,16 +213,22 @@ struct MemoryState {
     live: Trees,
     /// What survives a crash.
     durable: Trees,
-    /// Writes since the last flush, oldest first, each batch whole.
-    unsynced: Vec<(Arc<str>, Ops)>,
+    /// Writes not yet flushed, oldest first, each batch whole, with its
+    /// sequence number.
+    unsynced: VecDeque<(u64, Arc<str>, Ops)>,
+    /// The sequence number of the next batch written.
+    next_seq: u64,
     /// Bumped by every `open`; handles of earlier generations are dead.
     generation: u64,
 }
 
 impl MemoryState {
-    /// Makes the oldest `n_batches` unflushed batches durable.
-    fn sync(&mut self, n_batches: usize) {
-        for (name, ops) in self.unsynced.drain(..n_batches.min(self.unsynced.len())) {
+    /// Makes the batches written before sequence number `upto` durable, and
+    /// only those: a flush covers what was written before it began, so a
+    /// later write never rides along on an earlier flush.
+    fn sync_before(&mut self, upto: u64) {
+        while self.unsynced.front().is_some_and(|(seq, _, _)| *seq < upto) {
+            let (_, name, ops) = self.unsynced.pop_front().expect("checked above");
             let tree = self.durable.entry(name.to_string()).or_default();
             apply_ops(tree, ops);
         }
@@ -230,7 +236,8 @@ impl MemoryState {
 
     fn write(&mut self, name: &Arc<str>, ops: Ops) -> io::Result<()> {
         apply_ops(self.live.entry(name.to_string()).or_default(), ops.clone());
-        self.unsynced.push((name.clone(), ops));
+        self.unsynced.push_back((self.next_seq, name.clone(), ops));
+        self.next_seq += 1;
         Ok(())
     }
 }
@@ -288,11 +295,11 @@ impl MemoryHandle {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        let n_batches = self.writable()?.unsynced.len();
+        let upto = self.writable()?.next_seq;
         if !self.disk.fsync_latency.is_zero() {
             tokio::time::sleep(self.disk.fsync_latency).await;
         }
-        self.writable()?.sync(n_batches);
+        self.writable()?.sync_before(upto);
         Ok(())
     }
 }
@@ -333,6 +340,26 @@ mod tests {
         // The node from before the restart can no longer write.
         assert!(tree.insert(b"late", &b"3"[..]).is_err());
         assert!(db.flush().await.is_err());
+    }
+
+    /// A flush covers only what was written before it began.
+    #[tokio::test]
+    async fn a_flush_covers_only_the_writes_before_it() {
+        let disk = MemoryDisk::with_fsync_latency(Duration::from_millis(10));
+        let db = disk.open();
+        let tree = db.open_tree("t").unwrap();
+        tree.insert(b"first", &b"1"[..]).unwrap();
+        let early = {
+            let db = db.clone();
+            tokio::spawn(async move { db.flush().await })
+        };
+        tokio::task::yield_now().await;
+        tree.insert(b"second", &b"2"[..]).unwrap();
+        early.await.unwrap().unwrap();
+        assert_eq!(disk.n_unsynced(), 1, "the second write was not covered");
+        let reopened = disk.open().open_tree("t").unwrap();
+        assert!(reopened.get(b"first").unwrap().is_some());
+        assert!(reopened.get(b"second").unwrap().is_none());
     }
 
     #[tokio::test]
