@@ -14,9 +14,14 @@
 # leader, 20 trials each: taskraft and etcd with matched timeouts, heartbeat
 # 50 ms and election timeout 300 ms, then taskraft at its defaults; the time
 # until a write sent after the kill commits, and for taskraft until the next
-# task starts; a trial that loses an acknowledged task fails the run).
-# --quick: one pair, 2 s warm-up, 5 s runs, 3 failover trials. The full run:
-# 3 pairs, 5 s + 20 s.
+# task starts; a trial that loses an acknowledged task fails the run),
+# submit_to_start (runnable tasks in open loop at 100/s and at half the etcd
+# c16 rate measured in the same pair: p50 and p99 from submit to process
+# start) and exec_rate (no-op tasks run per second by the cluster against
+# the machine's raw spawn rate of `true` with as many processes at a time as
+# the cluster has slots).
+# --quick: one pair, 2 s warm-up, 5 s runs, 3 failover trials, 1,000 tasks
+# for exec_rate. The full run: 3 pairs, 5 s + 20 s, 5,000 tasks.
 # Results: <DIR>/<date>-<host>[-<scenario>].json and .md, DIR being docs/bench/results
 # unless --out says otherwise. Every process and
 # directory the script makes is removed at the end, processes by PID.
@@ -39,10 +44,14 @@ while [ $# -gt 0 ]; do
     *) echo "bench.sh: unknown argument $1" >&2; usage ;;
   esac
 done
-if [ "$quick" = 1 ]; then warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; else warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; fi
+if [ "$quick" = 1 ]; then
+  warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; exec_tasks=1000
+else
+  warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; exec_tasks=5000
+fi
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --pairs takes a positive number" >&2; usage; }
 
-all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch failover)
+all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch submit_to_start exec_rate failover)
 if [ -n "$only" ]; then
   printf '%s\n' "${all_scenarios[@]}" | grep -qx "$only" || { echo "bench.sh: no scenario $only (${all_scenarios[*]})" >&2; exit 2; }
   scenarios=("$only")
@@ -154,6 +163,44 @@ run() {  # run SCENARIO LABEL TARGET PAIR CLIENTS CONNECTIONS BATCH
   echo "{\"scenario\":\"$scenario\",\"system\":\"$system\",\"pair\":$pair,\"result\":$out}" >> "$results"
 }
 
+# Runs the load generator with ARGS... against a fresh taskraft cluster and
+# records its result under SCENARIO LABEL PAIR; prints SUMMARY (a Python
+# format over the result) as the progress line.
+run_taskraft_mode() {  # run_taskraft_mode SCENARIO LABEL PAIR SUMMARY ARGS...
+  local scenario=$1 system=$2 pair=$3 summary=$4 out
+  shift 4
+  printf '  %-15s %-11s pair %d/%d: ' "$scenario" "$system" "$pair" "$pairs" >&2
+  start_taskraft
+  out=$("$loadgen" --target taskraft --endpoints "$taskraft_endpoints" --server-pids "$taskraft_pids" "$@" 2> "$work/loadgen.err") ||
+    { cat "$work/loadgen.err" >&2; exit 1; }
+  stop_taskraft
+  echo "$out" | python3 -c "import json, sys; r = json.load(sys.stdin); print($summary)" >&2
+  echo "{\"scenario\":\"$scenario\",\"system\":\"$system\",\"pair\":$pair,\"result\":$out}" >> "$results"
+}
+latency_summary='"%7.0f tasks/s  p50 %.2f ms  p99 %.2f ms  errors %d" % (r["items_per_s"], r["p50_us"] / 1000, r["p99_us"] / 1000, r["errors"])'
+
+submit_to_start_pair() {  # submit_to_start_pair PAIR
+  local pair=$1 etcd_rate
+  run submit_to_start etcd_c16 etcd "$pair" 16 4 1
+  etcd_rate=$(tail -n 1 "$results" | python3 -c 'import json, sys; print("%.0f" % (json.load(sys.stdin)["result"]["items_per_s"] / 2))')
+  run_taskraft_mode submit_to_start at_100 "$pair" "$latency_summary" \
+    --to-start --rate 100 --clients 64 --warmup "$warmup" --duration "$duration"
+  run_taskraft_mode submit_to_start at_half_etcd "$pair" "$latency_summary" \
+    --to-start --rate "$etcd_rate" --clients 256 --warmup "$warmup" --duration "$duration"
+}
+
+exec_rate_pair() {  # exec_rate_pair PAIR
+  local pair=$1 slots
+  slots=$((3 * $(nproc)))
+  printf '  %-15s %-11s pair %d/%d: ' exec_rate spawn "$pair" "$pairs" >&2
+  out=$("$loadgen" --target taskraft --endpoints "$taskraft_endpoints" --spawn --clients "$slots" --warmup "$warmup" --duration "$duration" 2> "$work/loadgen.err") ||
+    { cat "$work/loadgen.err" >&2; exit 1; }
+  echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("%7.0f spawns/s of true, %d at a time" % (r["items_per_s"], r["clients"]))' >&2
+  echo "{\"scenario\":\"exec_rate\",\"system\":\"spawn\",\"pair\":$pair,\"result\":$out}" >> "$results"
+  run_taskraft_mode exec_rate taskraft "$pair" '"%7.0f tasks/s (%d tasks over %.1f s, on %d nodes)" % (r["items_per_s"], r["items"], r["seconds"], r["nodes"])' \
+    --exec "$exec_tasks" --batch 100 --clients 4
+}
+
 # Waits until a write through the member at ENDPOINT commits again.
 wait_rejoined() {  # wait_rejoined TARGET ENDPOINT
   local deadline=$((SECONDS + 30))
@@ -193,7 +240,7 @@ failover_trials() {  # failover_trials LABEL TARGET
 step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
 for scenario in "${scenarios[@]}"; do
   if [ "$scenario" = failover ]; then
-    taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS_MIN=300 TASKRAFT_ELECTION_TIMEOUT_MS_MAX=600)
+    taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS=300)
     etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
     failover_trials taskraft-matched taskraft
     failover_trials etcd-matched etcd
@@ -204,7 +251,11 @@ for scenario in "${scenarios[@]}"; do
   fi
   read -r clients connections batch <<< "$(load_of "$scenario")"
   for pair in $(seq 1 "$pairs"); do
-    if [ "$scenario" = submit_batch ]; then
+    if [ "$scenario" = submit_to_start ]; then
+      submit_to_start_pair "$pair"
+    elif [ "$scenario" = exec_rate ]; then
+      exec_rate_pair "$pair"
+    elif [ "$scenario" = submit_batch ]; then
       run "$scenario" taskraft taskraft "$pair" 16 4 100
       run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
     else
@@ -239,7 +290,8 @@ failover = {}
 for row in rows:
     if row["scenario"] == "failover":
         failover.setdefault(row["system"], []).append(row["result"])
-rows = [row for row in rows if row["scenario"] != "failover"]
+execution = [row for row in rows if row["scenario"] in ("submit_to_start", "exec_rate")]
+rows = [row for row in rows if row["scenario"] not in ("failover", "submit_to_start", "exec_rate")]
 def quantile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))] if values else None
@@ -275,6 +327,23 @@ for scenario in dict.fromkeys(row["scenario"] for row in rows):
                      "etcd_cpu_us": median(scenario, "etcd", "cpu_us_per_item"), "ratio": cpu_ratio}
         report["scenarios"]["cpu_per_commit"] = entry_cpu
         table.append(("cpu_per_commit", entry_cpu["taskraft_cpu_us"], entry_cpu["etcd_cpu_us"], "etcd", cpu_ratio, None, None))
+if any(row["scenario"] == "submit_to_start" for row in execution):
+    entry = {}
+    for system in ("at_100", "at_half_etcd"):
+        entry[system] = {
+            "rate": median("submit_to_start", system, "rate"),
+            "p50_ms": median("submit_to_start", system, "p50_us") / 1000,
+            "p99_ms": median("submit_to_start", system, "p99_us") / 1000,
+            "errors": sum(r["errors"] for r in by.get(("submit_to_start", system), {}).values()),
+        }
+    entry["etcd_c16_items_per_s"] = median("submit_to_start", "etcd_c16", "items_per_s")
+    report["scenarios"]["submit_to_start"] = entry
+if any(row["scenario"] == "exec_rate" for row in execution):
+    report["scenarios"]["exec_rate"] = {
+        "taskraft_tasks_per_s": median("exec_rate", "taskraft", "items_per_s"),
+        "spawn_per_s": median("exec_rate", "spawn", "items_per_s"),
+        "ratio": ratio_of("exec_rate", "taskraft", "spawn", "items_per_s"),
+    }
 json.dump(report, open(json_path, "w"), indent=2)
 lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."]
 if table:
@@ -283,6 +352,17 @@ fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
 for scenario, ours, theirs, other, ratio, p50, their_p50 in table:
     unit = " µs/commit" if scenario == "cpu_per_commit" else "/s"
     lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {fmt(ratio, '.2f')}× | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
+if "submit_to_start" in report["scenarios"]:
+    entry = report["scenarios"]["submit_to_start"]
+    lines += ["", "Submit to start (runnable `true` tasks in open loop; from when each submission was due to when its executor started the process; start times are whole milliseconds, so ±0.5 ms):", "",
+              "| offered rate | tasks/s offered | p50 ms | p99 ms | submit errors |", "|---|---|---|---|---|"]
+    for system, label in (("at_100", "100/s"), ("at_half_etcd", f"half of etcd c16 ({fmt(entry['etcd_c16_items_per_s'], ',.0f')}/s)")):
+        lines.append(f"| {label} | {fmt(entry[system]['rate'], ',.0f')} | {fmt(entry[system]['p50_ms'], '.2f')} | {fmt(entry[system]['p99_ms'], '.2f')} | {entry[system]['errors']} |")
+if "exec_rate" in report["scenarios"]:
+    entry = report["scenarios"]["exec_rate"]
+    lines += ["", "Execution rate (queued no-op tasks, first start to last end) against the raw spawn rate of `true` with as many at a time as the cluster has slots:", "",
+              "| taskraft tasks/s | raw spawns/s | ratio (median of pairs) |", "|---|---|---|",
+              f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {fmt(entry['ratio'], '.2f')}× |"]
 if failover:
     lines += ["", "Failover (kill -9 of the leader; a write through a follower until one sent after the kill commits; for taskraft, until the next task starts):", "",
               "| system | trials | commit p50 ms | commit p99 ms | task start p50 ms | task start p99 ms | lost acknowledged |", "|---|---|---|---|---|---|---|"]

@@ -48,14 +48,18 @@ pub struct NodeConfig {
     pub server: ServerLimits,
 }
 
-/// Raft timings and log compaction. Defaults suit a loopback cluster and
-/// give failover in about a second.
+/// Raft timings and log compaction. Defaults suit a loopback cluster or a
+/// LAN and give failover in under half a second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTimings {
+    /// How often the leader sends heartbeats to followers.
     pub heartbeat_interval_ms: u64,
-    pub election_timeout_ms_min: u64,
-    pub election_timeout_ms_max: u64,
+    /// The election timeout, meant as etcd's `--election-timeout`: a node
+    /// that has heard from a leader refuses to elect another for this long
+    /// (the leader lease), and a follower that hears nothing from its leader
+    /// campaigns after a random silence of 1.5 to 2 times this.
+    pub election_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_after_entries: u64,
     /// Log entries kept behind a snapshot for followers that lag a little.
@@ -67,13 +71,20 @@ pub struct RaftTimings {
 impl Default for RaftTimings {
     fn default() -> Self {
         RaftTimings {
-            heartbeat_interval_ms: 100,
-            election_timeout_ms_min: 400,
-            election_timeout_ms_max: 800,
+            heartbeat_interval_ms: 50,
+            election_timeout_ms: 250,
             snapshot_after_entries: 5_000,
             snapshot_keep_entries: 1_000,
             snapshot_send_timeout_ms: 60_000,
         }
+    }
+}
+
+impl RaftTimings {
+    /// How long a leader that has lost its majority goes on acting as one:
+    /// half the lease, so it stops before any other node can be elected.
+    pub fn quorum_fresh_ms(&self) -> u64 {
+        self.election_timeout_ms / 2
     }
 }
 
@@ -228,13 +239,11 @@ impl NodeConfig {
         }
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0
-            || raft.heartbeat_interval_ms * 2 > raft.election_timeout_ms_min
+            || raft.heartbeat_interval_ms.saturating_mul(4) > raft.election_timeout_ms
         {
-            return invalid("heartbeat_interval_ms must be at least 1 and at most half of election_timeout_ms_min".into());
-        }
-        if raft.election_timeout_ms_min >= raft.election_timeout_ms_max {
             return invalid(
-                "election_timeout_ms_min must be less than election_timeout_ms_max".into(),
+                "heartbeat_interval_ms must be at least 1 and at most a quarter of election_timeout_ms"
+                    .into(),
             );
         }
         if raft.snapshot_after_entries == 0 {
@@ -398,9 +407,9 @@ mod tests {
             ),
             ("gives node 1", NodeConfig { api_addr: "127.0.0.1:9999".into(), ..valid() }),
             (
-                "half of election",
+                "a quarter of election",
                 NodeConfig {
-                    raft: RaftTimings { heartbeat_interval_ms: 300, ..RaftTimings::default() },
+                    raft: RaftTimings { heartbeat_interval_ms: 63, ..RaftTimings::default() },
                     ..valid()
                 },
             ),
@@ -437,7 +446,7 @@ mod tests {
         let config = NodeConfig::from_file(&path).unwrap();
         assert_eq!((config.node_id, config.slots, config.raft.heartbeat_interval_ms), (2, 3, 50));
         assert_eq!(config.limits.args_max, 8);
-        assert_eq!(config.raft.election_timeout_ms_min, 400);
+        assert_eq!(config.raft.election_timeout_ms, RaftTimings::default().election_timeout_ms);
         std::fs::write(&path, "node_id = 2\nslotz = 3\n").unwrap();
         let err = NodeConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("slotz"), "{err}");

@@ -69,8 +69,13 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
     let raft_config = openraft::Config {
         cluster_name: "taskraft".into(),
         heartbeat_interval: timings.heartbeat_interval_ms,
-        election_timeout_min: timings.election_timeout_ms_min,
-        election_timeout_max: timings.election_timeout_ms_max,
+        // openraft fixes the leader lease at `election_timeout_max` and lets a
+        // follower campaign only after the lease *and then* a timeout sampled
+        // from [min, max) have passed (`utime.rs`). With max at our election
+        // timeout T and min at T/2, the lease is T, as in etcd, and a silent
+        // leader is replaced after 1.5 T to 2 T (etcd: T to 2 T).
+        election_timeout_min: timings.election_timeout_ms / 2,
+        election_timeout_max: timings.election_timeout_ms,
         install_snapshot_timeout: timings.snapshot_send_timeout_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_after_entries),
         max_in_snapshot_log_to_keep: timings.snapshot_keep_entries,
@@ -128,9 +133,9 @@ async fn run_validated(
         state_machine.clone(),
         config.execution.clone(),
         Duration::from_millis(server.request_timeout_ms),
-        // Within the shortest election timeout: by then a cut-off leader
-        // stops renewing leases, before any other node can have been elected.
-        Duration::from_millis(config.raft.election_timeout_ms_min),
+        // Within the leader lease: by then a cut-off leader stops renewing
+        // task leases, before any other node can have been elected.
+        Duration::from_millis(config.raft.quorum_fresh_ms()),
         platform.clock.clone(),
     ));
     let leader_watch = {

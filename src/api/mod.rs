@@ -198,10 +198,10 @@ impl Context {
     }
 
     /// Refuses at once when this node leads but has not heard from a
-    /// majority for a whole lease (the longest election timeout): a write or
+    /// majority for a whole leader lease (the election timeout): a write or
     /// a read index would only wait for a quorum that is not there.
     fn check_quorum(&self) -> Result<(), ApiError> {
-        let lease_ms = self.config.raft.election_timeout_ms_max;
+        let lease_ms = self.config.raft.election_timeout_ms;
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
         if metrics.state != openraft::ServerState::Leader {

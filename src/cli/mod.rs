@@ -124,10 +124,9 @@ struct NodeArgs {
     labels: Vec<String>,
     #[arg(long, env = "TASKRAFT_HEARTBEAT_INTERVAL_MS")]
     heartbeat_interval_ms: Option<u64>,
-    #[arg(long, env = "TASKRAFT_ELECTION_TIMEOUT_MS_MIN")]
-    election_timeout_ms_min: Option<u64>,
-    #[arg(long, env = "TASKRAFT_ELECTION_TIMEOUT_MS_MAX")]
-    election_timeout_ms_max: Option<u64>,
+    /// The leader lease; a silent leader is replaced after 1.5 to 2 times this.
+    #[arg(long, env = "TASKRAFT_ELECTION_TIMEOUT_MS")]
+    election_timeout_ms: Option<u64>,
     /// Build a snapshot after this many log entries.
     #[arg(long, env = "TASKRAFT_SNAPSHOT_AFTER_ENTRIES")]
     snapshot_after_entries: Option<u64>,
@@ -332,8 +331,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.initial_cluster, args.initial_cluster);
     set!(config.slots, args.slots);
     set!(config.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
-    set!(config.raft.election_timeout_ms_min, args.election_timeout_ms_min);
-    set!(config.raft.election_timeout_ms_max, args.election_timeout_ms_max);
+    set!(config.raft.election_timeout_ms, args.election_timeout_ms);
     set!(config.raft.snapshot_after_entries, args.snapshot_after_entries);
     set!(config.raft.snapshot_keep_entries, args.snapshot_keep_entries);
     set!(config.limits.queued_tasks_max, args.queued_tasks_max);

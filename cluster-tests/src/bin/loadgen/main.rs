@@ -20,6 +20,11 @@
 //! the order of `--endpoints`), and reports how long until a write sent
 //! after the kill commits; for taskraft also until the next task starts, and
 //! whether every acknowledged submission is still there.
+//!
+//! `--to-start`, `--exec N` and `--spawn` measure execution instead; see
+//! [`execution`].
+
+mod execution;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,6 +91,15 @@ struct Args {
     /// Only write once through each endpoint; fail if one cannot commit.
     #[arg(long)]
     ready: bool,
+    /// Submit-to-start latency of runnable tasks at `--rate`.
+    #[arg(long, requires = "rate")]
+    to_start: bool,
+    /// Run this many queued no-op tasks and report the execution rate.
+    #[arg(long)]
+    exec: Option<usize>,
+    /// The machine's raw spawn rate of `true`, `--clients` at a time.
+    #[arg(long)]
+    spawn: bool,
 }
 
 /// The deadline of one write while the leader may be dead.
@@ -224,6 +238,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.failover {
         return failover_trial(&args).await;
+    }
+    if args.to_start {
+        return execution::to_start(&args).await;
+    }
+    if let Some(n_tasks) = args.exec {
+        return execution::exec(&args, n_tasks).await;
+    }
+    if args.spawn {
+        return execution::spawn(&args).await;
     }
     if args.ready {
         for endpoint in &args.endpoints {

@@ -1,0 +1,296 @@
+//! The execution scenarios of the load generator, taskraft only:
+//!
+//! - `--to-start`: runnable tasks (`true`) submitted in open loop at
+//!   `--rate`; afterwards each task measured in the window is read back, and
+//!   the time from when its submission was due to when its executor started
+//!   the process goes into the histogram. Start times are stored in whole
+//!   milliseconds, so each sample is the middle of its millisecond (±0.5 ms).
+//! - `--exec N`: N no-op tasks submitted at once in `SubmitTasks` batches;
+//!   the rate at which the cluster runs them, from the first start to the
+//!   last end.
+//! - `--spawn`: the machine's raw rate of fork and exec of `true`, with
+//!   `--clients` processes at a time: the physical limit of `--exec`.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use crate::{Args, OPEN_LOOP_IN_FLIGHT_MAX, REQUEST_TIMEOUT, Target, connect, leader_addr};
+
+/// The longest the read-back waits for the measured tasks to start or end.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
+/// Read-back requests in flight at once.
+const READ_BACK_IN_FLIGHT_MAX: usize = 16;
+
+/// A runnable no-op task: `true`, padded to about `payload_bytes` like the
+/// submissions of the throughput scenarios when `payload_bytes` > 0.
+fn noop_spec(payload_bytes: usize) -> pb::TaskSpec {
+    let mut spec = pb::TaskSpec {
+        command: Some(pb::Command { program: "true".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let pad = payload_bytes.saturating_sub(prost::Message::encoded_len(&spec) + 4);
+    if pad > 0
+        && let Some(command) = spec.command.as_mut()
+    {
+        command.args.push("x".repeat(pad));
+    }
+    spec
+}
+
+fn tasks_client(channel: Channel) -> TasksClient<Channel> {
+    TasksClient::new(channel)
+        .max_encoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64)
+}
+
+/// Reads `id` until `done` says its state is settled; `None` past `deadline`.
+async fn read_until(
+    client: &mut TasksClient<Channel>,
+    id: &str,
+    deadline: Instant,
+    done: impl Fn(&pb::Task) -> bool,
+) -> anyhow::Result<pb::Task> {
+    loop {
+        let request = taskraft::client::request(
+            pb::GetTaskRequest { id: id.to_owned(), stale: false },
+            REQUEST_TIMEOUT,
+        );
+        if let Ok(reply) = client.get_task(request).await
+            && let Some(task) = reply.into_inner().task
+            && done(&task)
+        {
+            return Ok(task);
+        }
+        if Instant::now() >= deadline {
+            bail!("task {id} did not settle within {SETTLE_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads every task of `ids` back once `done` holds for it, a few at a time.
+async fn read_back(
+    client: &TasksClient<Channel>,
+    ids: Vec<String>,
+    done: fn(&pb::Task) -> bool,
+) -> anyhow::Result<Vec<pb::Task>> {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let permits = Arc::new(Semaphore::new(READ_BACK_IN_FLIGHT_MAX));
+    let mut reads = JoinSet::new();
+    for id in ids {
+        let permit = permits.clone().acquire_owned().await?;
+        let mut client = client.clone();
+        reads.spawn(async move {
+            let task = read_until(&mut client, &id, deadline, done).await;
+            drop(permit);
+            task
+        });
+    }
+    let mut tasks = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        tasks.push(read??);
+    }
+    Ok(tasks)
+}
+
+fn started_at_ms(task: &pb::Task) -> u64 {
+    task.attempts.last().map_or(0, |attempt| attempt.started_at_unix_ms)
+}
+
+fn has_started(task: &pb::Task) -> bool {
+    started_at_ms(task) > 0
+}
+
+fn has_ended(task: &pb::Task) -> bool {
+    task.attempts.last().is_some_and(|attempt| attempt.ended_at_unix_ms > 0)
+}
+
+/// `--to-start`: submit-to-start latency at a fixed offered rate.
+pub async fn to_start(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.target == Target::Taskraft, "--to-start applies to taskraft only");
+    let rate = args.rate.context("--to-start needs --rate")?;
+    anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let client = tasks_client(connect(&leader).await?);
+    let spec = noop_spec(args.payload_bytes);
+    let started = Instant::now();
+    let started_unix_us = unix_us();
+    let measure_from = started + args.warmup;
+    let end = measure_from + args.duration;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // (task id, when its submission was due, in Unix microseconds).
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let n_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let in_flight = Arc::new(Semaphore::new(args.clients.min(OPEN_LOOP_IN_FLIGHT_MAX)));
+    let mut seq: u64 = 0;
+    eprintln!("  submitting runnable tasks at {rate}/s for {:?}", end - started);
+    loop {
+        let due = started + interval.mul_f64(seq as f64);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (mut client, spec, sent, n_errors) =
+            (client.clone(), spec.clone(), sent.clone(), n_errors.clone());
+        let due_unix_us = started_unix_us + (due - started).as_micros() as u64;
+        let measured = due >= measure_from;
+        tokio::spawn(async move {
+            let request = taskraft::client::request(
+                pb::SubmitTaskRequest { spec: Some(spec) },
+                REQUEST_TIMEOUT,
+            );
+            match client.submit_task(request).await {
+                Ok(reply) if measured => {
+                    let id = reply.into_inner().task.map(|task| task.id).unwrap_or_default();
+                    sent.lock().expect("sent lock").push((id, due_unix_us));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    n_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        seq += 1;
+    }
+    // Every submission has answered once every permit is back.
+    let _all = in_flight.acquire_many(args.clients.min(OPEN_LOOP_IN_FLIGHT_MAX) as u32).await?;
+    let sent = std::mem::take(&mut *sent.lock().expect("sent lock"));
+    eprintln!("  reading back when each of {} measured tasks started", sent.len());
+    let due_by_id: std::collections::HashMap<String, u64> = sent.iter().cloned().collect();
+    let tasks =
+        read_back(&client, sent.into_iter().map(|(id, _)| id).collect(), has_started).await?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for task in &tasks {
+        let due_us = due_by_id[&task.id];
+        let start_us = started_at_ms(task) * 1_000 + 500;
+        histogram.saturating_record(start_us.saturating_sub(due_us).max(1));
+    }
+    let result = serde_json::json!({
+        "target": "taskraft",
+        "mode": "to_start",
+        "rate": rate,
+        "items": tasks.len(),
+        "errors": n_errors.load(std::sync::atomic::Ordering::Relaxed),
+        "seconds": args.duration.as_secs_f64(),
+        "items_per_s": tasks.len() as f64 / args.duration.as_secs_f64(),
+        "p50_us": histogram.value_at_quantile(0.50),
+        "p99_us": histogram.value_at_quantile(0.99),
+        "max_us": histogram.max(),
+        "resolution_us": 1_000,
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// `--exec N`: how fast the cluster runs N queued no-op tasks.
+pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(args.target == Target::Taskraft, "--exec applies to taskraft only");
+    anyhow::ensure!(n_tasks > 0, "--exec needs at least one task");
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let client = tasks_client(connect(&leader).await?);
+    let spec = noop_spec(0);
+    eprintln!("  submitting {n_tasks} no-op tasks in batches of {}", args.batch);
+    let mut submissions = JoinSet::new();
+    let permits = Arc::new(Semaphore::new(args.clients));
+    for first in (0..n_tasks).step_by(args.batch) {
+        let n = args.batch.min(n_tasks - first);
+        let permit = permits.clone().acquire_owned().await?;
+        let (mut client, specs) = (client.clone(), vec![spec.clone(); n]);
+        submissions.spawn(async move {
+            let request =
+                taskraft::client::request(pb::SubmitTasksRequest { specs }, REQUEST_TIMEOUT);
+            let reply = client.submit_tasks(request).await;
+            drop(permit);
+            reply
+        });
+    }
+    let mut ids = Vec::with_capacity(n_tasks);
+    while let Some(reply) = submissions.join_next().await {
+        let reply = reply?.context("a SubmitTasks call failed")?.into_inner();
+        ids.extend(reply.results.into_iter().filter_map(|result| result.task.map(|task| task.id)));
+    }
+    anyhow::ensure!(ids.len() == n_tasks, "{} of {n_tasks} submissions came back", ids.len());
+    eprintln!("  waiting for the {n_tasks} tasks to end");
+    let tasks = read_back(&client, ids, has_ended).await?;
+    let n_failed =
+        tasks.iter().filter(|task| task.state != pb::TaskState::Succeeded as i32).count();
+    anyhow::ensure!(n_failed == 0, "{n_failed} of {n_tasks} no-op tasks did not succeed");
+    let first_start_ms = tasks.iter().map(started_at_ms).min().unwrap_or(0);
+    let last_end_ms = tasks
+        .iter()
+        .filter_map(|task| task.attempts.last().map(|attempt| attempt.ended_at_unix_ms))
+        .max()
+        .unwrap_or(0);
+    let seconds = (last_end_ms.saturating_sub(first_start_ms)).max(1) as f64 / 1e3;
+    let nodes: BTreeSet<u64> =
+        tasks.iter().filter_map(|task| task.attempts.last().map(|a| a.node_id)).collect();
+    let result = serde_json::json!({
+        "target": "taskraft",
+        "mode": "exec",
+        "items": n_tasks,
+        "seconds": seconds,
+        "items_per_s": n_tasks as f64 / seconds,
+        "nodes": nodes.len(),
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// `--spawn`: fork and exec of `true`, `--clients` at a time, for
+/// `--duration` after `--warmup`.
+pub async fn spawn(args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let end = measure_from + args.duration;
+    let mut workers = JoinSet::new();
+    for _ in 0..args.clients {
+        workers.spawn(async move {
+            let mut n_measured: u64 = 0;
+            while Instant::now() < end {
+                let status = tokio::process::Command::new("true")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .await?;
+                anyhow::ensure!(status.success(), "true exited with {status}");
+                if Instant::now() >= measure_from {
+                    n_measured += 1;
+                }
+            }
+            anyhow::Ok(n_measured)
+        });
+    }
+    let mut items = 0;
+    while let Some(worker) = workers.join_next().await {
+        items += worker??;
+    }
+    let seconds = args.duration.as_secs_f64();
+    let result = serde_json::json!({
+        "target": "machine",
+        "mode": "spawn",
+        "clients": args.clients,
+        "items": items,
+        "seconds": seconds,
+        "items_per_s": items as f64 / seconds,
+    });
+    println!("{result}");
+    Ok(())
+}
