@@ -19,9 +19,16 @@
 # c16 rate measured in the same pair: p50 and p99 from submit to process
 # start) and exec_rate (no-op tasks run per second by the cluster against
 # the machine's raw spawn rate of `true` with as many processes at a time as
-# the cluster has slots).
+# the cluster has slots), and restart_1m, mem_1m and snapshot_1m, which share
+# one fill per pair and system: 1,000,000 pending tasks against 1,000,000 etcd
+# keys of the same payload; then each node's resident memory growth, a
+# snapshot built on the leader (size, build time), a follower killed with
+# -9 while 10,000 more are written (time from its restart until it serves
+# the last of them in a local read), and the whole cluster killed with -9
+# (time from its restart until a write commits).
 # --quick: one pair, 2 s warm-up, 5 s runs, 3 failover trials, 1,000 tasks
-# for exec_rate. The full run: 3 pairs, 5 s + 20 s, 5,000 tasks.
+# for exec_rate, 100,000 items for the scale scenarios. The full run: 3
+# pairs, 5 s + 20 s, 5,000 tasks, 1,000,000 items.
 # Results: <DIR>/<date>-<host>[-<scenario>].json and .md, DIR being docs/bench/results
 # unless --out says otherwise. Every process and
 # directory the script makes is removed at the end, processes by PID.
@@ -45,13 +52,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$quick" = 1 ]; then
-  warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; exec_tasks=1000
+  warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; exec_tasks=1000; scale_items=100000
 else
-  warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; exec_tasks=5000
+  warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; exec_tasks=5000; scale_items=1000000
 fi
+# Items written while a follower is down, in the restart_1m scenario.
+catch_up_items=10000
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "bench.sh: --pairs takes a positive number" >&2; usage; }
 
-all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch submit_to_start exec_rate failover)
+all_scenarios=(submit_c1 submit_c16 submit_c64 submit_batch submit_to_start exec_rate failover restart_1m mem_1m snapshot_1m)
 if [ -n "$only" ]; then
   printf '%s\n' "${all_scenarios[@]}" | grep -qx "$only" || { echo "bench.sh: no scenario $only (${all_scenarios[*]})" >&2; exit 2; }
   scenarios=("$only")
@@ -201,6 +210,73 @@ exec_rate_pair() {  # exec_rate_pair PAIR
     --exec "$exec_tasks" --batch 100 --clients 4
 }
 
+json_field() {  # json_field FIELD < JSON
+  python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"
+}
+# Waits until every PID given has exited.
+wait_gone() {
+  local pid
+  for pid in "$@"; do
+    while [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2> /dev/null; do sleep 0.01; done
+  done
+}
+
+# The scale scenarios on one fresh cluster of TARGET (see the top).
+scale_run() {  # scale_run TARGET PAIR
+  local target=$1 pair=$2 endpoints pids batch fill snapshot leader marker follower=0 n t0 await_pid catch_up commit
+  local -a pid_list endpoint_list
+  IFS=, read -r -a endpoint_list <<< "$([ "$target" = taskraft ] && echo "$taskraft_endpoints" || echo "$etcd_endpoints")"
+  if [ "$target" = taskraft ]; then start_taskraft; pids=$taskraft_pids; batch=500; else start_etcd; pids=$(IFS=,; echo "${etcd_pids[*]}"); batch=128; fi
+  endpoints=$(IFS=,; echo "${endpoint_list[*]}")
+  IFS=, read -r -a pid_list <<< "$pids"
+  printf '  scale         %-8s pair %d/%d: filling %d items\n' "$target" "$pair" "$pairs" "$scale_items" >&2
+  fill=$("$loadgen" --target "$target" --endpoints "$endpoints" --server-pids "$pids" --fill "$scale_items" \
+    --batch "$batch" --clients 8 --connections 4 2> >(sed 's/^/  /' >&2))
+  echo "$fill" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("    filled at %.0f items/s; resident memory grew %.0f MiB per node" % (r["items_per_s"], r["rss_growth_mib_per_node"]))' >&2
+  snapshot=$("$loadgen" --target "$target" --endpoints "$endpoints" --snapshot 2> "$work/loadgen.err") ||
+    { cat "$work/loadgen.err" >&2; exit 1; }
+  echo "$snapshot" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("    snapshot of %.1f MiB in %.0f ms" % (r["bytes"] / 2**20, r["build_ms"]))' >&2
+  leader=$(echo "$fill" | json_field leader)
+  for n in 1 2 3; do
+    if [ "${endpoint_list[n - 1]}" != "$leader" ]; then follower=$n; break; fi
+  done
+  # A follower killed with -9 misses $catch_up_items writes, then restarts.
+  if [ "$target" = taskraft ]; then
+    TASKRAFT_CLUSTER_DIR="$work/taskraft" scripts/cluster.sh kill "$follower" > /dev/null
+  else
+    kill -9 "${etcd_pids[follower - 1]}"; wait "${etcd_pids[follower - 1]}" 2> /dev/null || true
+  fi
+  wait_gone "${pid_list[follower - 1]}"
+  marker=$("$loadgen" --target "$target" --endpoints "$endpoints" --fill "$catch_up_items" --batch "$batch" --clients 8 2> "$work/loadgen.err" | json_field marker) ||
+    { cat "$work/loadgen.err" >&2; exit 1; }
+  t0=$(date +%s%3N)
+  "$loadgen" --target "$target" --endpoints "${endpoint_list[follower - 1]}" --await-read "$marker" --since-unix-ms "$t0" > "$work/await.json" 2> "$work/loadgen.err" &
+  await_pid=$!
+  if [ "$target" = taskraft ]; then up_taskraft; else start_etcd_member "$follower"; fi
+  wait "$await_pid" || { cat "$work/loadgen.err" >&2; exit 1; }
+  catch_up=$(json_field ms < "$work/await.json")
+  printf '    a follower killed with -9 served the last of %d missed writes %d ms after its restart\n' "$catch_up_items" "$catch_up" >&2
+  # The whole cluster killed with -9, then restarted.
+  if [ "$target" = taskraft ]; then
+    IFS=, read -r -a pid_list <<< "$taskraft_pids"
+    for n in 1 2 3; do TASKRAFT_CLUSTER_DIR="$work/taskraft" scripts/cluster.sh kill "$n" > /dev/null; done
+  else
+    pid_list=("${etcd_pids[@]}")
+    kill -9 "${etcd_pids[@]}"
+    for n in "${etcd_pids[@]}"; do wait "$n" 2> /dev/null || true; done
+  fi
+  wait_gone "${pid_list[@]}"
+  t0=$(date +%s%3N)
+  "$loadgen" --target "$target" --endpoints "$endpoints" --await-commit --since-unix-ms "$t0" > "$work/await.json" 2> "$work/loadgen.err" &
+  await_pid=$!
+  if [ "$target" = taskraft ]; then up_taskraft; else for n in 1 2 3; do start_etcd_member "$n"; done; fi
+  wait "$await_pid" || { cat "$work/loadgen.err" >&2; exit 1; }
+  commit=$(json_field ms < "$work/await.json")
+  printf '    the whole cluster killed with -9 committed a write %d ms after its restart\n' "$commit" >&2
+  if [ "$target" = taskraft ]; then stop_taskraft; else stop_etcd; fi
+  echo "{\"scenario\":\"scale_1m\",\"system\":\"$target\",\"pair\":$pair,\"result\":{\"fill\":$fill,\"snapshot\":$snapshot,\"catch_up_ms\":$catch_up,\"first_commit_ms\":$commit}}" >> "$results"
+}
+
 # Waits until a write through the member at ENDPOINT commits again.
 wait_rejoined() {  # wait_rejoined TARGET ENDPOINT
   local deadline=$((SECONDS + 30))
@@ -238,7 +314,17 @@ failover_trials() {  # failover_trials LABEL TARGET
 }
 
 step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
+scaled=0
 for scenario in "${scenarios[@]}"; do
+  case "$scenario" in
+    restart_1m | mem_1m | snapshot_1m)
+      # One fill per pair and system serves all three.
+      if [ "$scaled" = 0 ]; then
+        for pair in $(seq 1 "$pairs"); do scale_run taskraft "$pair"; scale_run etcd "$pair"; done
+        scaled=1
+      fi
+      continue ;;
+  esac
   if [ "$scenario" = failover ]; then
     taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS=300)
     etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
@@ -290,8 +376,8 @@ failover = {}
 for row in rows:
     if row["scenario"] == "failover":
         failover.setdefault(row["system"], []).append(row["result"])
-execution = [row for row in rows if row["scenario"] in ("submit_to_start", "exec_rate")]
-rows = [row for row in rows if row["scenario"] not in ("failover", "submit_to_start", "exec_rate")]
+execution = [row for row in rows if row["scenario"] in ("submit_to_start", "exec_rate", "scale_1m")]
+rows = [row for row in rows if row["scenario"] not in ("failover", "submit_to_start", "exec_rate", "scale_1m")]
 def quantile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))] if values else None
@@ -344,6 +430,27 @@ if any(row["scenario"] == "exec_rate" for row in execution):
         "spawn_per_s": median("exec_rate", "spawn", "items_per_s"),
         "ratio": ratio_of("exec_rate", "taskraft", "spawn", "items_per_s"),
     }
+scale_metrics = {
+    "mem_1m": ("resident memory growth per node, MiB", lambda r: r["fill"]["rss_growth_mib_per_node"]),
+    "snapshot_1m size": ("snapshot size, MiB", lambda r: r["snapshot"]["bytes"] / 2**20),
+    "snapshot_1m build": ("snapshot build, ms", lambda r: r["snapshot"]["build_ms"]),
+    "restart_1m follower": ("killed follower serving again, ms", lambda r: r["catch_up_ms"]),
+    "restart_1m cluster": ("whole cluster killed, first commit, ms", lambda r: r["first_commit_ms"]),
+    "fill rate": ("fill, items/s", lambda r: r["fill"]["items_per_s"]),
+}
+if any(row["scenario"] == "scale_1m" for row in execution):
+    ours, theirs = by.get(("scale_1m", "taskraft"), {}), by.get(("scale_1m", "etcd"), {})
+    entry = {}
+    for name, (label, get) in scale_metrics.items():
+        pair_ratios = [get(ours[p]) / get(theirs[p]) for p in ours if p in theirs and get(theirs[p])]
+        entry[name] = {
+            "what": label,
+            "taskraft": statistics.median([get(r) for r in ours.values()]) if ours else None,
+            "etcd": statistics.median([get(r) for r in theirs.values()]) if theirs else None,
+            "ratio": statistics.median(pair_ratios) if pair_ratios else None,
+        }
+    entry["items"] = next(iter(ours.values()))["fill"]["items"] if ours else None
+    report["scenarios"]["scale_1m"] = entry
 json.dump(report, open(json_path, "w"), indent=2)
 lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."]
 if table:
@@ -363,6 +470,13 @@ if "exec_rate" in report["scenarios"]:
     lines += ["", "Execution rate (queued no-op tasks, first start to last end) against the raw spawn rate of `true` with as many at a time as the cluster has slots:", "",
               "| taskraft tasks/s | raw spawns/s | ratio (median of pairs) |", "|---|---|---|",
               f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {fmt(entry['ratio'], '.2f')}× |"]
+if "scale_1m" in report["scenarios"]:
+    entry = report["scenarios"]["scale_1m"]
+    lines += ["", f"Scale ({fmt(entry['items'], ',')} pending tasks against as many etcd keys of the same payload):", "",
+              "| scenario | measure | taskraft | etcd | ratio (median of pairs) |", "|---|---|---|---|---|"]
+    for name in scale_metrics:
+        e = entry[name]
+        lines.append(f"| {name} | {e['what']} | {fmt(e['taskraft'], ',.0f')} | {fmt(e['etcd'], ',.0f')} | {fmt(e['ratio'], '.2f')}× |")
 if failover:
     lines += ["", "Failover (kill -9 of the leader; a write through a follower until one sent after the kill commits; for taskraft, until the next task starts):", "",
               "| system | trials | commit p50 ms | commit p99 ms | task start p50 ms | task start p99 ms | lost acknowledged |", "|---|---|---|---|---|---|---|"]

@@ -64,6 +64,42 @@ impl ClusterService {
         (nodes, membership.voter_ids().collect())
     }
 
+    /// Has openraft build a snapshot and waits, within the snapshot timeout,
+    /// until one that covers everything applied at the request is on disk.
+    async fn build_snapshot(&self) -> Result<pb::SnapshotResponse, ApiError> {
+        let started = tokio::time::Instant::now();
+        let applied = self.ctx.raft.metrics().borrow_watched().last_applied;
+        let Some(applied) = applied else {
+            return Err(ApiError::FailedPrecondition("nothing is applied yet".into()));
+        };
+        self.ctx
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|fatal| ApiError::unavailable(format!("raft has stopped: {fatal}")))?;
+        let timeout_ms = self.ctx.config.raft.snapshot_send_timeout_ms;
+        let covered = |metrics: &openraft::RaftMetrics<crate::raft::TypeConfig>| {
+            metrics.snapshot.as_ref().is_some_and(|snapshot| snapshot.index() >= applied.index())
+        };
+        let metrics = self
+            .ctx
+            .raft
+            .wait(Some(Duration::from_millis(timeout_ms)))
+            .metrics(covered, "a snapshot covering the applied log")
+            .await
+            .map_err(|err| {
+                ApiError::DeadlineExceeded(format!("no snapshot within {timeout_ms} ms: {err}"))
+            })?;
+        let build_ms = started.elapsed().as_millis() as u64;
+        let bytes = self.ctx.state_machine.snapshot_bytes().map_err(|err| {
+            ApiError::Internal(format!("cannot read the snapshot's size: {err}"))
+        })?;
+        let index = metrics.snapshot.map_or(0, |snapshot| snapshot.index());
+        info!(index, bytes, build_ms, "snapshot built on request");
+        Ok(pb::SnapshotResponse { node_id: self.ctx.node_id, index, bytes, build_ms })
+    }
+
     /// Every member's own view, asked of it directly, concurrently and with a deadline.
     async fn status(&self) -> pb::StatusResponse {
         let local = self.local_info();
@@ -170,6 +206,13 @@ impl Cluster for ClusterService {
                 Ok(Response::new(pb::DrainResponse { node_id, draining }))
             }
         }
+    }
+
+    async fn snapshot(
+        &self,
+        _request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        Ok(Response::new(self.build_snapshot().await?))
     }
 
     async fn status(

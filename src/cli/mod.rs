@@ -98,6 +98,9 @@ enum ClusterCommand {
     Drain { id: u64 },
     /// Resumes assignments to a drained node.
     Undrain { id: u64 },
+    /// Builds a snapshot on the first node of --endpoints that answers, which
+    /// also compacts its log; waits up to --timeout for it to be on disk.
+    Snapshot,
 }
 
 #[derive(Args, Debug)]
@@ -262,7 +265,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         return run_node(*args).await;
     }
     init_logging("warn");
-    let attempt_timeout = Duration::from_secs(8).min(cli.timeout);
+    // A snapshot of a large state takes a while: it gets the whole --timeout.
+    let attempt_timeout = match cli.command {
+        Command::Cluster(ClusterCommand::Snapshot) => cli.timeout,
+        _ => Duration::from_secs(8).min(cli.timeout),
+    };
     let mut client = Client::new(&cli.endpoints, cli.timeout, attempt_timeout)
         .map_err(|err| usage(err.to_string()))?;
     let printer = Printer::new(cli.output);
@@ -652,6 +659,17 @@ async fn cluster(
                 .map_err(status_error)?
                 .into_inner();
             printer.drained(reply.node_id, reply.draining);
+            return Ok(ExitCode::SUCCESS);
+        }
+        ClusterCommand::Snapshot => {
+            let reply = client
+                .call(|channel, timeout| async move {
+                    cluster_client(channel).snapshot(request(pb::SnapshotRequest {}, timeout)).await
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            printer.snapshot(&reply);
             return Ok(ExitCode::SUCCESS);
         }
         ClusterCommand::TransferLeader { to } => {

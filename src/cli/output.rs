@@ -232,6 +232,21 @@ impl Printer {
         }
     }
 
+    pub fn snapshot(&self, reply: &pb::SnapshotResponse) {
+        match self.format {
+            OutputFormat::Json => self.json(&json!({
+                "node_id": reply.node_id,
+                "index": reply.index,
+                "bytes": reply.bytes,
+                "build_ms": reply.build_ms,
+            })),
+            OutputFormat::Human => println!(
+                "node {}: snapshot at index {}, {} bytes, built in {} ms",
+                reply.node_id, reply.index, reply.bytes, reply.build_ms
+            ),
+        }
+    }
+
     pub fn leader(&self, leader_id: u64) {
         match self.format {
             OutputFormat::Json => self.json(&json!({ "leader_id": leader_id })),

@@ -120,6 +120,15 @@ impl StateMachineStore {
         Ok(StateMachineStore { shared: Arc::new(shared) })
     }
 
+    /// The size of the current snapshot file; 0 when there is none.
+    pub fn snapshot_bytes(&self) -> io::Result<u64> {
+        match std::fs::metadata(self.shared.snapshot_dir.join(snapshot::CURRENT_FILE_NAME)) {
+            Ok(metadata) => Ok(metadata.len()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Reads the applied state. Do not hold the guard across an await.
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
         self.shared.applied.read().expect("state lock poisoned")

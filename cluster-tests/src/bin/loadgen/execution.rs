@@ -23,34 +23,15 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
-use crate::{Args, OPEN_LOOP_IN_FLIGHT_MAX, REQUEST_TIMEOUT, Target, connect, leader_addr};
+use crate::{
+    Args, OPEN_LOOP_IN_FLIGHT_MAX, REQUEST_TIMEOUT, Target, connect, leader_addr, task_spec,
+    tasks_client,
+};
 
 /// The longest the read-back waits for the measured tasks to start or end.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
 /// Read-back requests in flight at once.
 const READ_BACK_IN_FLIGHT_MAX: usize = 16;
-
-/// A runnable no-op task: `true`, padded to about `payload_bytes` like the
-/// submissions of the throughput scenarios when `payload_bytes` > 0.
-fn noop_spec(payload_bytes: usize) -> pb::TaskSpec {
-    let mut spec = pb::TaskSpec {
-        command: Some(pb::Command { program: "true".into(), ..Default::default() }),
-        ..Default::default()
-    };
-    let pad = payload_bytes.saturating_sub(prost::Message::encoded_len(&spec) + 4);
-    if pad > 0
-        && let Some(command) = spec.command.as_mut()
-    {
-        command.args.push("x".repeat(pad));
-    }
-    spec
-}
-
-fn tasks_client(channel: Channel) -> TasksClient<Channel> {
-    TasksClient::new(channel)
-        .max_encoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
-        .max_decoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
-}
 
 fn unix_us() -> u64 {
     std::time::SystemTime::now()
@@ -127,7 +108,7 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(rate > 0.0, "--rate must be positive");
     let leader = leader_addr(args.target, &args.endpoints).await?;
     let client = tasks_client(connect(&leader).await?);
-    let spec = noop_spec(args.payload_bytes);
+    let spec = task_spec(args.payload_bytes, false);
     let started = Instant::now();
     let started_unix_us = unix_us();
     let measure_from = started + args.warmup;
@@ -205,7 +186,7 @@ pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
     anyhow::ensure!(n_tasks > 0, "--exec needs at least one task");
     let leader = leader_addr(args.target, &args.endpoints).await?;
     let client = tasks_client(connect(&leader).await?);
-    let spec = noop_spec(0);
+    let spec = task_spec(0, false);
     eprintln!("  submitting {n_tasks} no-op tasks in batches of {}", args.batch);
     let mut submissions = JoinSet::new();
     let permits = Arc::new(Semaphore::new(args.clients));

@@ -21,10 +21,12 @@
 //! after the kill commits; for taskraft also until the next task starts, and
 //! whether every acknowledged submission is still there.
 //!
-//! `--to-start`, `--exec N` and `--spawn` measure execution instead; see
-//! [`execution`].
+//! `--to-start`, `--exec N` and `--spawn` measure execution instead (see
+//! [`execution`]); `--fill N`, `--snapshot`, `--await-read` and
+//! `--await-commit` measure scale (see [`scale`]).
 
 mod execution;
+mod scale;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -100,6 +102,21 @@ struct Args {
     /// The machine's raw spawn rate of `true`, `--clients` at a time.
     #[arg(long)]
     spawn: bool,
+    /// Write this many items in batches of `--batch`, then a marker.
+    #[arg(long)]
+    fill: Option<u64>,
+    /// Have the leader build a snapshot; report its size and build time.
+    #[arg(long)]
+    snapshot: bool,
+    /// Wait until the first endpoint serves this marker in a local read.
+    #[arg(long, requires = "since_unix_ms")]
+    await_read: Option<String>,
+    /// Wait until a write through any endpoint commits.
+    #[arg(long, requires = "since_unix_ms")]
+    await_commit: bool,
+    /// The moment `--await-read` and `--await-commit` measure from.
+    #[arg(long)]
+    since_unix_ms: Option<u64>,
 }
 
 /// The deadline of one write while the leader may be dead.
@@ -149,6 +166,29 @@ impl Driver {
             }
         }
     }
+}
+
+/// `true` with a padding argument, about `payload_bytes` encoded (no
+/// padding for 0); a day ahead when `delayed`, so that it waits, unrun.
+fn task_spec(payload_bytes: usize, delayed: bool) -> pb::TaskSpec {
+    let mut spec = pb::TaskSpec {
+        command: Some(pb::Command { program: "true".into(), ..Default::default() }),
+        schedule: delayed.then_some(pb::task_spec::Schedule::DelayMs(24 * 3600 * 1000)),
+        ..Default::default()
+    };
+    let pad = payload_bytes.saturating_sub(spec.encoded_len() + 4);
+    if pad > 0
+        && let Some(command) = spec.command.as_mut()
+    {
+        command.args.push("x".repeat(pad));
+    }
+    spec
+}
+
+fn tasks_client(channel: Channel) -> TasksClient<Channel> {
+    TasksClient::new(channel)
+        .max_encoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
@@ -233,8 +273,8 @@ async fn main() -> anyhow::Result<()> {
         "clients and connections must be positive"
     );
     anyhow::ensure!(args.batch > 0, "batch must be positive");
-    if args.target == Target::Etcd && args.batch > 1 {
-        bail!("--batch applies to taskraft only");
+    if args.target == Target::Etcd && args.batch > 1 && args.fill.is_none() {
+        bail!("--batch applies to taskraft only, or to --fill");
     }
     if args.failover {
         return failover_trial(&args).await;
@@ -247,6 +287,18 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.spawn {
         return execution::spawn(&args).await;
+    }
+    if let Some(n_items) = args.fill {
+        return scale::fill(&args, n_items).await;
+    }
+    if args.snapshot {
+        return scale::snapshot(&args).await;
+    }
+    if let Some(marker) = &args.await_read {
+        return scale::await_read(&args, marker).await;
+    }
+    if args.await_commit {
+        return scale::await_commit(&args).await;
     }
     if args.ready {
         for endpoint in &args.endpoints {
@@ -263,24 +315,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let driver = match args.target {
         Target::Taskraft => {
-            // `true` with a padding argument: about `payload_bytes` encoded.
-            let mut spec = pb::TaskSpec {
-                command: Some(pb::Command { program: "true".into(), ..Default::default() }),
-                schedule: Some(pb::task_spec::Schedule::DelayMs(24 * 3600 * 1000)),
-                ..Default::default()
-            };
-            let pad = args.payload_bytes.saturating_sub(spec.encoded_len() + 4);
-            if let Some(command) = spec.command.as_mut() {
-                command.args.push("x".repeat(pad));
-            }
-            let clients = channels
-                .into_iter()
-                .map(|channel| {
-                    TasksClient::new(channel)
-                        .max_encoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
-                        .max_decoding_message_size(taskraft::client::MESSAGE_BYTES_MAX)
-                })
-                .collect();
+            let spec = task_spec(args.payload_bytes, true);
+            let clients = channels.into_iter().map(tasks_client).collect();
             Driver::Taskraft { clients, spec: Box::new(spec), batch: args.batch }
         }
         Target::Etcd => Driver::Etcd {

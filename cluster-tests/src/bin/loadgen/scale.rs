@@ -1,0 +1,290 @@
+//! The scale scenarios of the load generator (`restart_1m`, `mem_1m`,
+//! `snapshot_1m` in `scripts/bench.sh`), for taskraft and etcd alike:
+//!
+//! - `--fill N`: writes N items as fast as `--clients` batches of `--batch`
+//!   allow (taskraft: tasks a day ahead in `SubmitTasks`; etcd: keys in a
+//!   `Txn` of puts), then one marker write after all of them. Reports the
+//!   servers' resident memory before and after, and the marker.
+//! - `--snapshot`: has the leader build a snapshot (taskraft: `Snapshot`;
+//!   etcd: the `Snapshot` stream, read to its end) and reports its size and
+//!   the time it took.
+//! - `--await-read MARKER`: reads MARKER locally (a stale read; etcd: a
+//!   serializable range) through the first of `--endpoints` until it is
+//!   there: the member has caught up and serves. Reports the milliseconds
+//!   since `--since-unix-ms`.
+//! - `--await-commit`: writes through each endpoint in turn until a write
+//!   commits; reports the milliseconds since `--since-unix-ms`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::cluster_client::ClusterClient;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use crate::{Args, REQUEST_TIMEOUT, Target, connect, etcd, leader_addr, task_spec, tasks_client};
+
+/// The longest a snapshot, a restart or a catch-up may take.
+const SCALE_DEADLINE: Duration = Duration::from_secs(300);
+/// The longest one probe may take while a member is (re)starting.
+const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a waiting probe tries again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
+/// The most puts etcd takes in one Txn (its --max-txn-ops default).
+const ETCD_TXN_OPS_MAX: usize = 128;
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// Writes items `first..first + n` in one request.
+async fn write_batch(
+    target: Target,
+    channel: Channel,
+    payload_bytes: usize,
+    first: u64,
+    n: usize,
+) -> anyhow::Result<()> {
+    match target {
+        Target::Taskraft => {
+            let specs = vec![task_spec(payload_bytes, true); n];
+            let request =
+                taskraft::client::request(pb::SubmitTasksRequest { specs }, REQUEST_TIMEOUT);
+            let reply = tasks_client(channel).submit_tasks(request).await?.into_inner();
+            anyhow::ensure!(reply.results.len() == n, "{} of {n} tasks came back", reply.results.len());
+        }
+        Target::Etcd => {
+            let success = (first..first + n as u64)
+                .map(|seq| etcd::RequestOp {
+                    request: Some(etcd::request_op::Request::RequestPut(etcd::PutRequest {
+                        key: format!("fill{seq:010}").into_bytes(),
+                        value: vec![b'v'; payload_bytes],
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            let request = taskraft::client::request(
+                etcd::TxnRequest { success, failure: Vec::new() },
+                REQUEST_TIMEOUT,
+            );
+            etcd::kv_client::KvClient::new(channel).txn(request).await?;
+        }
+    }
+    Ok(())
+}
+
+/// One write after everything before it: a task id or an etcd key.
+async fn marker_write(target: Target, channel: Channel, timeout: Duration) -> anyhow::Result<String> {
+    match target {
+        Target::Taskraft => {
+            let request = taskraft::client::request(
+                pb::SubmitTaskRequest { spec: Some(task_spec(0, true)) },
+                timeout,
+            );
+            let reply = tasks_client(channel).submit_task(request).await?.into_inner();
+            reply.task.map(|task| task.id).context("SubmitTask answered without a task")
+        }
+        Target::Etcd => {
+            let key = format!("marker{}", unix_ms());
+            let request = taskraft::client::request(
+                etcd::PutRequest { key: key.clone().into_bytes(), value: b"m".to_vec(), ..Default::default() },
+                timeout,
+            );
+            etcd::kv_client::KvClient::new(channel).put(request).await?;
+            Ok(key)
+        }
+    }
+}
+
+/// `--fill N`.
+pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
+    let batch = match args.target {
+        Target::Taskraft => args.batch,
+        Target::Etcd => args.batch.min(ETCD_TXN_OPS_MAX),
+    };
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        channels.push(connect(&leader).await?);
+    }
+    let rss_before: Vec<Option<u64>> = args.server_pids.iter().map(|pid| rss_kib(*pid)).collect();
+    let started = Instant::now();
+    let n_written = Arc::new(AtomicU64::new(0));
+    let permits = Arc::new(Semaphore::new(args.clients));
+    let mut writes = JoinSet::new();
+    let mut next_progress = started + Duration::from_secs(5);
+    let mut first = 0;
+    while first < n_items {
+        let n = (batch as u64).min(n_items - first) as usize;
+        let permit = permits.clone().acquire_owned().await?;
+        let channel = channels[(first / batch as u64) as usize % channels.len()].clone();
+        let (target, payload_bytes, n_written) = (args.target, args.payload_bytes, n_written.clone());
+        writes.spawn(async move {
+            let written = write_batch(target, channel, payload_bytes, first, n).await;
+            n_written.fetch_add(n as u64, Ordering::Relaxed);
+            drop(permit);
+            written
+        });
+        while let Some(done) = writes.try_join_next() {
+            done??;
+        }
+        if Instant::now() >= next_progress {
+            let n = n_written.load(Ordering::Relaxed);
+            eprintln!(
+                "  filled {n} of {n_items} ({:.0}/s)",
+                n as f64 / started.elapsed().as_secs_f64()
+            );
+            next_progress += Duration::from_secs(5);
+        }
+        first += n as u64;
+    }
+    while let Some(done) = writes.join_next().await {
+        done??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let marker = marker_write(args.target, channels[0].clone(), REQUEST_TIMEOUT).await?;
+    // Let background work (apply, compaction) settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after: Vec<Option<u64>> = args.server_pids.iter().map(|pid| rss_kib(*pid)).collect();
+    let growths: Vec<f64> = rss_before
+        .iter()
+        .zip(&rss_after)
+        .filter_map(|(before, after)| Some((after.as_ref()?.saturating_sub(*before.as_ref()?)) as f64 / 1024.0))
+        .collect();
+    let result = serde_json::json!({
+        "target": match args.target { Target::Taskraft => "taskraft", Target::Etcd => "etcd" },
+        "mode": "fill",
+        "leader": leader,
+        "items": n_items,
+        "batch": batch,
+        "seconds": seconds,
+        "items_per_s": n_items as f64 / seconds,
+        "marker": marker,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "rss_growth_mib_per_node": if growths.is_empty() { 0.0 } else { growths.iter().sum::<f64>() / growths.len() as f64 },
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// `--snapshot`.
+pub async fn snapshot(args: &Args) -> anyhow::Result<()> {
+    let leader = leader_addr(args.target, &args.endpoints).await?;
+    let channel = connect(&leader).await?;
+    let started = Instant::now();
+    let (bytes, build_ms) = match args.target {
+        Target::Taskraft => {
+            let request = taskraft::client::request(pb::SnapshotRequest {}, SCALE_DEADLINE);
+            let reply = ClusterClient::new(channel).snapshot(request).await?.into_inner();
+            (reply.bytes, reply.build_ms as f64)
+        }
+        Target::Etcd => {
+            let request = taskraft::client::request(etcd::SnapshotRequest {}, SCALE_DEADLINE);
+            let mut stream = etcd::maintenance_client::MaintenanceClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .snapshot(request)
+                .await?
+                .into_inner();
+            let mut bytes = 0;
+            while let Some(chunk) = stream.message().await? {
+                bytes += chunk.blob.len() as u64;
+            }
+            (bytes, started.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    let result = serde_json::json!({
+        "target": match args.target { Target::Taskraft => "taskraft", Target::Etcd => "etcd" },
+        "mode": "snapshot",
+        "leader": leader,
+        "bytes": bytes,
+        "build_ms": build_ms,
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// Whether `marker` is there in a local read through `channel`.
+async fn has_marker(target: Target, channel: Channel, marker: &str) -> anyhow::Result<bool> {
+    match target {
+        Target::Taskraft => {
+            let request = taskraft::client::request(
+                pb::GetTaskRequest { id: marker.to_owned(), stale: true },
+                PROBE_ATTEMPT_TIMEOUT,
+            );
+            match tasks_client(channel).get_task(request).await {
+                Ok(_) => Ok(true),
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+                Err(status) => Err(status.into()),
+            }
+        }
+        Target::Etcd => {
+            let request = taskraft::client::request(
+                etcd::RangeRequest {
+                    key: marker.as_bytes().to_vec(),
+                    serializable: true,
+                    count_only: true,
+                    ..Default::default()
+                },
+                PROBE_ATTEMPT_TIMEOUT,
+            );
+            let reply = etcd::kv_client::KvClient::new(channel).range(request).await?;
+            Ok(reply.into_inner().count > 0)
+        }
+    }
+}
+
+fn since_ms(args: &Args) -> anyhow::Result<u64> {
+    let since = args.since_unix_ms.context("--await-read and --await-commit need --since-unix-ms")?;
+    Ok(unix_ms().saturating_sub(since))
+}
+
+/// `--await-read MARKER`.
+pub async fn await_read(args: &Args, marker: &str) -> anyhow::Result<()> {
+    let endpoint = args.endpoints.first().context("--await-read needs an endpoint")?;
+    let deadline = Instant::now() + SCALE_DEADLINE;
+    loop {
+        let probe = async { has_marker(args.target, connect(endpoint).await?, marker).await };
+        if let Ok(Ok(true)) = tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, probe).await {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{endpoint} did not serve {marker} within {SCALE_DEADLINE:?}");
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+    println!("{}", serde_json::json!({ "mode": "await_read", "endpoint": endpoint, "ms": since_ms(args)? }));
+    Ok(())
+}
+
+/// `--await-commit`.
+pub async fn await_commit(args: &Args) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SCALE_DEADLINE;
+    for endpoint in args.endpoints.iter().cycle() {
+        let write = async {
+            marker_write(args.target, connect(endpoint).await?, PROBE_ATTEMPT_TIMEOUT).await
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, write).await {
+            println!("{}", serde_json::json!({ "mode": "await_commit", "endpoint": endpoint, "ms": since_ms(args)? }));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("no write committed within {SCALE_DEADLINE:?}");
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+    bail!("no endpoints")
+}
