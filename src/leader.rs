@@ -309,6 +309,12 @@ impl SchedulingLoop {
     ) {
         let mut changes = self.service.state_machine.subscribe(0).live;
         loop {
+            // Every heartbeat the service accepted counts before leases are
+            // judged: the executor believes in the lease it renewed, so a
+            // round must not find it expired while the renewal waits here.
+            while let Ok((heartbeat, received_at)) = heartbeats.try_recv() {
+                self.record(heartbeat, received_at);
+            }
             let round = self.plan_round();
             let mut wrote = false;
             for command in round.commands {

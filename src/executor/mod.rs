@@ -242,7 +242,12 @@ impl Executor {
         let span = info_span!("attempt", task_id = %task.id, attempt = attempt.number, token = attempt.fencing_token);
         if attempt.fencing_token <= ledger.boot_index || task.state == TaskState::Running {
             // Its process died with this node's previous run.
-            let command = lost_report(self.clock.unix_now_ms(), task.id, attempt.fencing_token);
+            let command = lost_report(
+                self.clock.unix_now_ms(),
+                task.id,
+                attempt.fencing_token,
+                "the node restarted while this attempt was active",
+            );
             tokio::spawn(async move { executor.report(command).await }.instrument(span));
             return;
         }
@@ -263,6 +268,11 @@ impl Executor {
     }
 
     /// Records the start, runs the program, records the end.
+    ///
+    /// The program starts only while this executor's lease holds, checked
+    /// after the start is recorded: once the lease has run out the leader
+    /// may already have handed the task to another node, so the attempt is
+    /// reported lost instead of run.
     async fn run_attempt(&self, task: &Task, stop: oneshot::Receiver<StopReason>) {
         let attempt = task.attempts.last().expect("an assigned task has an attempt");
         let token = attempt.fencing_token;
@@ -275,6 +285,12 @@ impl Executor {
                 return;
             }
             None => return,
+        }
+        if self.lease_expired() {
+            warn!("the lease ran out before the program could start; reporting the attempt lost");
+            let why = "the executor's lease ran out before the program started";
+            self.report(lost_report(self.clock.unix_now_ms(), task.id, token, why)).await;
+            return;
         }
         let started_at_ms = self.clock.unix_now_ms();
         info!(program = %task.spec.command.program, "attempt started");
@@ -376,13 +392,13 @@ fn libc_sigkill() -> i32 {
     nix::sys::signal::Signal::SIGKILL as i32
 }
 
-fn lost_report(now_ms: u64, task: TaskId, token: u64) -> Command {
+fn lost_report(now_ms: u64, task: TaskId, token: u64, why: &str) -> Command {
     let report = AttemptReport {
         started_at_ms: None,
         ended_at_ms: now_ms,
         outcome: Outcome::Lost,
         stdout_tail: String::new(),
-        stderr_tail: "the node restarted while this attempt was active".into(),
+        stderr_tail: why.into(),
     };
     Command::CompleteAttempt { now_ms, task, token, report }
 }

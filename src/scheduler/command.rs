@@ -33,7 +33,7 @@ pub enum Command {
     /// An executor's attempt with this token ended.
     CompleteAttempt { now_ms: u64, task: TaskId, token: u64, report: AttemptReport },
     /// The leader found these attempts lost: their executors' leases expired.
-    RequeueLost { now_ms: u64, lost: Vec<(TaskId, u64)> },
+    RequeueLost { now_ms: u64, lost: Vec<LostAttempt> },
     /// Stops (or resumes) new assignments to a node.
     SetDraining { node: NodeId, draining: bool },
     /// Removes at most `tasks_max` tasks that finished `retention_ms` or more before `now_ms`.
@@ -56,6 +56,17 @@ pub struct AttemptReport {
     pub outcome: Outcome,
     pub stdout_tail: String,
     pub stderr_tail: String,
+}
+
+/// An attempt the leader judged lost, with the task's revision it judged
+/// from: if the task changed since (its executor recorded the start, say,
+/// after a late heartbeat renewed its lease), the judgement is stale and the
+/// attempt is left alone; the next round judges again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostAttempt {
+    pub task: TaskId,
+    pub token: u64,
+    pub revision: u64,
 }
 
 impl fmt::Display for Command {

@@ -16,8 +16,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::scheduler::command::LostAttempt;
 use crate::scheduler::state::State;
-use crate::scheduler::task::{NodeId, TaskId, TaskState};
+use crate::scheduler::task::{NodeId, TaskState};
 
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
@@ -51,14 +52,18 @@ impl LeaseTable {
     }
 
     /// The active attempts whose executors' leases have run out, with the
-    /// tokens to fence `RequeueLost` by.
-    pub fn lost_attempts(&self, state: &State, now_ms: u64) -> Vec<(TaskId, u64)> {
+    /// tokens and revisions to fence `RequeueLost` by.
+    pub fn lost_attempts(&self, state: &State, now_ms: u64) -> Vec<LostAttempt> {
         state
             .active()
             .filter(|(node, _)| !self.is_live(*node, now_ms))
             .filter(|(_, task)| matches!(task.state, TaskState::Assigned | TaskState::Running))
             .filter_map(|(_, task)| {
-                task.attempts.last().map(|attempt| (task.id, attempt.fencing_token))
+                task.attempts.last().map(|attempt| LostAttempt {
+                    task: task.id,
+                    token: attempt.fencing_token,
+                    revision: task.revision,
+                })
             })
             .collect()
     }

@@ -24,7 +24,7 @@ pub mod state;
 pub mod task;
 
 pub use command::{
-    Assignment, AttemptReport, Command, Rejection, RejectionKind, Response, Submitted,
+    Assignment, AttemptReport, Command, LostAttempt, Rejection, RejectionKind, Response, Submitted,
 };
 pub use limits::Limits;
 pub use state::{Applied, State, StateMeta};

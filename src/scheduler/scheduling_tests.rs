@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
 use crate::scheduler::{
-    Assignment, AttemptReport, Backoff, Command, Outcome, RejectionKind, Response, Schedule, State,
-    Task, TaskId, TaskSpec, TaskState,
+    Assignment, AttemptReport, Backoff, Command, LostAttempt, Outcome, RejectionKind, Response,
+    Schedule, State, Task, TaskId, TaskSpec, TaskState,
 };
 
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -59,6 +59,12 @@ impl Cluster {
 
     fn task(&self, id: TaskId) -> &Task {
         self.state.task(id).unwrap()
+    }
+
+    /// The leader's judgement that attempt `token` of `id` is lost, made
+    /// from the task as it is now.
+    fn lost(&self, id: TaskId, token: u64) -> LostAttempt {
+        LostAttempt { task: id, token, revision: self.task(id).revision }
     }
 
     /// Plans and commits one round of assignments; returns them with tokens.
@@ -280,8 +286,10 @@ fn reports_from_a_stale_attempt_are_refused() {
     let (first, old_token) = cluster.schedule(1)[0];
     cluster.apply(Command::StartAttempt { now_ms: NOW_MS, task: id, token: old_token });
     // The leader finds the first executor's lease expired and requeues.
-    let response =
-        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 1, lost: vec![(id, old_token)] });
+    let response = cluster.apply(Command::RequeueLost {
+        now_ms: NOW_MS + 1,
+        lost: vec![cluster.lost(id, old_token)],
+    });
     assert_eq!(response, Response::Requeued(vec![id]));
     assert_eq!(cluster.task(id).state, TaskState::Ready, "a zero backoff makes it ready at once");
     cluster.executors.retain(|capacity| capacity.node_id != first.node);
@@ -303,8 +311,9 @@ fn reports_from_a_stale_attempt_are_refused() {
     );
     assert_eq!(cluster.task(id), &before, "stale reports change nothing");
     // Requeueing with the old token again does nothing either.
+    let lost = vec![cluster.lost(id, old_token)];
     assert_eq!(
-        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 4, lost: vec![(id, old_token)] }),
+        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 4, lost }),
         Response::Requeued(vec![])
     );
     assert_eq!(cluster.task(id), &before);
@@ -328,8 +337,11 @@ fn leases_expire_from_the_last_heartbeat_and_a_new_leader_waits_a_full_lease() {
     let mut cluster = Cluster::new(vec![executor(1, 2, &[]), executor(2, 2, &[])]);
     let ids = [cluster.submit(spec_in("q", 0)), cluster.submit(spec_in("q", 0))];
     let assigned = cluster.schedule(2);
-    let on_node_1: Vec<(TaskId, u64)> =
-        assigned.iter().filter(|(a, _)| a.node == 1).map(|(a, token)| (a.task, *token)).collect();
+    let on_node_1: Vec<LostAttempt> = assigned
+        .iter()
+        .filter(|(a, _)| a.node == 1)
+        .map(|(a, token)| cluster.lost(a.task, *token))
+        .collect();
     assert_eq!(on_node_1.len(), 1);
 
     // A leader that took over at t=10_000 with a 3 s lease and 0.5 s grace.
@@ -355,9 +367,32 @@ fn leases_expire_from_the_last_heartbeat_and_a_new_leader_waits_a_full_lease() {
     assert!(leases.lost_attempts(&cluster.state, 15_500).len() == 1, "node 2 expires at 15 500");
 
     let response = cluster.apply(Command::RequeueLost { now_ms: NOW_MS, lost: on_node_1.clone() });
-    assert_eq!(response, Response::Requeued(vec![on_node_1[0].0]));
-    assert!(ids.contains(&on_node_1[0].0));
+    assert_eq!(response, Response::Requeued(vec![on_node_1[0].task]));
+    assert!(ids.contains(&on_node_1[0].task));
     assert_eq!(cluster.state.n_active_on(1), 0, "the lost attempt no longer takes a slot");
+}
+
+#[test]
+fn a_lost_judgement_made_before_the_attempt_started_changes_nothing() {
+    // The leader judged the attempt lost from a stale lease table; a late
+    // heartbeat renewed the lease and the start got recorded first.
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
+    let id = cluster.submit(spec_in("q", 0));
+    let (_, token) = cluster.schedule(1)[0];
+    let judged = cluster.lost(id, token);
+    cluster.apply(Command::StartAttempt { now_ms: NOW_MS, task: id, token });
+    let before = cluster.task(id).clone();
+    assert_eq!(
+        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 1, lost: vec![judged] }),
+        Response::Requeued(vec![])
+    );
+    assert_eq!(cluster.task(id), &before, "the running attempt is left alone");
+    // Judged again, from the task as it is now, it is requeued.
+    let lost = vec![cluster.lost(id, token)];
+    assert_eq!(
+        cluster.apply(Command::RequeueLost { now_ms: NOW_MS + 2, lost }),
+        Response::Requeued(vec![id])
+    );
 }
 
 #[test]
@@ -365,7 +400,7 @@ fn a_lost_attempt_uses_up_an_attempt() {
     let mut cluster = Cluster::new(vec![executor(1, 1, &[])]);
     let id = cluster.submit(TaskSpec { max_attempts: 1, ..spec_in("q", 0) });
     let (_, token) = cluster.schedule(1)[0];
-    cluster.apply(Command::RequeueLost { now_ms: NOW_MS, lost: vec![(id, token)] });
+    cluster.apply(Command::RequeueLost { now_ms: NOW_MS, lost: vec![cluster.lost(id, token)] });
     assert_eq!(cluster.task(id).state, TaskState::Failed);
     assert_eq!(cluster.task(id).attempts[0].outcome, Some(Outcome::Lost));
 }

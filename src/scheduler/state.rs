@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::backoff::retry_delay_ms;
 use crate::scheduler::command::{
-    Assignment, AttemptReport, Command, Rejection, RejectionKind, Response, Submitted,
+    Assignment, AttemptReport, Command, LostAttempt, Rejection, RejectionKind, Response, Submitted,
 };
 use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
 use crate::scheduler::task::{
@@ -505,13 +505,14 @@ impl State {
         &mut self,
         revision: u64,
         now_ms: u64,
-        lost: &[(TaskId, u64)],
+        lost: &[LostAttempt],
         changed: &mut Vec<TaskId>,
     ) -> Vec<TaskId> {
         let mut requeued = Vec::new();
-        for &(id, token) in lost {
+        for &LostAttempt { task: id, token, revision: judged_at } in lost {
             let still_current = self.current_attempt(id, token).is_ok_and(|task| {
-                matches!(task.state, TaskState::Assigned | TaskState::Running)
+                task.revision == judged_at
+                    && matches!(task.state, TaskState::Assigned | TaskState::Running)
                     && task.attempts.last().is_some_and(|current| current.outcome.is_none())
             });
             if !still_current || changed.contains(&id) {
