@@ -66,6 +66,13 @@ pub struct RaftTimings {
     pub snapshot_keep_entries: u64,
     /// The longest one snapshot transfer may take.
     pub snapshot_send_timeout_ms: u64,
+    /// The longest a follower may take to answer an AppendEntries that
+    /// carries entries: it must receive, write and fsync them first. openraft
+    /// would allow only a heartbeat interval, which a batch of large entries
+    /// on a busy machine outlasts; retried, it outlasts it again, and with
+    /// one follower down nothing commits. Heartbeats keep their own, shorter
+    /// deadline.
+    pub append_timeout_ms: u64,
 }
 
 impl Default for RaftTimings {
@@ -76,6 +83,7 @@ impl Default for RaftTimings {
             snapshot_after_entries: 5_000,
             snapshot_keep_entries: 1_000,
             snapshot_send_timeout_ms: 60_000,
+            append_timeout_ms: 5_000,
         }
     }
 }
@@ -245,6 +253,9 @@ impl NodeConfig {
                 "heartbeat_interval_ms must be at least 1 and at most a quarter of election_timeout_ms"
                     .into(),
             );
+        }
+        if raft.append_timeout_ms < raft.heartbeat_interval_ms {
+            return invalid("append_timeout_ms must be at least heartbeat_interval_ms".into());
         }
         if raft.snapshot_after_entries == 0 {
             return invalid("snapshot_after_entries must be at least 1".into());

@@ -117,6 +117,7 @@ async fn run_validated(
             message_bytes_max: server.peer_message_bytes_max,
             snapshot_chunk_bytes: server.snapshot_chunk_bytes,
             snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
+            append_timeout_ms: config.raft.append_timeout_ms,
         },
         platform.network.clone(),
     );

@@ -41,6 +41,9 @@ pub struct PeerClientConfig {
     pub snapshot_chunk_bytes: usize,
     /// The longest a whole snapshot transfer may take.
     pub snapshot_send_timeout_ms: u64,
+    /// The deadline of an AppendEntries that carries entries (see
+    /// `RaftTimings::append_timeout_ms`); never shorter than openraft's.
+    pub append_timeout_ms: u64,
 }
 
 /// Hands out peer clients that share one channel per peer address.
@@ -124,12 +127,12 @@ impl PeerClient {
         self.client.clone().map_err(|err| RPCError::Unreachable(Unreachable::from_string(err)))
     }
 
-    /// Sends one unary RPC with the deadline of `option`.
+    /// Sends one unary RPC that must be answered within `deadline`.
     async fn unary<Req, Resp, F, Fut>(
         &self,
         what: &'static str,
         request: &Req,
-        option: &RPCOption,
+        deadline: Duration,
         call: F,
     ) -> Result<Resp, RPCError<TypeConfig>>
     where
@@ -139,7 +142,6 @@ impl PeerClient {
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let client = self.client()?;
-        let deadline = option.hard_ttl();
         let mut grpc_request = tonic::Request::new(RaftMessage { data: codec::encode(request) });
         grpc_request.set_timeout(deadline);
         match tokio::time::timeout(deadline, call(client, grpc_request)).await {
@@ -152,6 +154,22 @@ impl PeerClient {
     }
 }
 
+/// How long the follower may take to answer `rpc`. openraft allows one
+/// heartbeat interval for every AppendEntries; one that carries entries gets
+/// at least `append_timeout_ms`, since the follower fsyncs them before it
+/// answers. A heartbeat (no entries) keeps openraft's deadline, which its
+/// heartbeat worker enforces anyway.
+fn append_deadline(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    option: &RPCOption,
+    append_timeout_ms: u64,
+) -> Duration {
+    if rpc.entries.is_empty() {
+        return option.hard_ttl();
+    }
+    option.hard_ttl().max(Duration::from_millis(append_timeout_ms))
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
 
@@ -160,7 +178,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary("append entries reply", &rpc, &option, |mut client, request| async move {
+        let deadline = append_deadline(&rpc, &option, self.config.append_timeout_ms);
+        self.unary("append entries reply", &rpc, deadline, |mut client, request| async move {
             client.append_entries(request).await
         })
         .await
@@ -171,7 +190,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary("vote reply", &rpc, &option, |mut client, request| async move {
+        self.unary("vote reply", &rpc, option.hard_ttl(), |mut client, request| async move {
             client.vote(request).await
         })
         .await
@@ -182,7 +201,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary("pre-vote reply", &rpc, &option, |mut client, request| async move {
+        self.unary("pre-vote reply", &rpc, option.hard_ttl(), |mut client, request| async move {
             client.pre_vote(request).await
         })
         .await
@@ -193,9 +212,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary("transfer leader reply", &req, &option, |mut client, request| async move {
-            client.transfer_leader(request).await
-        })
+        self.unary(
+            "transfer leader reply",
+            &req,
+            option.hard_ttl(),
+            |mut client, request| async move { client.transfer_leader(request).await },
+        )
         .await
     }
 
