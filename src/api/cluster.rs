@@ -92,9 +92,10 @@ impl ClusterService {
                 ApiError::DeadlineExceeded(format!("no snapshot within {timeout_ms} ms: {err}"))
             })?;
         let build_ms = started.elapsed().as_millis() as u64;
-        let bytes = self.ctx.state_machine.snapshot_bytes().map_err(|err| {
-            ApiError::Internal(format!("cannot read the snapshot's size: {err}"))
-        })?;
+        let bytes =
+            self.ctx.state_machine.snapshot_bytes().map_err(|err| {
+                ApiError::Internal(format!("cannot read the snapshot's size: {err}"))
+            })?;
         let index = metrics.snapshot.map_or(0, |snapshot| snapshot.index());
         info!(index, bytes, build_ms, "snapshot built on request");
         Ok(pb::SnapshotResponse { node_id: self.ctx.node_id, index, bytes, build_ms })

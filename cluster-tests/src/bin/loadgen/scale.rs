@@ -64,7 +64,11 @@ async fn write_batch(
             let request =
                 taskraft::client::request(pb::SubmitTasksRequest { specs }, REQUEST_TIMEOUT);
             let reply = tasks_client(channel).submit_tasks(request).await?.into_inner();
-            anyhow::ensure!(reply.results.len() == n, "{} of {n} tasks came back", reply.results.len());
+            anyhow::ensure!(
+                reply.results.len() == n,
+                "{} of {n} tasks came back",
+                reply.results.len()
+            );
         }
         Target::Etcd => {
             let success = (first..first + n as u64)
@@ -87,7 +91,11 @@ async fn write_batch(
 }
 
 /// One write after everything before it: a task id or an etcd key.
-async fn marker_write(target: Target, channel: Channel, timeout: Duration) -> anyhow::Result<String> {
+async fn marker_write(
+    target: Target,
+    channel: Channel,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     match target {
         Target::Taskraft => {
             let request = taskraft::client::request(
@@ -100,7 +108,11 @@ async fn marker_write(target: Target, channel: Channel, timeout: Duration) -> an
         Target::Etcd => {
             let key = format!("marker{}", unix_ms());
             let request = taskraft::client::request(
-                etcd::PutRequest { key: key.clone().into_bytes(), value: b"m".to_vec(), ..Default::default() },
+                etcd::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: b"m".to_vec(),
+                    ..Default::default()
+                },
                 timeout,
             );
             etcd::kv_client::KvClient::new(channel).put(request).await?;
@@ -131,10 +143,12 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
         let n = (batch as u64).min(n_items - first) as usize;
         let permit = permits.clone().acquire_owned().await?;
         let channel = channels[(first / batch as u64) as usize % channels.len()].clone();
-        let (target, payload_bytes, n_written) = (args.target, args.payload_bytes, n_written.clone());
+        let (target, payload_bytes, counter) = (args.target, args.payload_bytes, n_written.clone());
         writes.spawn(async move {
             let written = write_batch(target, channel, payload_bytes, first, n).await;
-            n_written.fetch_add(n as u64, Ordering::Relaxed);
+            if written.is_ok() {
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
             drop(permit);
             written
         });
@@ -162,7 +176,9 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
     let growths: Vec<f64> = rss_before
         .iter()
         .zip(&rss_after)
-        .filter_map(|(before, after)| Some((after.as_ref()?.saturating_sub(*before.as_ref()?)) as f64 / 1024.0))
+        .filter_map(|(before, after)| {
+            Some((after.as_ref()?.saturating_sub(*before.as_ref()?)) as f64 / 1024.0)
+        })
         .collect();
     let result = serde_json::json!({
         "target": match args.target { Target::Taskraft => "taskraft", Target::Etcd => "etcd" },
@@ -248,7 +264,8 @@ async fn has_marker(target: Target, channel: Channel, marker: &str) -> anyhow::R
 }
 
 fn since_ms(args: &Args) -> anyhow::Result<u64> {
-    let since = args.since_unix_ms.context("--await-read and --await-commit need --since-unix-ms")?;
+    let since =
+        args.since_unix_ms.context("--await-read and --await-commit need --since-unix-ms")?;
     Ok(unix_ms().saturating_sub(since))
 }
 
@@ -266,7 +283,10 @@ pub async fn await_read(args: &Args, marker: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
-    println!("{}", serde_json::json!({ "mode": "await_read", "endpoint": endpoint, "ms": since_ms(args)? }));
+    println!(
+        "{}",
+        serde_json::json!({ "mode": "await_read", "endpoint": endpoint, "ms": since_ms(args)? })
+    );
     Ok(())
 }
 
@@ -278,7 +298,10 @@ pub async fn await_commit(args: &Args) -> anyhow::Result<()> {
             marker_write(args.target, connect(endpoint).await?, PROBE_ATTEMPT_TIMEOUT).await
         };
         if let Ok(Ok(_)) = tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, write).await {
-            println!("{}", serde_json::json!({ "mode": "await_commit", "endpoint": endpoint, "ms": since_ms(args)? }));
+            println!(
+                "{}",
+                serde_json::json!({ "mode": "await_commit", "endpoint": endpoint, "ms": since_ms(args)? })
+            );
             return Ok(());
         }
         if Instant::now() >= deadline {
