@@ -12,8 +12,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|arg| arg == taskraft::executor::warden::WARDEN_ARG) {
+    let first_arg = std::env::args_os().nth(1);
+    if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::warden::WARDEN_ARG) {
         return taskraft::executor::warden::run();
+    }
+    // Before anything else: a task's process starts here, so that it does
+    // as little as possible before it becomes the program.
+    if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::launch::LAUNCH_ARG) {
+        return taskraft::executor::launch::run();
     }
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -44,7 +44,7 @@ impl Platform {
             network: Arc::new(Tcp),
             clock: Arc::new(SystemClock),
             disk: Disk::Sled,
-            runner: Arc::new(ProcessRunner),
+            runner: Arc::new(ProcessRunner::production()),
             warden: true,
         }
     }

@@ -21,6 +21,7 @@
 //! - [`protocol`]: the messages between executors and the leader.
 //! - [`warden`]: the process that enforces the lease when the node cannot.
 
+pub mod launch;
 pub mod process;
 pub mod protocol;
 pub mod warden;

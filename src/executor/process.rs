@@ -8,6 +8,7 @@
 //! last `output_tail_bytes_max` bytes.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
+use crate::executor::launch::{LAUNCH_ARG, resolve_program};
 use crate::scheduler::{CommandSpec, Outcome};
 
 /// Why an attempt is being stopped from outside.
@@ -56,8 +58,35 @@ pub trait TaskRunner: Send + Sync + 'static {
     ) -> BoxFuture<'static, ProcessResult>;
 }
 
+/// How a process comes to die with its node.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// Through this binary's launch trampoline (`taskraft __launch`, see
+    /// [`crate::executor::launch`]): the node is never forked.
+    Trampoline(PathBuf),
+    /// In the child between `fork` and `exec`: for unit tests, whose binary
+    /// is not `taskraft`, and a node that cannot find its own binary.
+    PreExec,
+}
+
 /// Runs each attempt as an operating-system process (see [`run`]).
-pub struct ProcessRunner;
+pub struct ProcessRunner {
+    pub launcher: Launcher,
+}
+
+impl ProcessRunner {
+    /// Launches through this binary's trampoline.
+    pub fn production() -> ProcessRunner {
+        let launcher = match std::env::current_exe() {
+            Ok(binary) => Launcher::Trampoline(binary),
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot find this binary; tasks are started by forking the node");
+                Launcher::PreExec
+            }
+        };
+        ProcessRunner { launcher }
+    }
+}
 
 impl TaskRunner for ProcessRunner {
     fn run(
@@ -65,8 +94,10 @@ impl TaskRunner for ProcessRunner {
         request: RunRequest,
         stop: oneshot::Receiver<StopReason>,
     ) -> BoxFuture<'static, ProcessResult> {
+        let launcher = self.launcher.clone();
         Box::pin(async move {
             run(
+                &launcher,
                 &request.command,
                 &request.env,
                 request.timeout,
@@ -86,17 +117,56 @@ pub struct AttemptEnv {
     pub node_id: u64,
 }
 
+fn start_failed(message: String) -> ProcessResult {
+    ProcessResult {
+        outcome: Outcome::StartFailed { message },
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+    }
+}
+
+/// The command that starts `command`'s program through `launcher`.
+fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, String> {
+    let Launcher::Trampoline(binary) = launcher else {
+        let mut process = Command::new(&command.program);
+        process.args(&command.args);
+        if let Some(dir) = &command.working_dir {
+            process.current_dir(dir);
+        }
+        set_parent_death_signal(&mut process);
+        return Ok(process);
+    };
+    let task_path = command.env.get("PATH").map(String::as_str);
+    let program = resolve_program(&command.program, task_path)
+        .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
+    let working_dir = command.working_dir.as_deref().unwrap_or("");
+    if !working_dir.is_empty() && !std::path::Path::new(working_dir).is_dir() {
+        return Err(format!("the working directory {working_dir:?} is not a directory"));
+    }
+    let mut process = Command::new(binary);
+    process
+        .arg(LAUNCH_ARG)
+        .arg(std::process::id().to_string())
+        .arg(working_dir)
+        .arg(program)
+        .args(&command.args);
+    Ok(process)
+}
+
 /// Runs `command` until it exits, `timeout` passes, or `stop` fires.
 pub async fn run(
+    launcher: &Launcher,
     command: &CommandSpec,
     attempt: &AttemptEnv,
     timeout: Duration,
     output_tail_bytes_max: usize,
     stop: oneshot::Receiver<StopReason>,
 ) -> ProcessResult {
-    let mut process = Command::new(&command.program);
+    let mut process = match process_for(launcher, command) {
+        Ok(process) => process,
+        Err(message) => return start_failed(message),
+    };
     process
-        .args(&command.args)
         .envs(&command.env)
         .envs(attempt_vars(attempt))
         .stdin(Stdio::null())
@@ -104,21 +174,9 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(dir) = &command.working_dir {
-        process.current_dir(dir);
-    }
-    set_parent_death_signal(&mut process);
     let mut child = match process.spawn() {
         Ok(child) => child,
-        Err(err) => {
-            return ProcessResult {
-                outcome: Outcome::StartFailed {
-                    message: format!("cannot run {:?}: {err}", command.program),
-                },
-                stdout_tail: String::new(),
-                stderr_tail: String::new(),
-            };
-        }
+        Err(err) => return start_failed(format!("cannot run {:?}: {err}", command.program)),
     };
     let pgid = child.id().map(|pid| Pid::from_raw(pid as i32));
     let stdout = tokio::spawn(read_tail(child.stdout.take(), output_tail_bytes_max));
@@ -234,7 +292,8 @@ mod tests {
 
     async fn run_for(command: &CommandSpec, timeout_ms: u64) -> ProcessResult {
         let (_stop_tx, stop_rx) = oneshot::channel();
-        run(command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx).await
+        run(&Launcher::PreExec, command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx)
+            .await
     }
 
     #[tokio::test]
@@ -270,7 +329,8 @@ mod tests {
     async fn a_stop_kills_the_process_and_says_why() {
         let (stop_tx, stop_rx) = oneshot::channel();
         let running = tokio::spawn(async move {
-            run(&sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx).await
+            run(&Launcher::PreExec, &sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx)
+                .await
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_tx.send(StopReason::Cancelled).unwrap();

@@ -434,3 +434,69 @@ async fn finished_tasks_are_purged_after_their_retention() -> anyhow::Result<()>
     assert_ne!(again.task.unwrap().id, id);
     Ok(())
 }
+
+/// Whether process `pid` is gone (a zombie counts as gone: it no longer runs).
+fn process_is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status.lines().any(|line| line.starts_with("State:") && line.contains('Z')),
+        Err(_) => true,
+    }
+}
+
+/// What the launch trampoline (`taskraft __launch`) must keep: a task runs
+/// in its working directory, a program that does not exist fails with a
+/// clear reason rather than an exit code, and the process dies with its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_runs_in_its_directory_a_missing_program_fails_and_the_process_dies_with_its_node()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.client()?;
+    let dir = tempfile::tempdir()?;
+    let mut task_spec = cluster_tests::spec(
+        "sh",
+        &["-c", "pwd > where; echo $$ > pid.tmp; mv pid.tmp pid; exec sleep 60"],
+        None,
+    );
+    task_spec.max_attempts = 1;
+    if let Some(command) = task_spec.command.as_mut() {
+        command.working_dir = dir.path().display().to_string();
+    }
+    let task_id = submit(&mut client, task_spec).await?.task.unwrap().id;
+    let pid_path = dir.path().join("pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_path.exists() {
+        assert!(Instant::now() < deadline, "the task never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid: u32 = std::fs::read_to_string(&pid_path)?.trim().parse()?;
+    let ran_in = std::fs::read_to_string(dir.path().join("where"))?;
+    assert_eq!(Path::new(ran_in.trim()).canonicalize()?, dir.path().canonicalize()?);
+    let runner = get(&mut client, &task_id, false).await?.attempts[0].node_id;
+    assert!(!process_is_gone(pid), "the task's process runs");
+    cluster.kill(runner)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !process_is_gone(pid) {
+        assert!(Instant::now() < deadline, "the task's process outlived its node by 2 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut client = cluster.client()?;
+    let mut missing = cluster_tests::spec("no-such-program-taskraft", &[], None);
+    missing.max_attempts = 1;
+    let missing_id = submit(&mut client, missing).await?.task.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let task = loop {
+        let task = get(&mut client, &missing_id, false).await?;
+        if task.state == pb::TaskState::Failed as i32 {
+            break task;
+        }
+        assert!(Instant::now() < deadline, "the task never failed: {task:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let outcome = &task.attempts[0].outcome;
+    assert!(
+        outcome.contains("did not start") && outcome.contains("not found on PATH"),
+        "{outcome}"
+    );
+    Ok(())
+}
