@@ -28,8 +28,13 @@ use crate::{
     tasks_client,
 };
 
-/// The longest the read-back waits for the measured tasks to start or end.
+/// The longest `--exec` waits for its tasks to end.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
+/// The longest `--to-start` waits, after its last submission, for the
+/// measured tasks to start. An offered rate above what the cluster can run
+/// builds a queue; a task still waiting then goes into the histogram with
+/// its wait so far (a lower bound) and is counted as not started.
+const START_DEADLINE: Duration = Duration::from_secs(30);
 /// Read-back requests in flight at once.
 const READ_BACK_IN_FLIGHT_MAX: usize = 16;
 
@@ -39,16 +44,16 @@ fn unix_us() -> u64 {
         .map_or(0, |since| since.as_micros() as u64)
 }
 
-/// Reads `id` until `done` says its state is settled; `None` past `deadline`.
+/// Reads `id` until `done` says its state is settled; `Err(id)` past `deadline`.
 async fn read_until(
     client: &mut TasksClient<Channel>,
-    id: &str,
+    id: String,
     deadline: Instant,
     done: impl Fn(&pb::Task) -> bool,
-) -> anyhow::Result<pb::Task> {
+) -> Result<pb::Task, String> {
     loop {
         let request = taskraft::client::request(
-            pb::GetTaskRequest { id: id.to_owned(), stale: false },
+            pb::GetTaskRequest { id: id.clone(), stale: false },
             REQUEST_TIMEOUT,
         );
         if let Ok(reply) = client.get_task(request).await
@@ -58,35 +63,46 @@ async fn read_until(
             return Ok(task);
         }
         if Instant::now() >= deadline {
-            bail!("task {id} did not settle within {SETTLE_DEADLINE:?}");
+            return Err(id);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Reads every task of `ids` back once `done` holds for it, a few at a time.
+/// What a read-back found: the tasks that settled, and the ids of those
+/// that had not by the deadline.
+struct ReadBack {
+    settled: Vec<pb::Task>,
+    unsettled: Vec<String>,
+}
+
+/// Reads every task of `ids` back once `done` holds for it, a few at a time,
+/// until `deadline`.
 async fn read_back(
     client: &TasksClient<Channel>,
     ids: Vec<String>,
+    deadline: Instant,
     done: fn(&pb::Task) -> bool,
-) -> anyhow::Result<Vec<pb::Task>> {
-    let deadline = Instant::now() + SETTLE_DEADLINE;
+) -> anyhow::Result<ReadBack> {
     let permits = Arc::new(Semaphore::new(READ_BACK_IN_FLIGHT_MAX));
     let mut reads = JoinSet::new();
     for id in ids {
         let permit = permits.clone().acquire_owned().await?;
         let mut client = client.clone();
         reads.spawn(async move {
-            let task = read_until(&mut client, &id, deadline, done).await;
+            let task = read_until(&mut client, id, deadline, done).await;
             drop(permit);
             task
         });
     }
-    let mut tasks = Vec::new();
+    let mut found = ReadBack { settled: Vec::new(), unsettled: Vec::new() };
     while let Some(read) = reads.join_next().await {
-        tasks.push(read??);
+        match read? {
+            Ok(task) => found.settled.push(task),
+            Err(id) => found.unsettled.push(id),
+        }
     }
-    Ok(tasks)
+    Ok(found)
 }
 
 fn started_at_ms(task: &pb::Task) -> u64 {
@@ -155,22 +171,35 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
     let sent = std::mem::take(&mut *sent.lock().expect("sent lock"));
     eprintln!("  reading back when each of {} measured tasks started", sent.len());
     let due_by_id: std::collections::HashMap<String, u64> = sent.iter().cloned().collect();
-    let tasks =
-        read_back(&client, sent.into_iter().map(|(id, _)| id).collect(), has_started).await?;
+    let deadline = Instant::now() + START_DEADLINE;
+    let ids = sent.into_iter().map(|(id, _)| id).collect();
+    let found = read_back(&client, ids, deadline, has_started).await?;
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for task in &tasks {
+    for task in &found.settled {
         let due_us = due_by_id[&task.id];
         let start_us = started_at_ms(task) * 1_000 + 500;
         histogram.saturating_record(start_us.saturating_sub(due_us).max(1));
+    }
+    let gave_up_us = unix_us();
+    for id in &found.unsettled {
+        histogram.saturating_record(gave_up_us.saturating_sub(due_by_id[id]).max(1));
+    }
+    if !found.unsettled.is_empty() {
+        eprintln!(
+            "  {} of {} measured tasks had not started {START_DEADLINE:?} after the last submission: the offered rate is above what the cluster runs",
+            found.unsettled.len(),
+            due_by_id.len()
+        );
     }
     let result = serde_json::json!({
         "target": "taskraft",
         "mode": "to_start",
         "rate": rate,
-        "items": tasks.len(),
+        "items": due_by_id.len(),
+        "not_started": found.unsettled.len(),
         "errors": n_errors.load(std::sync::atomic::Ordering::Relaxed),
         "seconds": args.duration.as_secs_f64(),
-        "items_per_s": tasks.len() as f64 / args.duration.as_secs_f64(),
+        "items_per_s": due_by_id.len() as f64 / args.duration.as_secs_f64(),
         "p50_us": histogram.value_at_quantile(0.50),
         "p99_us": histogram.value_at_quantile(0.99),
         "max_us": histogram.max(),
@@ -209,7 +238,14 @@ pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
     }
     anyhow::ensure!(ids.len() == n_tasks, "{} of {n_tasks} submissions came back", ids.len());
     eprintln!("  waiting for the {n_tasks} tasks to end");
-    let tasks = read_back(&client, ids, has_ended).await?;
+    let found = read_back(&client, ids, Instant::now() + SETTLE_DEADLINE, has_ended).await?;
+    if let Some(id) = found.unsettled.first() {
+        bail!(
+            "{} of {n_tasks} tasks (task {id} among them) did not end within {SETTLE_DEADLINE:?}",
+            found.unsettled.len()
+        );
+    }
+    let tasks = found.settled;
     let n_failed =
         tasks.iter().filter(|task| task.state != pb::TaskState::Succeeded as i32).count();
     anyhow::ensure!(n_failed == 0, "{n_failed} of {n_tasks} no-op tasks did not succeed");
