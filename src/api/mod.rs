@@ -197,11 +197,11 @@ impl Context {
         }
     }
 
-    /// Refuses at once when this node leads but has not heard from a
-    /// majority for a whole leader lease (the election timeout): a write or
-    /// a read index would only wait for a quorum that is not there.
+    /// Refuses at once when this node leads but no majority has acknowledged
+    /// anything it sent for `quorum_silence_ms_max`: a write or a read index
+    /// would only wait for a quorum that is not there.
     fn check_quorum(&self) -> Result<(), ApiError> {
-        let lease_ms = self.config.raft.election_timeout_ms;
+        let silence_ms_max = self.config.raft.quorum_silence_ms_max;
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
         if metrics.state != openraft::ServerState::Leader {
@@ -210,7 +210,7 @@ impl Context {
         let silent_ms =
             metrics.last_quorum_acked.as_ref().map(|acked| acked.elapsed().as_millis() as u64);
         match silent_ms {
-            Some(silent_ms) if silent_ms <= lease_ms => Ok(()),
+            Some(silent_ms) if silent_ms <= silence_ms_max => Ok(()),
             Some(silent_ms) => Err(ApiError::unavailable(format!(
                 "no quorum: leader {} has not heard from a majority for {silent_ms} ms",
                 self.node_id
