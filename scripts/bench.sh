@@ -168,7 +168,7 @@ run() {  # run SCENARIO LABEL TARGET PAIR CLIENTS CONNECTIONS BATCH
       { cat "$work/loadgen.err" >&2; exit 1; }
     stop_etcd
   fi
-  echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("%9.0f/s  p50 %.2f ms  p99 %.2f ms  cpu %.0f us/item  errors %d" % (r["items_per_s"], r["p50_us"] / 1000, r["p99_us"] / 1000, r["cpu_us_per_item"], r["errors"]))' >&2
+  echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("%9.0f/s  p50 %.2f ms  p99 %.2f ms  cpu %.0f us/item  errors %d" % (r["items_per_s"], r["p50_us"] / 1000, r["p99_us"] / 1000, r["cpu_us_per_item"], r["errors"]) + "".join("\n      %d x %s, the first: %s" % (k["count"], code, k["first"]) for code, k in r.get("error_kinds", {}).items()))' >&2
   echo "{\"scenario\":\"$scenario\",\"system\":\"$system\",\"pair\":$pair,\"result\":$out}" >> "$results"
 }
 

@@ -28,6 +28,7 @@
 mod execution;
 mod scale;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -262,6 +263,8 @@ struct Counters {
     items: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Per gRPC code: how many failed so, and the first message.
+    error_kinds: std::sync::Mutex<BTreeMap<String, (u64, String)>>,
     measuring: AtomicBool,
 }
 
@@ -333,6 +336,7 @@ async fn main() -> anyhow::Result<()> {
         items: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        error_kinds: std::sync::Mutex::default(),
         measuring: AtomicBool::new(false),
     });
     // Microseconds, from 1 µs to a minute, to three significant figures.
@@ -354,8 +358,13 @@ async fn main() -> anyhow::Result<()> {
                     let micros = due.elapsed().as_micros() as u64;
                     histogram.lock().expect("histogram lock").saturating_record(micros.max(1));
                 }
-                Err(_) => {
+                Err(status) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let mut kinds = counters.error_kinds.lock().expect("error kinds lock");
+                    let kind = kinds
+                        .entry(format!("{:?}", status.code()))
+                        .or_insert_with(|| (0, status.message().to_owned()));
+                    kind.0 += 1;
                 }
             }
         }
@@ -446,6 +455,9 @@ async fn main() -> anyhow::Result<()> {
         "items": items,
         "requests": counters.requests.load(Ordering::Relaxed),
         "errors": counters.errors.load(Ordering::Relaxed),
+        "error_kinds": counters.error_kinds.lock().expect("error kinds lock").iter()
+            .map(|(code, (count, first))| (code.clone(), serde_json::json!({ "count": count, "first": first })))
+            .collect::<serde_json::Map<_, _>>(),
         "items_per_s": items as f64 / elapsed,
         "p50_us": histogram.value_at_quantile(0.50),
         "p99_us": histogram.value_at_quantile(0.99),
