@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks taskraft side by side with etcd 3.4 (Debian's etcd-server), three
 # members each on loopback, fsync on, driven by the same load generator
-# (cluster-tests/src/bin/loadgen.rs) with the same settings. Each scenario
+# (cluster-tests/src/bin/loadgen/) with the same settings. Each scenario
 # runs on a fresh cluster of each system, interleaved A/B/A/B; the report
 # gives the absolute numbers and the median of the per-pair ratios.
 #

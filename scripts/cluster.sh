@@ -5,7 +5,7 @@
 #   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL after 10 s)
 #   scripts/cluster.sh status        process state of each node, then the cluster's view
 #   scripts/cluster.sh logs N [-f]   the log of node N (-f follows it)
-#   scripts/cluster.sh kill N        SIGKILL node N
+#   scripts/cluster.sh kill N        SIGKILL node N; returns once its ports are free
 #   scripts/cluster.sh stop N        SIGTERM node N and wait for it
 #   scripts/cluster.sh start N       start node N on its existing data
 #   scripts/cluster.sh pause N       SIGSTOP node N
@@ -62,6 +62,28 @@ build() {
   [ -x "$bin" ] || die "no binary at $bin"
 }
 
+# Whether something listens on TCP port PORT (read from /proc, so that no
+# tool need be installed).
+port_listening() {
+  local hex
+  hex=$(printf ':%04X' "$1")
+  awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2> /dev/null
+}
+
+# Waits until node N's ports are free. A node killed with SIGKILL holds them
+# until its last thread has exited, well after its PID shows it dead when the
+# process is large; a node started before then cannot listen and exits.
+wait_ports_free() {
+  local n=$1 port deadline=$((SECONDS + 30))
+  for port in $((api_port_base + n)) $((raft_port_base + n)); do
+    while port_listening "$port"; do
+      [ "$SECONDS" -lt "$deadline" ] || die "port $port of node $n is still in use after 30 s"
+      sleep 0.05
+    done
+  done
+}
+
 start_node() {
   local n=$1 dir pid
   dir=$(node_dir "$n")
@@ -69,6 +91,7 @@ start_node() {
     echo "node $n is already running (pid $pid)"
     return
   fi
+  wait_ports_free "$n"
   mkdir -p "$dir"
   "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
     --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
@@ -154,7 +177,7 @@ case "$command" in
     check_node "${2:-}"
     if [ "${3:-}" = "-f" ]; then tail -n 100 -f "$(node_dir "$2")/node.log"; else tail -n 200 "$(node_dir "$2")/node.log"; fi
     ;;
-  kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")" ;;
+  kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")"; wait_ports_free "$2" ;;
   stop) check_node "${2:-}"; stop_node "$2" ;;
   start) check_node "${2:-}"; [ -x "$bin" ] || build; start_node "$2" ;;
   pause) check_node "${2:-}"; signal_node "$2" STOP ;;
