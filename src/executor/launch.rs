@@ -84,15 +84,25 @@ fn launch(args: &[OsString]) -> Result<std::convert::Infallible, LaunchError> {
 /// Where `execvp` looks when the environment has no `PATH` (glibc's).
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
-/// Finds `program` as `execvp` would: a name with a slash as it is, any
-/// other on `PATH` (the task's own when its environment sets one, else the
-/// node's). Returns an absolute path to an executable file.
-pub fn resolve_program(program: &str, task_path: Option<&str>) -> Result<PathBuf, String> {
+/// Finds `program` as `execvp` in the task's working directory would: a
+/// name with a slash as it is, any other on `PATH` (the task's own when its
+/// environment sets one, else the node's); relative paths, in either, from
+/// `working_dir` when the task has one. Returns an absolute path to an
+/// executable file.
+pub fn resolve_program(
+    program: &str,
+    task_path: Option<&str>,
+    working_dir: Option<&Path>,
+) -> Result<PathBuf, String> {
     if program.is_empty() {
         return Err("the program name is empty".into());
     }
+    let absolute = |path: &Path| match working_dir {
+        Some(dir) if path.is_relative() => std::path::absolute(dir.join(path)),
+        _ => std::path::absolute(path),
+    };
     if program.contains('/') {
-        let path = std::path::absolute(program).map_err(|err| err.to_string())?;
+        let path = absolute(Path::new(program)).map_err(|err| err.to_string())?;
         return check_executable(&path).map(|()| path);
     }
     // With no PATH at all, execvp searches glibc's default path.
@@ -101,8 +111,7 @@ pub fn resolve_program(program: &str, task_path: Option<&str>) -> Result<PathBuf
     let mut last_error = None;
     for dir in search.split(':') {
         let dir = if dir.is_empty() { "." } else { dir };
-        let candidate =
-            std::path::absolute(Path::new(dir).join(program)).map_err(|err| err.to_string())?;
+        let candidate = absolute(&Path::new(dir).join(program)).map_err(|err| err.to_string())?;
         match check_executable(&candidate) {
             Ok(()) => return Ok(candidate),
             Err(err) if candidate.exists() => last_error = Some(err),
@@ -130,16 +139,16 @@ mod tests {
 
     #[test]
     fn a_program_is_found_on_the_tasks_path_or_the_nodes() {
-        let true_path = resolve_program("true", None).unwrap();
+        let true_path = resolve_program("true", None, None).unwrap();
         assert!(true_path.is_absolute() && true_path.ends_with("true"), "{true_path:?}");
         let dir = tempfile::tempdir().unwrap();
         assert!(
-            resolve_program("true", Some(dir.path().to_str().unwrap()))
+            resolve_program("true", Some(dir.path().to_str().unwrap()), None)
                 .unwrap_err()
                 .contains("not found on PATH"),
             "the task's PATH replaces the node's"
         );
-        assert_eq!(resolve_program(true_path.to_str().unwrap(), None).unwrap(), true_path);
+        assert_eq!(resolve_program(true_path.to_str().unwrap(), None, None).unwrap(), true_path);
     }
 
     #[test]
@@ -147,13 +156,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("plain");
         std::fs::write(&plain, "not a program").unwrap();
-        let err = resolve_program(plain.to_str().unwrap(), None).unwrap_err();
+        let err = resolve_program(plain.to_str().unwrap(), None, None).unwrap_err();
         assert!(err.contains("not executable"), "{err}");
-        let err = resolve_program(dir.path().to_str().unwrap(), None).unwrap_err();
+        let err = resolve_program(dir.path().to_str().unwrap(), None, None).unwrap_err();
         assert!(err.contains("not a file"), "{err}");
-        assert!(resolve_program("", None).unwrap_err().contains("empty"));
-        let err = resolve_program("no-such-program-taskraft", None).unwrap_err();
+        assert!(resolve_program("", None, None).unwrap_err().contains("empty"));
+        let err = resolve_program("no-such-program-taskraft", None, None).unwrap_err();
         assert!(err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_program_is_found_from_the_tasks_working_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("run.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let found = resolve_program("./run.sh", None, Some(dir.path())).unwrap();
+        assert_eq!(found.canonicalize().unwrap(), script.canonicalize().unwrap());
+        // A relative PATH entry too, as execvp after the chdir would.
+        let found = resolve_program("run.sh", Some("."), Some(dir.path())).unwrap();
+        assert_eq!(found.canonicalize().unwrap(), script.canonicalize().unwrap());
+        assert!(resolve_program("./run.sh", None, None).is_err(), "not from the node's directory");
     }
 
     #[test]

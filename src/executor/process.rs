@@ -136,13 +136,14 @@ fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, St
         set_parent_death_signal(&mut process);
         return Ok(process);
     };
-    let task_path = command.env.get("PATH").map(String::as_str);
-    let program = resolve_program(&command.program, task_path)
-        .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
     let working_dir = command.working_dir.as_deref().unwrap_or("");
     if !working_dir.is_empty() && !std::path::Path::new(working_dir).is_dir() {
         return Err(format!("the working directory {working_dir:?} is not a directory"));
     }
+    let task_path = command.env.get("PATH").map(String::as_str);
+    let working_dir_path = (!working_dir.is_empty()).then(|| std::path::Path::new(working_dir));
+    let program = resolve_program(&command.program, task_path, working_dir_path)
+        .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
     let mut process = Command::new(binary);
     process
         .arg(LAUNCH_ARG)

@@ -444,8 +444,9 @@ fn process_is_gone(pid: u32) -> bool {
 }
 
 /// What the launch trampoline (`taskraft __launch`) must keep: a task runs
-/// in its working directory, a program that does not exist fails with a
-/// clear reason rather than an exit code, and the process dies with its node.
+/// in its working directory (a relative program is found from there), a
+/// program that does not exist fails with a clear reason rather than an exit
+/// code, and the process dies with its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_runs_in_its_directory_a_missing_program_fails_and_the_process_dies_with_its_node()
 -> anyhow::Result<()> {
@@ -481,6 +482,28 @@ async fn a_task_runs_in_its_directory_a_missing_program_fails_and_the_process_di
     }
 
     let mut client = cluster.client()?;
+    // A relative program is found from the task's working directory.
+    let script = dir.path().join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho ran > ran\n")?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let mut relative = cluster_tests::spec("./run.sh", &[], None);
+    relative.max_attempts = 1;
+    if let Some(command) = relative.command.as_mut() {
+        command.working_dir = dir.path().display().to_string();
+    }
+    let relative_id = submit(&mut client, relative).await?.task.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let task = get(&mut client, &relative_id, false).await?;
+        if task.state == pb::TaskState::Succeeded as i32 {
+            break;
+        }
+        assert!(task.state != pb::TaskState::Failed as i32, "./run.sh failed: {task:?}");
+        assert!(Instant::now() < deadline, "./run.sh never finished: {task:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("ran"))?, "ran\n");
+
     let mut missing = cluster_tests::spec("no-such-program-taskraft", &[], None);
     missing.max_attempts = 1;
     let missing_id = submit(&mut client, missing).await?.task.unwrap().id;
