@@ -350,11 +350,9 @@ impl SchedulingLoop {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                // The rest of the queue is drained at the top of the loop.
                 Some((heartbeat, received_at)) = heartbeats.recv() => {
                     self.record(heartbeat, received_at);
-                    while let Ok((heartbeat, received_at)) = heartbeats.try_recv() {
-                        self.record(heartbeat, received_at);
-                    }
                 }
                 changed = changes.recv() => {
                     if let Err(tokio::sync::broadcast::error::RecvError::Closed) = changed {
