@@ -23,6 +23,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The most `execution.prefetch_per_slot` may be: queued attempts are
+/// memory on the node and work another node cannot take.
+pub const PREFETCH_PER_SLOT_MAX: u32 = 64;
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -120,6 +124,12 @@ pub struct ExecutionConfig {
     pub heartbeat_interval_ms: u64,
     /// The tail of stdout and of stderr kept for each attempt.
     pub output_tail_bytes_max: usize,
+    /// Attempts an executor takes per slot beyond its slots, queued on the
+    /// node to start the moment a slot frees (like Celery's prefetch). It
+    /// hides the assignment round trip from short tasks; with long tasks a
+    /// queued attempt waits for its node even when another node frees up
+    /// first, so 0 turns it off.
+    pub prefetch_per_slot: u32,
     /// Assignments in one Raft write.
     pub assign_batch_max: usize,
     /// How long finished tasks are kept before they are purged.
@@ -136,6 +146,7 @@ impl Default for ExecutionConfig {
             lease_grace_ms: 1_000,
             heartbeat_interval_ms: 300,
             output_tail_bytes_max: 64 * 1024,
+            prefetch_per_slot: 1,
             assign_batch_max: 256,
             retention_ms: 7 * 24 * 3600 * 1000,
             purge_interval_ms: 60_000,
@@ -295,6 +306,11 @@ impl NodeConfig {
             return invalid(format!(
                 "execution.output_tail_bytes_max must be within 1..={}",
                 crate::scheduler::limits::OUTPUT_TAIL_BYTES_CEILING
+            ));
+        }
+        if execution.prefetch_per_slot > PREFETCH_PER_SLOT_MAX {
+            return invalid(format!(
+                "execution.prefetch_per_slot must be at most {PREFETCH_PER_SLOT_MAX}"
             ));
         }
         if execution.assign_batch_max == 0
@@ -460,6 +476,16 @@ mod tests {
                 "append_timeout_ms must be at least heartbeat_interval_ms",
                 NodeConfig {
                     raft: RaftTimings { append_timeout_ms: 49, ..RaftTimings::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "prefetch_per_slot must be at most",
+                NodeConfig {
+                    execution: ExecutionConfig {
+                        prefetch_per_slot: PREFETCH_PER_SLOT_MAX + 1,
+                        ..ExecutionConfig::default()
+                    },
                     ..valid()
                 },
             ),

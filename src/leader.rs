@@ -151,7 +151,15 @@ impl LeaderService {
             ),
             ExecutorRequest::Heartbeat(heartbeat) => {
                 match heartbeats.try_send((heartbeat, Instant::now())) {
-                    Ok(()) => ExecutorReply::HeartbeatAccepted,
+                    Ok(()) => ExecutorReply::HeartbeatAccepted {
+                        // Read after the heartbeat counts, so never too low.
+                        last_log_index: self
+                            .raft
+                            .metrics()
+                            .borrow_watched()
+                            .last_log_index
+                            .unwrap_or(0),
+                    },
                     // Accepting a heartbeat the loop never sees would let the
                     // executor believe in a lease the leader does not know of.
                     Err(_) => ExecutorReply::Unavailable(
@@ -254,6 +262,7 @@ impl SchedulingLoop {
         let capacity = ExecutorCapacity {
             node_id: heartbeat.node_id,
             slots: heartbeat.slots,
+            prefetch: heartbeat.prefetch,
             labels: heartbeat.labels,
         };
         self.executors.insert(heartbeat.node_id, capacity);

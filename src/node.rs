@@ -169,7 +169,7 @@ async fn run_validated(
         shutdown: token.clone(),
         clock: platform.clock.clone(),
         runner: platform.runner.clone(),
-        lease_from: std::sync::Mutex::new(None),
+        lease: std::sync::Mutex::new(None),
     });
     let warden = match platform.warden {
         true => Some(WardenHandle::spawn().map_err(NodeError::Warden)?),

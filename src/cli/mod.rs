@@ -148,6 +148,9 @@ struct NodeArgs {
     /// How often the leader purges finished tasks past their retention.
     #[arg(long, env = "TASKRAFT_PURGE_INTERVAL_MS")]
     purge_interval_ms: Option<u64>,
+    /// Attempts an executor queues per slot, to start when a slot frees (0: none).
+    #[arg(long, env = "TASKRAFT_PREFETCH_PER_SLOT")]
+    prefetch_per_slot: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -345,6 +348,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.execution.lease_ms, args.lease_ms);
     set!(config.execution.retention_ms, args.retention_ms);
     set!(config.execution.purge_interval_ms, args.purge_interval_ms);
+    set!(config.execution.prefetch_per_slot, args.prefetch_per_slot);
     for label in &args.labels {
         let (key, value) = split_pair(label, "label").map_err(usage)?;
         config.labels.insert(key, value);

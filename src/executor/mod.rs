@@ -7,9 +7,23 @@
 //! and kills its attempts when its lease runs out (self-fencing). The lease
 //! runs from the moment it *sent* its last heartbeat that the leader accepted.
 //!
-//! Each attempt records its start through the leader before the program
-//! runs, and its completion after; each report is retried until it commits or
-//! is refused (for example as stale), so a lost answer never loses a result.
+//! It runs at most `slots` programs at a time; attempts assigned beyond
+//! that (its prefetch, `execution.prefetch_per_slot`) wait on the node, in
+//! the order they were assigned, and start the moment a slot frees.
+//!
+//! A program starts only while this executor's lease holds. The lease is
+//! the fence: once it has run out the leader may hand the task to another
+//! node, and until then it may not (see `ARCHITECTURE.md`). So an attempt
+//! assigned while the present lease held has its start recorded through the
+//! leader while the program runs, not before it, and a Raft commit is not
+//! on the path to its start; a program that ends before its start record
+//! commits needs no separate record, because its completion carries the
+//! start time. An attempt assigned before the present lease began (this
+//! node was down or cut off, and is applying its backlog) may have been
+//! judged lost in the gap: its start is committed before its program runs,
+//! and a refusal means it does not run. The completion is reported after
+//! the program ends, and every report is retried until it commits or is
+//! refused (for example as stale), so a lost answer never loses a result.
 //! Attempts that were active on this node when it (re)started cannot be
 //! running anymore (their processes died with the node), so they are
 //! reported lost at once rather than after a lease period.
@@ -31,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::type_config::async_runtime::WatchReceiver as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -66,8 +80,40 @@ pub struct Executor {
     pub shutdown: CancellationToken,
     pub clock: Arc<dyn Clock>,
     pub runner: Arc<dyn TaskRunner>,
-    /// When the last heartbeat the leader accepted was sent: the lease runs from there.
-    pub lease_from: std::sync::Mutex<Option<Instant>>,
+    /// The lease from the heartbeats the leader accepted; `None` before the first.
+    pub lease: std::sync::Mutex<Option<HeldLease>>,
+}
+
+/// The lease an executor holds.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldLease {
+    /// When the last heartbeat the leader accepted was sent: the lease runs from here.
+    pub from: Instant,
+    /// The leader's last log index when it accepted the first heartbeat of
+    /// this unbroken lease. No leader can judge an attempt lost while its
+    /// executor's lease holds, so an attempt assigned above this index
+    /// cannot have been judged lost. One at or below it may have been, in a
+    /// gap before this lease (the node was down, say, and is applying its
+    /// backlog), so its start is committed before its program runs.
+    pub unbroken_since_index: u64,
+}
+
+impl HeldLease {
+    /// The lease after the leader accepted a heartbeat sent at `sent_at`,
+    /// when its last log index was `last_log_index`.
+    fn renewed(
+        previous: Option<HeldLease>,
+        lease: Duration,
+        sent_at: Instant,
+        last_log_index: u64,
+    ) -> HeldLease {
+        // Sent before the lease it renews ran out: the lease is unbroken.
+        let unbroken_since_index = match previous {
+            Some(previous) if sent_at < previous.from + lease => previous.unbroken_since_index,
+            _ => last_log_index,
+        };
+        HeldLease { from: sent_at, unbroken_since_index }
+    }
 }
 
 struct RunningAttempt {
@@ -86,6 +132,8 @@ struct Ledger {
     boot_index: u64,
     /// `None` where tasks are not processes (a simulation).
     warden: Option<WardenHandle>,
+    /// One permit per slot: an attempt holds one while its program runs.
+    slot_permits: Arc<Semaphore>,
 }
 
 impl Executor {
@@ -93,14 +141,20 @@ impl Executor {
     /// this node's warden, started before the node serves.
     pub async fn run(self: Arc<Self>, warden: Option<WardenHandle>) {
         let boot_index = self.state_machine.read().last_applied.map_or(0, |log_id| log_id.index());
-        let mut ledger =
-            Ledger { running: BTreeMap::new(), handled: BTreeSet::new(), boot_index, warden };
+        let mut ledger = Ledger {
+            running: BTreeMap::new(),
+            handled: BTreeSet::new(),
+            boot_index,
+            warden,
+            slot_permits: Arc::new(Semaphore::new(self.slots as usize)),
+        };
         let mut changes = self.state_machine.subscribe(0).live;
-        let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(self.slots as usize + 64);
+        let attempts_max = self.slots as usize + self.prefetch() as usize;
+        let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(attempts_max + 64);
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!(slots = self.slots, boot_index, "executor started");
+        info!(slots = self.slots, prefetch = self.prefetch(), boot_index, "executor started");
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -129,10 +183,16 @@ impl Executor {
         info!("executor stopped");
     }
 
+    /// Attempts this executor takes beyond its slots.
+    fn prefetch(&self) -> u32 {
+        self.slots.saturating_mul(self.config.prefetch_per_slot)
+    }
+
     async fn heartbeat(&self, ledger: &mut Ledger) {
         let heartbeat = Heartbeat {
             node_id: self.node_id,
             slots: self.slots,
+            prefetch: self.prefetch(),
             labels: self.labels.clone(),
             running: ledger.running.iter().map(|(task, running)| (*task, running.token)).collect(),
         };
@@ -140,9 +200,8 @@ impl Executor {
         // Bounded by one interval, so a silent leader cannot hold up self-fencing.
         let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
         match self.send(ExecutorRequest::Heartbeat(heartbeat), timeout).await {
-            Ok(ExecutorReply::HeartbeatAccepted) => {
-                *self.lease_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some(sent_at);
+            Ok(ExecutorReply::HeartbeatAccepted { last_log_index }) => {
+                self.renew_lease(sent_at, last_log_index);
                 let remaining =
                     Duration::from_millis(self.config.lease_ms).saturating_sub(sent_at.elapsed());
                 self.renew_warden(ledger, remaining, timeout).await;
@@ -150,6 +209,12 @@ impl Executor {
             Ok(reply) => debug!(?reply, "heartbeat not accepted"),
             Err(err) => debug!(cause = %err, "heartbeat failed"),
         }
+    }
+
+    fn renew_lease(&self, sent_at: Instant, last_log_index: u64) {
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let mut held = self.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held = Some(HeldLease::renewed(*held, lease, sent_at, last_log_index));
     }
 
     /// Passes the lease on to the warden; starts a new warden if it died.
@@ -167,12 +232,15 @@ impl Executor {
         }
     }
 
-    fn lease_expired(&self) -> bool {
+    /// The lease, if it holds now.
+    fn live_lease(&self) -> Option<HeldLease> {
         let lease = Duration::from_millis(self.config.lease_ms);
-        self.lease_from
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none_or(|from| from.elapsed() >= lease)
+        let held = *self.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.filter(|held| held.from.elapsed() < lease)
+    }
+
+    fn lease_expired(&self) -> bool {
+        self.live_lease().is_none()
     }
 
     /// Kills every attempt when the lease has run out.
@@ -258,40 +326,69 @@ impl Executor {
             .insert(task.id, RunningAttempt { token: attempt.fencing_token, stop: Some(stop_tx) });
         let task = task.clone();
         let done_tx = done_tx.clone();
+        let slot_permits = ledger.slot_permits.clone();
         tokio::spawn(
             async move {
                 let token = task.attempts.last().map_or(0, |attempt| attempt.fencing_token);
-                executor.run_attempt(&task, stop_rx).await;
+                executor.run_attempt(&task, slot_permits, stop_rx).await;
                 let _ = done_tx.send((task.id, token)).await;
             }
             .instrument(span),
         );
     }
 
-    /// Records the start, runs the program, records the end.
+    /// Waits for a slot, runs the program while recording its start, then
+    /// records the end.
     ///
     /// The program starts only while this executor's lease holds, checked
-    /// after the start is recorded: once the lease has run out the leader
-    /// may already have handed the task to another node, so the attempt is
+    /// once the slot is free: once the lease has run out the leader may
+    /// already have handed the task to another node, so the attempt is
     /// reported lost instead of run.
-    async fn run_attempt(&self, task: &Task, stop: oneshot::Receiver<StopReason>) {
+    async fn run_attempt(
+        &self,
+        task: &Task,
+        slot_permits: Arc<Semaphore>,
+        mut stop: oneshot::Receiver<StopReason>,
+    ) {
         let attempt = task.attempts.last().expect("an assigned task has an attempt");
         let token = attempt.fencing_token;
-        let start =
-            Command::StartAttempt { now_ms: self.clock.unix_now_ms(), task: task.id, token };
-        match self.report(start).await {
-            Some(Response::Attempt(_)) => {}
-            Some(other) => {
-                info!(answer = ?other, "the attempt may not start");
+        let slot = tokio::select! {
+            slot = slot_permits.acquire_owned() => slot,
+            reason = &mut stop => {
+                // Stopped while queued: the program never ran. A node that
+                // shuts down leaves the attempt to be judged lost.
+                let reason = reason.unwrap_or(StopReason::Shutdown);
+                if !matches!(reason, StopReason::Shutdown) {
+                    info!(?reason, "the attempt was stopped before its program started");
+                    let why = format!("stopped before the program started: {reason:?}");
+                    self.report(lost_report(self.clock.unix_now_ms(), task.id, token, &why)).await;
+                }
                 return;
             }
-            None => return,
-        }
-        if self.lease_expired() {
-            warn!("the lease ran out before the program could start; reporting the attempt lost");
-            let why = "the executor's lease ran out before the program started";
-            self.report(lost_report(self.clock.unix_now_ms(), task.id, token, why)).await;
-            return;
+        };
+        let Ok(slot) = slot else {
+            return; // The semaphore is never closed; nothing to run on.
+        };
+        let Some(lease) = self.live_lease() else {
+            return self.report_expired_before_start(task.id, token).await;
+        };
+        let start_recorded_first = token <= lease.unbroken_since_index;
+        if start_recorded_first {
+            // Assigned before this lease began: it may have been judged lost
+            // meanwhile, and only the start's commit can tell.
+            let start =
+                Command::StartAttempt { now_ms: self.clock.unix_now_ms(), task: task.id, token };
+            match self.report(start).await {
+                Some(Response::Attempt(_)) => {}
+                Some(other) => {
+                    info!(answer = ?other, "the attempt may not start");
+                    return;
+                }
+                None => return,
+            }
+            if self.lease_expired() {
+                return self.report_expired_before_start(task.id, token).await;
+            }
         }
         let started_at_ms = self.clock.unix_now_ms();
         info!(program = %task.spec.command.program, "attempt started");
@@ -307,7 +404,30 @@ impl Executor {
             timeout: Duration::from_millis(task.spec.timeout_ms),
             output_tail_bytes_max: self.config.output_tail_bytes_max,
         };
-        let result = self.runner.run(request, stop).await;
+        let run = self.runner.run(request, stop);
+        let start_record =
+            self.report(Command::StartAttempt { now_ms: started_at_ms, task: task.id, token });
+        tokio::pin!(run, start_record);
+        let mut start_recorded = start_recorded_first;
+        let result = loop {
+            tokio::select! {
+                biased;
+                result = &mut run => break result,
+                answer = &mut start_record, if !start_recorded => {
+                    start_recorded = true;
+                    match answer {
+                        Some(Response::Attempt(_)) | None => {}
+                        // The state moved on (cancelled, or re-assigned after
+                        // a lease ran out): the executor's reconciliation
+                        // stops the program when this node applies that.
+                        Some(other) => info!(answer = ?other, "the start was not recorded"),
+                    }
+                }
+            }
+        };
+        // A program that ended first needs no start record: dropping it
+        // stops its retries, and its completion carries `started_at_ms`.
+        drop(slot);
         let outcome = match result.outcome {
             // The warden killed it because the lease ran out while this node
             // could not act: the attempt is lost, not failed by a signal.
@@ -331,6 +451,12 @@ impl Executor {
             report,
         })
         .await;
+    }
+
+    async fn report_expired_before_start(&self, task: TaskId, token: u64) {
+        warn!("the lease ran out before the program could start; reporting the attempt lost");
+        let why = "the executor's lease ran out before the program started";
+        self.report(lost_report(self.clock.unix_now_ms(), task, token, why)).await;
     }
 
     /// Sends a report until it is committed or refused; `None` on shutdown.
@@ -402,4 +528,22 @@ fn lost_report(now_ms: u64, task: TaskId, token: u64, why: &str) -> Command {
         stderr_tail: why.into(),
     };
     Command::CompleteAttempt { now_ms, task, token, report }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_stays_unbroken_only_while_each_heartbeat_is_sent_within_the_last_lease() {
+        let lease = Duration::from_millis(3_000);
+        let t0 = Instant::now();
+        let first = HeldLease::renewed(None, lease, t0, 10);
+        assert_eq!(first.unbroken_since_index, 10, "the first lease starts at the leader's index");
+        let renewed = HeldLease::renewed(Some(first), lease, t0 + Duration::from_millis(2_999), 50);
+        assert_eq!(renewed.unbroken_since_index, 10, "renewed in time: the same unbroken lease");
+        assert_eq!(renewed.from, t0 + Duration::from_millis(2_999));
+        let after_gap = HeldLease::renewed(Some(renewed), lease, renewed.from + lease, 90);
+        assert_eq!(after_gap.unbroken_since_index, 90, "renewed after it ran out: a new lease");
+    }
 }

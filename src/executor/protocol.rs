@@ -18,6 +18,8 @@ pub enum ExecutorRequest {
 pub struct Heartbeat {
     pub node_id: NodeId,
     pub slots: u32,
+    /// Attempts it takes beyond its slots, queued until a slot frees.
+    pub prefetch: u32,
     pub labels: BTreeMap<String, String>,
     /// The attempts it runs, by task and fencing token.
     pub running: Vec<(TaskId, u64)>,
@@ -26,8 +28,12 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecutorReply {
     /// The leader recorded the heartbeat: the lease is renewed from the
-    /// moment the executor sent it.
-    HeartbeatAccepted,
+    /// moment the executor sent it. `last_log_index` is the leader's last
+    /// log index when it did: every entry committed before then is at or
+    /// below it.
+    HeartbeatAccepted {
+        last_log_index: u64,
+    },
     /// The report was committed (or refused deterministically, as `Rejected`).
     Applied(Response),
     NotLeader {

@@ -8,6 +8,10 @@
 //!   passed over, without blocking the tasks behind it.
 //! - A task goes to the least loaded executor (active attempts per slot) whose
 //!   labels include the task's; ties go round-robin by node id.
+//! - An executor takes as many attempts as it has slots, plus its prefetch:
+//!   attempts it queues to start the moment a slot frees. Because the least
+//!   loaded executor goes first, attempts queue only once every executor
+//!   that can run them has its slots full.
 //! - Draining nodes and full nodes get nothing.
 
 use std::cmp::Ordering;
@@ -22,6 +26,8 @@ use crate::scheduler::task::{NodeId, Task};
 pub struct ExecutorCapacity {
     pub node_id: NodeId,
     pub slots: u32,
+    /// Attempts it takes beyond its slots, queued until a slot frees.
+    pub prefetch: u32,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -41,7 +47,7 @@ struct Candidate<'a> {
 
 impl Candidate<'_> {
     fn has_room(&self) -> bool {
-        self.n_active < self.capacity.slots
+        self.n_active < self.capacity.slots.saturating_add(self.capacity.prefetch)
     }
 
     fn can_run(&self, task: &Task) -> bool {

@@ -27,6 +27,7 @@ fn executor(node_id: u64, slots: u32, labels: &[(&str, &str)]) -> ExecutorCapaci
     ExecutorCapacity {
         node_id,
         slots,
+        prefetch: 0,
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     }
 }
@@ -170,6 +171,21 @@ fn tasks_go_to_the_least_loaded_node_with_ties_round_robin() {
         assigned.iter().take(3).map(|(assignment, _)| assignment.node).collect();
     assert_eq!(first_three, vec![1, 2, 3], "equal loads go round-robin");
     assert!(cluster.schedule(8).is_empty(), "full nodes get nothing");
+}
+
+#[test]
+fn prefetch_queues_attempts_only_once_every_slot_is_full() {
+    let prefetching =
+        |node_id, slots, prefetch| ExecutorCapacity { prefetch, ..executor(node_id, slots, &[]) };
+    let mut cluster = Cluster::new(vec![prefetching(1, 2, 2), prefetching(2, 2, 2)]);
+    for _ in 0..10 {
+        cluster.submit(spec_in("q", 0));
+    }
+    let nodes_in_order: Vec<u64> =
+        cluster.schedule(10).iter().map(|(assignment, _)| assignment.node).collect();
+    // Four slots fill first, two to a node; then each node queues two more.
+    assert_eq!(nodes_in_order, vec![1, 2, 1, 2, 1, 2, 1, 2]);
+    assert!(cluster.schedule(10).is_empty(), "slots and prefetch full: nothing more");
 }
 
 #[test]

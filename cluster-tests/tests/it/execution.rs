@@ -399,6 +399,45 @@ async fn a_drained_node_gets_no_tasks_and_cancelling_kills_the_process() -> anyh
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_executor_runs_one_attempt_per_slot_and_queues_its_prefetch() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &["--slots", "1", "--prefetch-per-slot", "1"]).await?;
+    let mut client = cluster.client()?;
+    let specs = (0..6).map(|_| cluster_tests::spec("sleep", &["1"], None)).collect();
+    let ids = submit_batch(&mut client, specs).await?;
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(60)).await?;
+    let mut per_node: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut last_assigned_ms = 0;
+    let mut first_ended_ms = u64::MAX;
+    for task in &tasks {
+        assert_eq!(task.state, pb::TaskState::Succeeded as i32, "task {}", task.id);
+        let attempt = &task.attempts[0];
+        last_assigned_ms = last_assigned_ms.max(attempt.assigned_at_unix_ms);
+        first_ended_ms = first_ended_ms.min(attempt.ended_at_unix_ms);
+        per_node
+            .entry(attempt.node_id)
+            .or_default()
+            .push((attempt.started_at_unix_ms, attempt.ended_at_unix_ms));
+    }
+    // Three slots in all, yet all six were assigned while the first ran.
+    assert!(
+        last_assigned_ms < first_ended_ms,
+        "the last assignment ({last_assigned_ms}) came after the first end ({first_ended_ms})"
+    );
+    // One slot a node: its second attempt started once its first ended.
+    for (node, mut runs) in per_node {
+        runs.sort();
+        for pair in runs.windows(2) {
+            let ((_, first_end), (second_start, _)) = (pair[0], pair[1]);
+            assert!(
+                second_start + 100 >= first_end,
+                "node {node} ran two attempts at once with one slot: {runs:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn finished_attempt_outcome(client: &mut Client, id: &str) -> anyhow::Result<String> {
     let task = get(client, id, false).await?;
     Ok(task.attempts.last().map(|attempt| attempt.outcome.clone()).unwrap_or_default())
