@@ -130,6 +130,12 @@ pub struct ExecutionConfig {
     /// queued attempt waits for its node even when another node frees up
     /// first, so 0 turns it off.
     pub prefetch_per_slot: u32,
+    /// Reports an executor holds for the leader; its attempts wait beyond.
+    pub report_queue_max: usize,
+    /// Reports one executor sends in one request, committed as one entry.
+    pub report_batch_max: usize,
+    /// Output tails one such request carries, about (a report always fits).
+    pub report_batch_bytes_max: usize,
     /// Assignments in one Raft write.
     pub assign_batch_max: usize,
     /// How long finished tasks are kept before they are purged.
@@ -146,7 +152,10 @@ impl Default for ExecutionConfig {
             lease_grace_ms: 1_000,
             heartbeat_interval_ms: 300,
             output_tail_bytes_max: 64 * 1024,
-            prefetch_per_slot: 1,
+            prefetch_per_slot: 2,
+            report_queue_max: 4_096,
+            report_batch_max: 256,
+            report_batch_bytes_max: 4 * 1024 * 1024,
             assign_batch_max: 256,
             retention_ms: 7 * 24 * 3600 * 1000,
             purge_interval_ms: 60_000,
@@ -313,7 +322,22 @@ impl NodeConfig {
                 "execution.prefetch_per_slot must be at most {PREFETCH_PER_SLOT_MAX}"
             ));
         }
-        if execution.assign_batch_max == 0
+        if execution.report_batch_max == 0
+            || execution.report_batch_max > crate::executor::protocol::REPORTS_PER_REQUEST_MAX
+        {
+            return invalid(format!(
+                "execution.report_batch_max must be within 1..={}",
+                crate::executor::protocol::REPORTS_PER_REQUEST_MAX
+            ));
+        }
+        if execution.report_batch_bytes_max + 1024 * 1024 > self.server.peer_message_bytes_max {
+            return invalid(
+                "execution.report_batch_bytes_max must leave a MiB of room within peer_message_bytes_max"
+                    .into(),
+            );
+        }
+        if execution.report_queue_max == 0
+            || execution.assign_batch_max == 0
             || execution.purge_batch_max == 0
             || execution.purge_interval_ms == 0
         {

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ExecutionConfig;
-use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::executor::protocol::{
+    ExecutorReply, ExecutorRequest, Heartbeat, REPORTS_PER_REQUEST_MAX,
+};
 use crate::platform::Clock;
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::scheduler::lease::LeaseTable;
@@ -167,33 +169,51 @@ impl LeaderService {
                     ),
                 }
             }
-            ExecutorRequest::Report(command) => {
-                if !matches!(
-                    command,
-                    Command::StartAttempt { .. } | Command::CompleteAttempt { .. }
-                ) {
-                    return ExecutorReply::Unavailable(format!(
-                        "executors may not propose {command}"
-                    ));
+            ExecutorRequest::Reports(reports) => {
+                if let Err(refusal) = check_reports(&reports) {
+                    return ExecutorReply::Unavailable(refusal);
                 }
-                let (task, token) = match &command {
-                    Command::StartAttempt { task, token, .. }
-                    | Command::CompleteAttempt { task, token, .. } => (*task, *token),
-                    _ => unreachable!("checked above"),
-                };
+                let n_reports = reports.len();
+                let command = Command::Reports { reports };
                 match fenced_write(&self.raft, leader_id, command, self.request_timeout).await {
-                    Ok(Response::Rejected(rejection))
-                        if rejection.kind == crate::scheduler::RejectionKind::Stale =>
-                    {
-                        info!(task_id = %task, token, cause = %rejection, "refused a report from a stale attempt");
-                        ExecutorReply::Applied(Response::Rejected(rejection))
+                    Ok(Response::Reports(answers)) if answers.len() == n_reports => {
+                        let n_stale = answers
+                            .iter()
+                            .filter(|answer| {
+                                matches!(answer, Response::Rejected(rejection)
+                                    if rejection.kind == crate::scheduler::RejectionKind::Stale)
+                            })
+                            .count();
+                        if n_stale > 0 {
+                            info!(n_stale, n_reports, "refused reports from stale attempts");
+                        }
+                        ExecutorReply::Applied(Response::Reports(answers))
                     }
-                    Ok(response) => ExecutorReply::Applied(response),
+                    Ok(other) => ExecutorReply::Unavailable(format!(
+                        "the leader answered {n_reports} reports with {other:?}"
+                    )),
                     Err(WriteFailed::NotLeader) => self.not_leader(),
                     Err(WriteFailed::Other(message)) => ExecutorReply::Unavailable(message),
                 }
             }
         }
+    }
+}
+
+/// Refuses a batch an executor may not send: empty, too large, or holding
+/// anything but reports.
+fn check_reports(reports: &[Command]) -> Result<(), String> {
+    if reports.is_empty() || reports.len() > REPORTS_PER_REQUEST_MAX {
+        return Err(format!(
+            "a request carries 1 to {REPORTS_PER_REQUEST_MAX} reports, not {}",
+            reports.len()
+        ));
+    }
+    match reports.iter().find(|command| {
+        !matches!(command, Command::StartAttempt { .. } | Command::CompleteAttempt { .. })
+    }) {
+        Some(command) => Err(format!("executors may not propose {command}")),
+        None => Ok(()),
     }
 }
 
@@ -381,5 +401,23 @@ fn made_progress(response: &Response) -> bool {
         Response::Promoted(ids) | Response::Requeued(ids) => !ids.is_empty(),
         Response::Assigned { assigned, .. } => !assigned.is_empty(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::TaskId;
+
+    #[test]
+    fn executors_may_send_only_bounded_batches_of_reports() {
+        let start = Command::StartAttempt { now_ms: 1, task: TaskId(1), token: 2 };
+        assert_eq!(check_reports(std::slice::from_ref(&start)), Ok(()));
+        let err = check_reports(&[]).unwrap_err();
+        assert!(err.contains("not 0"), "{err}");
+        let err = check_reports(&vec![start.clone(); REPORTS_PER_REQUEST_MAX + 1]).unwrap_err();
+        assert!(err.contains("1 to 1024 reports"), "{err}");
+        let err = check_reports(&[start, Command::PromoteDue { now_ms: 1 }]).unwrap_err();
+        assert!(err.contains("may not propose PromoteDue"), "{err}");
     }
 }

@@ -19,8 +19,8 @@ use crate::api::Context;
 use crate::api::cluster::ClusterService;
 use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
-use crate::executor::Executor;
 use crate::executor::warden::WardenHandle;
+use crate::executor::{Executor, Reporter};
 use crate::leader::LeaderService;
 use crate::platform::{Incoming, Platform};
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -170,6 +170,7 @@ async fn run_validated(
         clock: platform.clock.clone(),
         runner: platform.runner.clone(),
         lease: std::sync::Mutex::new(None),
+        reporter: Reporter::new(config.execution.report_queue_max),
     });
     let warden = match platform.warden {
         true => Some(WardenHandle::spawn().map_err(NodeError::Warden)?),

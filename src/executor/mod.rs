@@ -41,7 +41,7 @@ pub mod protocol;
 pub mod warden;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use openraft::type_config::async_runtime::WatchReceiver as _;
@@ -82,6 +82,50 @@ pub struct Executor {
     pub runner: Arc<dyn TaskRunner>,
     /// The lease from the heartbeats the leader accepted; `None` before the first.
     pub lease: std::sync::Mutex<Option<HeldLease>>,
+    pub reporter: Reporter,
+}
+
+/// The queue between an executor's attempts and its reporter.
+pub struct Reporter {
+    queue: mpsc::Sender<PendingReport>,
+    /// Taken by the executor's loop when it starts the reporter.
+    receiver: std::sync::Mutex<Option<mpsc::Receiver<PendingReport>>>,
+}
+
+impl Reporter {
+    /// A reporter whose queue holds at most `queue_max` reports; attempts
+    /// wait for room beyond that.
+    pub fn new(queue_max: usize) -> Reporter {
+        let (queue, receiver) = mpsc::channel(queue_max);
+        Reporter { queue, receiver: std::sync::Mutex::new(Some(receiver)) }
+    }
+}
+
+/// A report waiting for the leader, with whoever waits for its answer.
+struct PendingReport {
+    command: Command,
+    answer: oneshot::Sender<Response>,
+}
+
+impl PendingReport {
+    fn attempt(&self) -> (TaskId, u64) {
+        match &self.command {
+            Command::StartAttempt { task, token, .. }
+            | Command::CompleteAttempt { task, token, .. } => (*task, *token),
+            _ => (TaskId(0), 0),
+        }
+    }
+
+    /// About what it adds to a batch: its output tails, and the rest.
+    fn size_bytes(&self) -> usize {
+        const FIXED_BYTES: usize = 128;
+        match &self.command {
+            Command::CompleteAttempt { report, .. } => {
+                FIXED_BYTES + report.stdout_tail.len() + report.stderr_tail.len()
+            }
+            _ => FIXED_BYTES,
+        }
+    }
 }
 
 /// The lease an executor holds.
@@ -154,6 +198,12 @@ impl Executor {
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reports = self.reporter.receiver.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(reports) = reports else {
+            warn!("the executor was started twice; this run does nothing");
+            return;
+        };
+        tokio::spawn(self.clone().run_reporter(reports).in_current_span());
         info!(slots = self.slots, prefetch = self.prefetch(), boot_index, "executor started");
         loop {
             tokio::select! {
@@ -213,7 +263,7 @@ impl Executor {
 
     fn renew_lease(&self, sent_at: Instant, last_log_index: u64) {
         let lease = Duration::from_millis(self.config.lease_ms);
-        let mut held = self.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
         *held = Some(HeldLease::renewed(*held, lease, sent_at, last_log_index));
     }
 
@@ -235,7 +285,7 @@ impl Executor {
     /// The lease, if it holds now.
     fn live_lease(&self) -> Option<HeldLease> {
         let lease = Duration::from_millis(self.config.lease_ms);
-        let held = *self.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = *self.lease.lock().unwrap_or_else(PoisonError::into_inner);
         held.filter(|held| held.from.elapsed() < lease)
     }
 
@@ -459,25 +509,79 @@ impl Executor {
         self.report(lost_report(self.clock.unix_now_ms(), task, token, why)).await;
     }
 
-    /// Sends a report until it is committed or refused; `None` on shutdown.
+    /// Queues a report for the reporter and waits until it is committed or
+    /// refused; `None` on shutdown. Dropping the future withdraws the report
+    /// if it has not been sent yet.
     async fn report(&self, command: Command) -> Option<Response> {
+        let (answer, answered) = oneshot::channel();
+        tokio::select! {
+            queued = self.reporter.queue.send(PendingReport { command, answer }) => queued.ok()?,
+            _ = self.shutdown.cancelled() => return None,
+        }
+        answered.await.ok()
+    }
+
+    /// Sends queued reports to the leader, as many at a time as have queued
+    /// while the previous batch was on its way, up to the batch limits.
+    async fn run_reporter(self: Arc<Self>, mut queue: mpsc::Receiver<PendingReport>) {
+        loop {
+            let first = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                first = queue.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let mut batch_bytes = first.size_bytes();
+            let mut batch = vec![first];
+            while batch.len() < self.config.report_batch_max
+                && batch_bytes < self.config.report_batch_bytes_max
+            {
+                match queue.try_recv() {
+                    Ok(pending) => {
+                        batch_bytes += pending.size_bytes();
+                        batch.push(pending);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.send_reports(batch).await;
+        }
+    }
+
+    /// Sends one batch until it is committed or refused, or on shutdown.
+    async fn send_reports(&self, mut batch: Vec<PendingReport>) {
         let mut backoff_ms = 50;
         loop {
-            match self.send(ExecutorRequest::Report(command.clone()), self.rpc_timeout).await {
-                Ok(ExecutorReply::Applied(Response::Rejected(rejection))) => {
-                    if rejection.kind == RejectionKind::Stale {
-                        info!(cause = %rejection, "report refused as stale");
-                    } else {
-                        warn!(cause = %rejection, "report refused");
+            // Nobody waits for a withdrawn report (the start record of a
+            // program that has ended already): it is not sent.
+            batch.retain(|pending| !pending.answer.is_closed());
+            if batch.is_empty() {
+                return;
+            }
+            let commands = batch.iter().map(|pending| pending.command.clone()).collect();
+            match self.send(ExecutorRequest::Reports(commands), self.rpc_timeout).await {
+                Ok(ExecutorReply::Applied(Response::Reports(answers)))
+                    if answers.len() == batch.len() =>
+                {
+                    for (pending, answer) in batch.into_iter().zip(answers) {
+                        if let Response::Rejected(rejection) = &answer {
+                            let (task_id, token) = pending.attempt();
+                            if rejection.kind == RejectionKind::Stale {
+                                info!(%task_id, token, cause = %rejection, "report refused as stale");
+                            } else {
+                                warn!(%task_id, token, cause = %rejection, "report refused");
+                            }
+                        }
+                        let _ = pending.answer.send(answer);
                     }
-                    return Some(Response::Rejected(rejection));
+                    return;
                 }
-                Ok(ExecutorReply::Applied(response)) => return Some(response),
-                Ok(reply) => debug!(?reply, "report not committed yet"),
-                Err(err) => debug!(cause = %err, "report failed"),
+                Ok(reply) => debug!(?reply, n_reports = batch.len(), "reports not committed yet"),
+                Err(err) => debug!(cause = %err, n_reports = batch.len(), "reports failed"),
             }
             tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
+                _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
             }
             backoff_ms = (backoff_ms * 2).min(1_000);

@@ -6,11 +6,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Command, NodeId, Response, TaskId};
 
+/// The most reports one request may carry; the leader refuses more.
+pub const REPORTS_PER_REQUEST_MAX: usize = 1_024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecutorRequest {
     Heartbeat(Heartbeat),
-    /// `StartAttempt` or `CompleteAttempt`, to be committed by the leader.
-    Report(Command),
+    /// `StartAttempt` and `CompleteAttempt` commands, to be committed by the
+    /// leader in one `Reports` entry; answered with `Response::Reports`.
+    Reports(Vec<Command>),
 }
 
 /// An executor's renewal of its lease, with what it can take and what it runs.

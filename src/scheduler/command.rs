@@ -32,6 +32,11 @@ pub enum Command {
     StartAttempt { now_ms: u64, task: TaskId, token: u64 },
     /// An executor's attempt with this token ended.
     CompleteAttempt { now_ms: u64, task: TaskId, token: u64, report: AttemptReport },
+    /// Executor reports, `StartAttempt` and `CompleteAttempt` only, applied
+    /// in order and each on its own: a refused one changes nothing, and the
+    /// others apply all the same. One entry carries what one executor had
+    /// to say while its previous batch was on its way.
+    Reports { reports: Vec<Command> },
     /// The leader found these attempts lost: their executors' leases expired.
     RequeueLost { now_ms: u64, lost: Vec<LostAttempt> },
     /// Stops (or resumes) new assignments to a node.
@@ -82,6 +87,7 @@ impl fmt::Display for Command {
             Command::CompleteAttempt { task, token, report, .. } => {
                 write!(f, "CompleteAttempt({task}, token={token}, {:?})", report.outcome)
             }
+            Command::Reports { reports } => write!(f, "Reports(n={})", reports.len()),
             Command::RequeueLost { lost, .. } => write!(f, "RequeueLost(n={})", lost.len()),
             Command::SetDraining { node, draining } => write!(f, "SetDraining({node}, {draining})"),
             Command::PurgeFinished { tasks_max, .. } => write!(f, "PurgeFinished(max={tasks_max})"),
@@ -107,6 +113,8 @@ pub enum Response {
     },
     /// The task after a start or a completion was recorded.
     Attempt(Box<Task>),
+    /// One answer per report of a `Reports` command, in order.
+    Reports(Vec<Response>),
     Requeued(Vec<TaskId>),
     Purged(Vec<TaskId>),
     Rejected(Rejection),

@@ -349,6 +349,59 @@ fn reports_from_a_stale_attempt_are_refused() {
 }
 
 #[test]
+fn a_batch_of_reports_applies_each_on_its_own_in_order() {
+    let mut cluster = Cluster::new(vec![executor(1, 2, &[])]);
+    let first = cluster.submit(spec_in("q", 0));
+    let second = cluster.submit(spec_in("q", 0));
+    let tokens: BTreeMap<TaskId, u64> = cluster
+        .schedule(2)
+        .into_iter()
+        .map(|(assignment, token)| (assignment.task, token))
+        .collect();
+    let report = |outcome| AttemptReport {
+        started_at_ms: Some(NOW_MS),
+        ended_at_ms: NOW_MS + 1,
+        outcome,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+    };
+    let before_second = cluster.task(second).clone();
+    let reports = vec![
+        Command::StartAttempt { now_ms: NOW_MS, task: first, token: tokens[&first] },
+        // A stale token: refused, and the rest still applies.
+        Command::CompleteAttempt {
+            now_ms: NOW_MS + 1,
+            task: second,
+            token: tokens[&second] - 1,
+            report: report(Outcome::Exited { code: 0 }),
+        },
+        Command::PromoteDue { now_ms: NOW_MS },
+        Command::CompleteAttempt {
+            now_ms: NOW_MS + 1,
+            task: first,
+            token: tokens[&first],
+            report: report(Outcome::Exited { code: 0 }),
+        },
+    ];
+    let Response::Reports(answers) = cluster.apply(Command::Reports { reports }) else {
+        panic!("a batch is answered with one answer per report");
+    };
+    let kinds: Vec<Option<RejectionKind>> = answers
+        .iter()
+        .map(|answer| match answer {
+            Response::Rejected(rejection) => Some(rejection.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![None, Some(RejectionKind::Stale), Some(RejectionKind::InvalidArgument), None]
+    );
+    assert_eq!(cluster.task(first).state, TaskState::Succeeded, "start then end, in order");
+    assert_eq!(cluster.task(second), &before_second, "the refused report changed nothing");
+}
+
+#[test]
 fn leases_expire_from_the_last_heartbeat_and_a_new_leader_waits_a_full_lease() {
     let mut cluster = Cluster::new(vec![executor(1, 2, &[]), executor(2, 2, &[])]);
     let ids = [cluster.submit(spec_in("q", 0)), cluster.submit(spec_in("q", 0))];

@@ -163,12 +163,15 @@ impl State {
             Command::Assign { now_ms, assignments } => {
                 Ok(self.assign(revision, *now_ms, assignments, &mut changed))
             }
-            Command::StartAttempt { now_ms, task, token } => self
-                .start_attempt(revision, *now_ms, *task, *token, &mut changed)
-                .map(|task| Response::Attempt(Box::new(task))),
-            Command::CompleteAttempt { now_ms, task, token, report } => self
-                .complete_attempt(revision, *now_ms, *task, *token, report, &mut changed)
-                .map(|task| Response::Attempt(Box::new(task))),
+            Command::StartAttempt { .. } | Command::CompleteAttempt { .. } => {
+                self.report(revision, command, &mut changed)
+            }
+            Command::Reports { reports } => Ok(Response::Reports(
+                reports
+                    .iter()
+                    .map(|report| self.report_in_batch(revision, report, &mut changed))
+                    .collect(),
+            )),
             Command::RequeueLost { now_ms, lost } => {
                 Ok(Response::Requeued(self.requeue_lost(revision, *now_ms, lost, &mut changed)))
             }
@@ -412,6 +415,53 @@ impl State {
                 RejectionKind::Stale,
                 format!("task {id} has no attempt with token {token}"),
             )),
+        }
+    }
+
+    /// Applies one executor report.
+    fn report(
+        &mut self,
+        revision: u64,
+        command: &Command,
+        changed: &mut Vec<TaskId>,
+    ) -> Result<Response, Rejection> {
+        let task = match command {
+            Command::StartAttempt { now_ms, task, token } => {
+                self.start_attempt(revision, *now_ms, *task, *token, changed)
+            }
+            Command::CompleteAttempt { now_ms, task, token, report } => {
+                self.complete_attempt(revision, *now_ms, *task, *token, report, changed)
+            }
+            other => Err(Rejection::new(
+                RejectionKind::InvalidArgument,
+                format!("{other} is not an executor report"),
+            )),
+        };
+        task.map(|task| Response::Attempt(Box::new(task)))
+    }
+
+    /// Applies one report of a batch: its refusal is its own answer, and
+    /// changes nothing.
+    fn report_in_batch(
+        &mut self,
+        revision: u64,
+        command: &Command,
+        changed: &mut Vec<TaskId>,
+    ) -> Response {
+        let mut changed_here = Vec::new();
+        match self.report(revision, command, &mut changed_here) {
+            Ok(response) => {
+                for id in changed_here {
+                    if !changed.contains(&id) {
+                        changed.push(id);
+                    }
+                }
+                response
+            }
+            Err(rejection) => {
+                assert!(changed_here.is_empty(), "a rejected report changed tasks");
+                Response::Rejected(rejection)
+            }
         }
     }
 

@@ -231,7 +231,7 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
 
     // A late report from the old attempt (as its process would send, had
     // it survived) is refused as stale by the leader.
-    let late = ExecutorRequest::Report(Command::CompleteAttempt {
+    let late = ExecutorRequest::Reports(vec![Command::CompleteAttempt {
         now_ms: now_ms(),
         task: TaskId(task_id.parse()?),
         token: old_token,
@@ -242,12 +242,15 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
             stdout_tail: "late".into(),
             stderr_tail: String::new(),
         },
-    });
+    }]);
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
     match cluster.executor_request(leader, &late).await? {
-        ExecutorReply::Applied(Response::Rejected(rejection)) => {
-            assert_eq!(rejection.kind, RejectionKind::Stale, "{rejection}")
-        }
+        ExecutorReply::Applied(Response::Reports(answers)) => match &answers[..] {
+            [Response::Rejected(rejection)] => {
+                assert_eq!(rejection.kind, RejectionKind::Stale, "{rejection}")
+            }
+            other => panic!("a late report with token {old_token} was answered {other:?}"),
+        },
         other => panic!("a late report with token {old_token} was not refused: {other:?}"),
     }
 
