@@ -34,7 +34,7 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
 /// measured tasks to start. An offered rate above what the cluster can run
 /// builds a queue; a task still waiting then goes into the histogram with
 /// its wait so far (a lower bound) and is counted as not started.
-const START_DEADLINE: Duration = Duration::from_secs(30);
+const START_DEADLINE: Duration = Duration::from_secs(10);
 /// Read-back requests in flight at once.
 const READ_BACK_IN_FLIGHT_MAX: usize = 16;
 
@@ -197,6 +197,7 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
         "rate": rate,
         "items": due_by_id.len(),
         "not_started": found.unsettled.len(),
+        "start_deadline_s": START_DEADLINE.as_secs(),
         "errors": n_errors.load(std::sync::atomic::Ordering::Relaxed),
         "seconds": args.duration.as_secs_f64(),
         "items_per_s": due_by_id.len() as f64 / args.duration.as_secs_f64(),
