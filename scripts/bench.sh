@@ -71,7 +71,14 @@ fi
 step() { printf '\n==> %s\n' "$*" >&2; }
 work=$(mktemp -d /tmp/taskraft-bench.XXXXXX)
 etcd_pids=()
+report_written=0
 cleanup() {
+  # A failed scenario still leaves the report of those that finished.
+  if [ "$report_written" = 0 ] && [ -s "${results:-}" ] && declare -F write_report > /dev/null; then
+    echo "bench.sh: stopped before the end; writing the report of what finished" >&2
+    report_written=1
+    write_report "-partial" || true
+  fi
   stop_etcd
   TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
     scripts/cluster.sh down > /dev/null 2>&1 || true
@@ -318,50 +325,15 @@ failover_trials() {  # failover_trials LABEL TARGET
   if [ "$target" = taskraft ]; then stop_taskraft; else stop_etcd; fi
 }
 
-step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
-scaled=0
-for scenario in "${scenarios[@]}"; do
-  case "$scenario" in
-    restart_1m | mem_1m | snapshot_1m)
-      # One fill per pair and system serves all three.
-      if [ "$scaled" = 0 ]; then
-        for pair in $(seq 1 "$pairs"); do scale_run taskraft "$pair"; scale_run etcd "$pair"; done
-        scaled=1
-      fi
-      continue ;;
-  esac
-  if [ "$scenario" = failover ]; then
-    taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS=300)
-    etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
-    failover_trials taskraft-matched taskraft
-    failover_trials etcd-matched etcd
-    taskraft_timing=()
-    etcd_timing=()
-    failover_trials taskraft-default taskraft
-    continue
-  fi
-  read -r clients connections batch <<< "$(load_of "$scenario")"
-  for pair in $(seq 1 "$pairs"); do
-    if [ "$scenario" = submit_to_start ]; then
-      submit_to_start_pair "$pair"
-    elif [ "$scenario" = exec_rate ]; then
-      exec_rate_pair "$pair"
-    elif [ "$scenario" = submit_batch ]; then
-      run "$scenario" taskraft taskraft "$pair" 16 4 100
-      run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
-    else
-      run "$scenario" taskraft taskraft "$pair" "$clients" "$connections" "$batch"
-      run "$scenario" etcd etcd "$pair" "$clients" "$connections" "$batch"
-    fi
-  done
-done
-
-step "report"
-mkdir -p "$out_dir"
-stamp="$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}"
-python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" << 'EOF'
+# The report of every run in $results: tables in markdown, and JSON.
+write_report() {  # write_report SUFFIX: "" at the end, "-partial" when a scenario failed
+  local stamp
+  step "report"
+  mkdir -p "$out_dir"
+  stamp="$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}$1"
+  python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" "$1" << 'EOF'
 import json, platform, statistics, sys
-results_path, json_path, md_path, quick, pairs, etcd_version = sys.argv[1:]
+results_path, json_path, md_path, quick, pairs, etcd_version, suffix = sys.argv[1:]
 rows = [json.loads(line) for line in open(results_path)]
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t") if "model name" in open("/proc/cpuinfo").read() else platform.processor()
 machine = f"{cpu}, {len(open('/proc/cpuinfo').read().split('processor')) - 1} cores, Linux {platform.release()}"
@@ -459,7 +431,7 @@ if any(row["scenario"] == "scale_1m" for row in execution):
     entry["items"] = next(iter(ours.values()))["fill"]["items"] if ours else None
     report["scenarios"]["scale_1m"] = entry
 json.dump(report, open(json_path, "w"), indent=2)
-lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."]
+lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."] + (["", "**Partial:** a scenario failed; these are the runs that finished before it."] if suffix else [])
 if table:
     lines += ["", "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
@@ -494,3 +466,45 @@ print("\n".join(lines))
 EOF
 echo
 echo "written: $out_dir/$stamp.json and .md"
+}
+
+step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
+scaled=0
+for scenario in "${scenarios[@]}"; do
+  case "$scenario" in
+    restart_1m | mem_1m | snapshot_1m)
+      # One fill per pair and system serves all three.
+      if [ "$scaled" = 0 ]; then
+        for pair in $(seq 1 "$pairs"); do scale_run taskraft "$pair"; scale_run etcd "$pair"; done
+        scaled=1
+      fi
+      continue ;;
+  esac
+  if [ "$scenario" = failover ]; then
+    taskraft_timing=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS=300)
+    etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
+    failover_trials taskraft-matched taskraft
+    failover_trials etcd-matched etcd
+    taskraft_timing=()
+    etcd_timing=()
+    failover_trials taskraft-default taskraft
+    continue
+  fi
+  read -r clients connections batch <<< "$(load_of "$scenario")"
+  for pair in $(seq 1 "$pairs"); do
+    if [ "$scenario" = submit_to_start ]; then
+      submit_to_start_pair "$pair"
+    elif [ "$scenario" = exec_rate ]; then
+      exec_rate_pair "$pair"
+    elif [ "$scenario" = submit_batch ]; then
+      run "$scenario" taskraft taskraft "$pair" 16 4 100
+      run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
+    else
+      run "$scenario" taskraft taskraft "$pair" "$clients" "$connections" "$batch"
+      run "$scenario" etcd etcd "$pair" "$clients" "$connections" "$batch"
+    fi
+  done
+done
+
+write_report ""
+report_written=1

@@ -27,7 +27,7 @@ pub use command::{
     Assignment, AttemptReport, Command, LostAttempt, Rejection, RejectionKind, Response, Submitted,
 };
 pub use limits::Limits;
-pub use state::{Applied, State, StateMeta};
+pub use state::{Applied, FrozenState, State, StateMeta};
 pub use task::{
     Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
 };

@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +42,9 @@ pub struct StateMeta {
 #[derive(Debug, Default)]
 pub struct State {
     meta: StateMeta,
-    tasks: BTreeMap<TaskId, Task>,
+    /// Shared with [`FrozenState`]s taken for snapshots: a change to a task
+    /// they hold copies it first.
+    tasks: BTreeMap<TaskId, Arc<Task>>,
     ready_by_queue: BTreeMap<String, BTreeSet<ReadyKey>>,
     pending_by_run_at: BTreeSet<(u64, TaskId)>,
     task_by_idempotency_key: HashMap<String, TaskId>,
@@ -50,6 +53,24 @@ pub struct State {
     /// Finished tasks by the time they finished, for retention.
     finished_by_time: BTreeSet<(u64, TaskId)>,
     n_tasks_queued: u64,
+}
+
+/// The meta and the tasks of a [`State`] at one moment, for a snapshot.
+#[derive(Debug, Clone)]
+pub struct FrozenState {
+    meta: StateMeta,
+    tasks: BTreeMap<TaskId, Arc<Task>>,
+}
+
+impl FrozenState {
+    pub fn meta(&self) -> &StateMeta {
+        &self.meta
+    }
+
+    /// Every task in id order.
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values().map(|task| &**task)
+    }
 }
 
 /// What one `apply` did: its answer and the tasks it changed.
@@ -79,7 +100,7 @@ impl State {
                 return Err(format!("task {} appears twice", task.id));
             }
             state.index_insert(&task);
-            state.tasks.insert(task.id, task);
+            state.tasks.insert(task.id, Arc::new(task));
         }
         Ok(state)
     }
@@ -89,18 +110,25 @@ impl State {
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {
-        self.tasks.get(&id)
+        self.tasks.get(&id).map(|task| &**task)
     }
 
     /// Every task in id order.
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
-        self.tasks.values()
+        self.tasks.values().map(|task| &**task)
+    }
+
+    /// The meta and the tasks as they are now, unchanged by later commands,
+    /// for a snapshot. Cheap: the tasks are shared, not copied, until a
+    /// command changes one.
+    pub fn frozen(&self) -> FrozenState {
+        FrozenState { meta: self.meta.clone(), tasks: self.tasks.clone() }
     }
 
     /// Tasks with an id greater than `after`, in id order.
     pub fn tasks_after(&self, after: Option<TaskId>) -> impl Iterator<Item = &Task> {
         let start = after.map_or(0, |id| id.0.saturating_add(1));
-        self.tasks.range(TaskId(start)..).map(|(_, task)| task)
+        self.tasks.range(TaskId(start)..).map(|(_, task)| &**task)
     }
 
     pub fn n_tasks(&self) -> usize {
@@ -114,7 +142,7 @@ impl State {
 
     /// Ready tasks of one queue in the order they should run.
     pub fn ready_in_queue<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Task> + 'a {
-        self.ready_by_queue.get(queue).into_iter().flatten().map(|(_, _, id)| &self.tasks[id])
+        self.ready_by_queue.get(queue).into_iter().flatten().map(|(_, _, id)| &*self.tasks[id])
     }
 
     /// The queues that have ready tasks, in name order.
@@ -124,7 +152,7 @@ impl State {
 
     /// Tasks ASSIGNED to or RUNNING on `node`.
     pub fn active_on(&self, node: NodeId) -> impl Iterator<Item = &Task> {
-        self.active_by_node.get(&node).into_iter().flatten().map(|id| &self.tasks[id])
+        self.active_by_node.get(&node).into_iter().flatten().map(|id| &*self.tasks[id])
     }
 
     pub fn n_active_on(&self, node: NodeId) -> usize {
@@ -135,7 +163,7 @@ impl State {
     pub fn active(&self) -> impl Iterator<Item = (NodeId, &Task)> {
         self.active_by_node
             .iter()
-            .flat_map(|(node, ids)| ids.iter().map(|id| (*node, &self.tasks[id])))
+            .flat_map(|(node, ids)| ids.iter().map(|id| (*node, &*self.tasks[id])))
     }
 
     pub fn is_draining(&self, node: NodeId) -> bool {
@@ -253,8 +281,10 @@ impl State {
             if let Some(existing) =
                 spec.idempotency_key.as_ref().and_then(|key| self.task_by_idempotency_key.get(key))
             {
-                results
-                    .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
+                results.push(Submitted {
+                    task: Task::clone(&self.tasks[existing]),
+                    already_existed: true,
+                });
                 continue;
             }
             let id = TaskId(self.meta.next_task_id);
@@ -276,7 +306,7 @@ impl State {
                 attempts: Vec::new(),
             };
             self.index_insert(&task);
-            self.tasks.insert(id, task.clone());
+            self.tasks.insert(id, Arc::new(task.clone()));
             changed.push(id);
             results.push(Submitted { task, already_existed: false });
         }
@@ -336,9 +366,11 @@ impl State {
     ) -> R {
         let mut task = self.tasks.remove(&id).expect("update of a task that exists");
         self.index_remove(&task);
-        let result = change(&mut task);
-        task.revision = revision;
-        task.updated_at_ms = task.updated_at_ms.max(now_ms);
+        // Copies the task only if a frozen state still holds it.
+        let task_mut = Arc::make_mut(&mut task);
+        let result = change(task_mut);
+        task_mut.revision = revision;
+        task_mut.updated_at_ms = task_mut.updated_at_ms.max(now_ms);
         self.index_insert(&task);
         self.tasks.insert(id, task);
         result
@@ -485,7 +517,7 @@ impl State {
                     current.started_at_ms = Some(now_ms);
                 });
                 changed.push(id);
-                Ok(self.tasks[&id].clone())
+                Ok(Task::clone(&self.tasks[&id]))
             }
             TaskState::Cancelled => Err(Rejection::new(
                 RejectionKind::Stale,
@@ -548,7 +580,7 @@ impl State {
             }
         });
         changed.push(id);
-        Ok(self.tasks[&id].clone())
+        Ok(Task::clone(&self.tasks[&id]))
     }
 
     fn requeue_lost(
@@ -675,7 +707,7 @@ impl State {
     /// Recomputes every index from the tasks and compares. For tests and
     /// for checking a state loaded from disk.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let rebuilt = State::from_parts(self.meta.clone(), self.tasks.values().cloned())?;
+        let rebuilt = State::from_parts(self.meta.clone(), self.tasks().cloned())?;
         if rebuilt.ready_by_queue != self.ready_by_queue {
             return Err("ready index differs from the tasks".into());
         }

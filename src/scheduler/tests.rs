@@ -361,3 +361,17 @@ fn the_same_log_gives_the_same_state() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn a_frozen_state_keeps_what_it_saw_while_commands_go_on() {
+    let mut h = Harness::new();
+    let first = h.submit_one(spec("x"));
+    let frozen = h.state.frozen();
+    h.apply(Command::CancelTask { now_ms: NOW_MS + 1, id: first.id });
+    let second = h.submit_one(spec("y"));
+    // The live state moved on; the frozen one is what it was, for the snapshot.
+    assert_eq!(h.state.task(first.id).unwrap().state, TaskState::Cancelled);
+    assert_eq!(frozen.tasks().cloned().collect::<Vec<_>>(), vec![first]);
+    assert_eq!(frozen.meta().next_task_id, second.id.0);
+    assert_eq!(h.state.meta().next_task_id, second.id.0 + 1);
+}

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::raft::SnapshotMeta;
 use crate::raft::codec;
-use crate::scheduler::{State, StateMeta, Task};
+use crate::scheduler::{FrozenState, State, StateMeta, Task};
 
 const MAGIC: &[u8; 8] = b"TRSNAP01";
 const HEADER_BYTES: u64 = 8 + 4 + 8;
@@ -40,10 +40,10 @@ impl fmt::Debug for SnapshotFile {
 struct BodyRef<'a> {
     meta: &'a StateMeta,
     #[serde(serialize_with = "serialize_tasks")]
-    tasks: &'a State,
+    tasks: &'a FrozenState,
 }
 
-fn serialize_tasks<S: Serializer>(state: &&State, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_tasks<S: Serializer>(state: &&FrozenState, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(state.tasks())
 }
 
@@ -53,9 +53,10 @@ struct Body {
     tasks: Vec<Task>,
 }
 
-/// Encodes a snapshot of `state` into bytes. Cheap enough to run under the
-/// state lock; the slow part, writing the file, is [`write_file`].
-pub fn encode(meta: &SnapshotMeta, state: &State) -> Vec<u8> {
+/// Encodes a snapshot of `state` into bytes: seconds of CPU for a million
+/// tasks, so it runs on a blocking thread, from a [`FrozenState`] taken
+/// under the state lock, not under the lock.
+pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
     let meta_bytes = codec::encode(meta);
     let body = codec::encode(&BodyRef { meta: state.meta(), tasks: state });
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize + meta_bytes.len() + body.len());
@@ -170,7 +171,7 @@ mod tests {
     #[test]
     fn corrupt_bytes_give_an_error_not_a_panic() {
         let meta = SnapshotMeta::default();
-        let bytes = encode(&meta, &State::default());
+        let bytes = encode(&meta, &State::default().frozen());
         assert!(decode(&bytes).is_ok());
         for cut in [0, 5, 12, 19, bytes.len() - 1] {
             let err = decode(&bytes[..cut]).unwrap_err();

@@ -366,19 +366,23 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, bytes) = {
+        // Only the freeze holds the lock: apply goes on while the snapshot
+        // is encoded, and no runtime thread is taken by the encoding.
+        let (meta, frozen) = {
             let applied = self.read();
             let meta = SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.membership.clone(),
             };
-            let bytes = snapshot::encode(&meta, &applied.state);
-            (meta, bytes)
+            (meta, applied.state.frozen())
         };
         let dir = self.shared.snapshot_dir.clone();
-        let file =
-            kv::blocking(move || snapshot::write_file(&dir, snapshot::CURRENT_FILE_NAME, &bytes))
-                .await?;
+        let file_meta = meta.clone();
+        let file = kv::blocking(move || {
+            let bytes = snapshot::encode(&file_meta, &frozen);
+            snapshot::write_file(&dir, snapshot::CURRENT_FILE_NAME, &bytes)
+        })
+        .await?;
         info!(snapshot = ?meta.last_log_id, "built a snapshot");
         Ok(Snapshot { meta, snapshot: file })
     }
