@@ -54,7 +54,7 @@ done
 if [ "$quick" = 1 ]; then
   warmup=2s; duration=5s; pairs=${pairs:-1}; trials=3; exec_tasks=1000; scale_items=100000
 else
-  warmup=5s; duration=20s; pairs=${pairs:-3}; trials=20; exec_tasks=5000; scale_items=1000000
+  warmup=3s; duration=15s; pairs=${pairs:-3}; trials=20; exec_tasks=5000; scale_items=1000000
 fi
 # Items written while a follower is down, in the restart_1m scenario.
 catch_up_items=10000
