@@ -209,9 +209,7 @@ fn check_reports(reports: &[Command]) -> Result<(), String> {
             reports.len()
         ));
     }
-    match reports.iter().find(|command| {
-        !matches!(command, Command::StartAttempt { .. } | Command::CompleteAttempt { .. })
-    }) {
+    match reports.iter().find(|command| command.reported_attempt().is_none()) {
         Some(command) => Err(format!("executors may not propose {command}")),
         None => Ok(()),
     }

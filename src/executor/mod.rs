@@ -108,14 +108,6 @@ struct PendingReport {
 }
 
 impl PendingReport {
-    fn attempt(&self) -> (TaskId, u64) {
-        match &self.command {
-            Command::StartAttempt { task, token, .. }
-            | Command::CompleteAttempt { task, token, .. } => (*task, *token),
-            _ => (TaskId(0), 0),
-        }
-    }
-
     /// About what it adds to a batch: its output tails, and the rest.
     fn size_bytes(&self) -> usize {
         const FIXED_BYTES: usize = 128;
@@ -565,8 +557,9 @@ impl Executor {
                     if answers.len() == batch.len() =>
                 {
                     for (pending, answer) in batch.into_iter().zip(answers) {
-                        if let Response::Rejected(rejection) = &answer {
-                            let (task_id, token) = pending.attempt();
+                        if let Response::Rejected(rejection) = &answer
+                            && let Some((task_id, token)) = pending.command.reported_attempt()
+                        {
                             if rejection.kind == RejectionKind::Stale {
                                 info!(%task_id, token, cause = %rejection, "report refused as stale");
                             } else {

@@ -74,6 +74,18 @@ pub struct LostAttempt {
     pub revision: u64,
 }
 
+impl Command {
+    /// The attempt an executor report is about, by task and fencing token;
+    /// `None` for a command that is not an executor report.
+    pub fn reported_attempt(&self) -> Option<(TaskId, u64)> {
+        match self {
+            Command::StartAttempt { task, token, .. }
+            | Command::CompleteAttempt { task, token, .. } => Some((*task, *token)),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
