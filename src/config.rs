@@ -71,7 +71,8 @@ pub struct RaftTimings {
     /// The longest one snapshot transfer may take.
     pub snapshot_send_timeout_ms: u64,
     /// The longest a follower may take to answer an AppendEntries that
-    /// carries entries: it must receive, write and fsync them first. openraft
+    /// carries entries, or only a commit index: it must receive, write and
+    /// fsync them first, or wait for an fsync under way. openraft
     /// would allow only a heartbeat interval, which a batch of large entries
     /// on a busy machine outlasts; retried, it outlasts it again, and with
     /// one follower down nothing commits. Heartbeats keep their own, shorter

@@ -32,7 +32,7 @@ use crate::api::error::ApiError;
 use crate::config::NodeConfig;
 use crate::platform::{Clock, Network};
 use crate::raft::network::{PEER_KEEP_ALIVE_INTERVAL, PEER_KEEP_ALIVE_TIMEOUT};
-use crate::raft::{NodeId, PeerNode, Raft};
+use crate::raft::{LEASE_LAPSE_RETRY_INTERVAL, NodeId, PeerNode, Raft, is_lease_lapse};
 use crate::scheduler::{Command, Response};
 use crate::storage::StateMachineStore;
 
@@ -226,7 +226,19 @@ impl Context {
     pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
         self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
-        let write = tokio::time::timeout(self.request_timeout(), self.raft.client_write(command));
+        let write = async {
+            loop {
+                match self.raft.client_write(command.clone()).await {
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))
+                        if is_lease_lapse(&forward) =>
+                    {
+                        tokio::time::sleep(LEASE_LAPSE_RETRY_INTERVAL).await;
+                    }
+                    result => return result,
+                }
+            }
+        };
+        let write = tokio::time::timeout(self.request_timeout(), write);
         // A leader cut off from its majority answers as soon as it knows,
         // rather than holding the client until the timeout.
         let quorum_lost = async {
@@ -283,11 +295,23 @@ impl Context {
     pub async fn read_index(&self) -> Result<(), ApiError> {
         self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
-        let result = tokio::time::timeout(
-            self.request_timeout(),
-            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-        )
-        .await;
+        // openraft waits one leader lease for a heartbeat round to be
+        // acknowledged; a busy majority may answer later than that. Ask
+        // again until the quorum check gives up on it or the time is out.
+        let read = async {
+            loop {
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
+                        self.check_quorum()?;
+                    }
+                    result => return Ok::<_, ApiError>(result),
+                }
+            }
+        };
+        let result = match tokio::time::timeout(self.request_timeout(), read).await {
+            Ok(answer) => Ok(answer?),
+            Err(elapsed) => Err(elapsed),
+        };
         match result {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {

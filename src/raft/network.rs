@@ -154,19 +154,17 @@ impl PeerClient {
     }
 }
 
-/// How long the follower may take to answer `rpc`. openraft allows one
-/// heartbeat interval for every AppendEntries; one that carries entries gets
-/// at least `append_timeout_ms`, since the follower fsyncs them before it
-/// answers. A heartbeat (no entries) keeps openraft's deadline, which its
-/// heartbeat worker enforces anyway.
-fn append_deadline(
-    rpc: &AppendEntriesRequest<TypeConfig>,
-    option: &RPCOption,
-    append_timeout_ms: u64,
-) -> Duration {
-    if rpc.entries.is_empty() {
-        return option.hard_ttl();
-    }
+/// How long the follower may take to answer an AppendEntries: at least
+/// `append_timeout_ms`, where openraft allows one heartbeat interval.
+///
+/// A follower answers only once its log is on disk up to the entries it
+/// matched, so even an append without entries (one that only advances the
+/// commit index) waits for an fsync already under way. On a saturated
+/// machine that outlasts one heartbeat interval; the replication stream then
+/// fails, restarts and falls further behind. openraft's heartbeat worker
+/// puts its own timeout of one interval around each heartbeat, so heartbeats
+/// keep their short deadline whatever this returns.
+fn append_deadline(option: &RPCOption, append_timeout_ms: u64) -> Duration {
     option.hard_ttl().max(Duration::from_millis(append_timeout_ms))
 }
 
@@ -178,7 +176,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let deadline = append_deadline(&rpc, &option, self.config.append_timeout_ms);
+        let deadline = append_deadline(&option, self.config.append_timeout_ms);
         self.unary("append entries reply", &rpc, deadline, |mut client, request| async move {
             client.append_entries(request).await
         })

@@ -1,6 +1,7 @@
 //! Killing the leader with SIGKILL during submission: every acknowledged
 //! task survives, a new leader serves within 3 s, and without a quorum a
-//! write is refused with UNAVAILABLE.
+//! write is refused with UNAVAILABLE. A leader whose majority is only slow
+//! holds a write until it answers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -97,5 +98,57 @@ async fn without_a_quorum_writes_are_unavailable_and_reads_too() -> anyhow::Resu
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     // A stale read still answers from the node's own state.
     assert_eq!(get(&mut client, &task.id, true).await?.id, task.id);
+    Ok(())
+}
+
+/// The election timeout of the slow-majority test: long, so that the pause
+/// below outlasts the leader lease but not the followers' patience.
+const SLOW_ELECTION_TIMEOUT_MS: u64 = 2_000;
+
+/// Both followers freeze (SIGSTOP) for longer than the leader lease (one
+/// election timeout) and less than the 1.5 timeouts after which a follower
+/// campaigns. A write that arrives after the lease lapsed waits for them and
+/// commits; before, openraft's refusal of a lapsed lease reached the client
+/// at once as "knows no leader", which a saturated machine (followers'
+/// fsyncs lagging past 250 ms) turned into failed writes in a healthy cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_during_a_lapsed_lease_waits_for_a_slow_majority() -> anyhow::Result<()> {
+    let config_dir = tempfile::tempdir()?;
+    let config_path = config_dir.path().join("node.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[raft]\nelection_timeout_ms = {SLOW_ELECTION_TIMEOUT_MS}\nquorum_silence_ms_max = 4000\n\
+             [server]\nrequest_timeout_ms = 8000\nrpc_timeout_ms = 9000\n"
+        ),
+    )?;
+    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    // One attempt, no retries: the client must not hide a refusal.
+    let mut client = cluster.node_client(leader, Duration::ZERO)?;
+    submit(&mut client, spec("true", &[], None)).await?;
+
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for follower in &followers {
+        cluster.signal(*follower, "STOP")?;
+    }
+    let frozen_at = Instant::now();
+    // The lease has lapsed: nothing the leader sent after the freeze was acknowledged.
+    tokio::time::sleep(Duration::from_millis(SLOW_ELECTION_TIMEOUT_MS + 300)).await;
+    let write = tokio::spawn(async move { submit(&mut client, spec("true", &[], None)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the write returned while no majority could answer");
+    for follower in &followers {
+        cluster.signal(*follower, "CONT")?;
+    }
+    let frozen_for = frozen_at.elapsed();
+    assert!(
+        frozen_for.as_millis() < u128::from(SLOW_ELECTION_TIMEOUT_MS) * 3 / 2,
+        "the test itself was too slow: the followers stayed frozen for {frozen_for:?}"
+    );
+    let reply = write.await?;
+    assert!(reply.is_ok(), "the write failed: {reply:?}");
+    assert_eq!(cluster.wait_for_leader(Duration::from_secs(5)).await?, leader);
     Ok(())
 }
