@@ -1,17 +1,20 @@
-//! The state machine store: the scheduler's [`State`] in memory, mirrored in
-//! the tree `sm` of the key-value layer, with snapshots in files and a
-//! stream of task events.
+//! The state machine store: the scheduler's [`State`] in memory, made
+//! durable by snapshot files, with a stream of task events.
 //!
-//! Each call to `apply` writes every task it changed, the new `last_applied`,
-//! the membership and the meta in one batch, which is atomic, so
-//! `last_applied` never runs ahead of the state it covers. The batch is not
-//! flushed: the Raft log is, and on restart anything lost is re-applied from
-//! it. If the `sm` tree is behind the current snapshot file (the log behind a
-//! snapshot may be purged), `open` loads the snapshot instead.
+//! `apply` changes only memory. What makes applied state durable is the Raft
+//! log, which is fsynced before anything is acknowledged, and the snapshot
+//! files, which are fsynced before they become current. On start the state
+//! is the current snapshot; openraft then re-applies the committed log after
+//! it (`RaftLogStorage::save_committed` keeps that point), and the log is
+//! never purged past the current snapshot. Mirroring every changed task into
+//! sled as well doubled the bytes each commit wrote and fsynced, and the
+//! copy in sled's page cache a third of the memory of a large queue.
+//!
+//! Stores written by earlier versions keep that mirror in a tree `sm`;
+//! `open` empties it.
 
 use std::collections::VecDeque;
 use std::io;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
@@ -21,16 +24,13 @@ use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::raft::codec;
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::scheduler::{Response, State, StateMeta, Task, TaskId};
-use crate::storage::kv::{self, Batch, Db, Tree};
+use crate::scheduler::{Response, State, Task};
+use crate::storage::kv::{self, Batch, Db};
 use crate::storage::snapshot::{self, SnapshotFile};
 
-const KEY_LAST_APPLIED: &[u8] = b"m:last_applied";
-const KEY_MEMBERSHIP: &[u8] = b"m:membership";
-const KEY_STATE_META: &[u8] = b"m:meta";
-const TASK_PREFIX: &[u8] = b"t:";
+/// The tree in which earlier versions mirrored the state.
+const LEGACY_MIRROR_TREE: &str = "sm";
 
 /// One change to one task, as watchers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,8 +64,6 @@ pub struct StateMachineStore {
 }
 
 struct Shared {
-    db: Db,
-    tree: Tree,
     snapshot_dir: PathBuf,
     applied: RwLock<Applied>,
     /// Recent events, oldest first. Locked after `applied` when both are.
@@ -81,8 +79,8 @@ pub struct Subscription {
 }
 
 impl StateMachineStore {
-    /// Opens the `sm` tree of `db` and loads the state, from the current
-    /// snapshot in `snapshot_dir` if the tree is behind it.
+    /// Loads the state from the current snapshot in `snapshot_dir`, or
+    /// starts empty; openraft re-applies the committed log after it.
     pub fn open(
         db: &Db,
         snapshot_dir: &Path,
@@ -90,27 +88,16 @@ impl StateMachineStore {
     ) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(snapshot_dir)?;
         remove_temporary_files(snapshot_dir)?;
-        let tree = db.open_tree("sm")?;
-        let mut applied = load_tree(&tree)?;
+        empty_legacy_mirror(db)?;
+        let mut applied = Applied::default();
         if let Some(mut file) = snapshot::open_current(snapshot_dir)? {
-            let meta = snapshot::read_meta(&mut file.file)?;
-            if meta.last_log_id > applied.last_applied {
-                info!(snapshot = ?meta.last_log_id, applied = ?applied.last_applied, "state behind the snapshot; loading it");
-                let (meta, state) = snapshot::read_all(&mut file.file)?;
-                applied = Applied {
-                    state,
-                    last_applied: meta.last_log_id,
-                    membership: meta.last_membership,
-                };
-                write_whole_tree(&tree, &applied)?;
-                db.flush_blocking()?;
-            }
+            let (meta, state) = snapshot::read_all(&mut file.file)?;
+            applied =
+                Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership };
         }
         info!(last_applied = ?applied.last_applied, n_tasks = applied.state.n_tasks(), "state machine loaded");
         let (events, _) = broadcast::channel(limits.channel_events_max);
         let shared = Shared {
-            db: db.clone(),
-            tree,
             snapshot_dir: snapshot_dir.to_owned(),
             applied: RwLock::new(applied),
             history: Mutex::new(VecDeque::with_capacity(limits.history_events_max)),
@@ -179,58 +166,22 @@ impl StateMachineStore {
     }
 }
 
-fn load_tree(tree: &Tree) -> io::Result<Applied> {
-    let last_applied: Option<LogId> =
-        read_value(tree, KEY_LAST_APPLIED, "stored last applied log id")?.flatten();
-    let membership: StoredMembership =
-        read_value(tree, KEY_MEMBERSHIP, "stored membership")?.unwrap_or_default();
-    let meta: StateMeta = read_value(tree, KEY_STATE_META, "stored meta")?.unwrap_or_default();
-    let mut tasks = Vec::new();
-    for item in tree.scan_prefix(TASK_PREFIX)? {
-        let (_, bytes) = item?;
-        tasks.push(codec::decode::<Task>("stored task", &bytes).map_err(io::Error::other)?);
-    }
-    let state = State::from_parts(meta, tasks).map_err(|err| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("stored state is inconsistent: {err}"))
-    })?;
-    Ok(Applied { state, last_applied, membership })
-}
-
-fn read_value<T: serde::de::DeserializeOwned>(
-    tree: &Tree,
-    key: &[u8],
-    what: &'static str,
-) -> io::Result<Option<T>> {
-    match tree.get(key)? {
-        None => Ok(None),
-        Some(bytes) => codec::decode(what, &bytes).map(Some).map_err(io::Error::other),
-    }
-}
-
-/// Replaces the whole `sm` tree with `applied`, in one atomic batch.
-fn write_whole_tree(tree: &Tree, applied: &Applied) -> io::Result<()> {
+/// Removes what an earlier version mirrored in the tree `sm`: the snapshot
+/// and the log hold all of it. Written once, then never again.
+fn empty_legacy_mirror(db: &Db) -> io::Result<()> {
+    let tree = db.open_tree(LEGACY_MIRROR_TREE)?;
     let mut batch = Batch::default();
-    for item in tree.range(Bound::Unbounded, Bound::Unbounded)? {
+    let mut n_keys = 0usize;
+    for item in tree.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)? {
         batch.remove(item?.0);
+        n_keys += 1;
     }
-    for task in applied.state.tasks() {
-        batch.insert(task_key(task.id).to_vec(), codec::encode(task));
+    if n_keys > 0 {
+        info!(n_keys, "removing the state mirror of an earlier version");
+        tree.apply_batch(batch)?;
+        db.flush_blocking()?;
     }
-    put_meta(&mut batch, applied);
-    tree.apply_batch(batch)
-}
-
-fn put_meta(batch: &mut Batch, applied: &Applied) {
-    batch.insert(KEY_LAST_APPLIED, codec::encode(&applied.last_applied));
-    batch.insert(KEY_MEMBERSHIP, codec::encode(&applied.membership));
-    batch.insert(KEY_STATE_META, codec::encode(applied.state.meta()));
-}
-
-fn task_key(id: TaskId) -> [u8; 10] {
-    let mut key = [0u8; 10];
-    key[..2].copy_from_slice(TASK_PREFIX);
-    key[2..].copy_from_slice(&id.0.to_be_bytes());
-    key
+    Ok(())
 }
 
 fn remove_temporary_files(dir: &Path) -> io::Result<()> {
@@ -264,7 +215,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut events = Vec::new();
         {
             let mut applied = self.shared.applied.write().expect("state lock poisoned");
-            let mut batch = Batch::default();
             for (entry, responder) in entries {
                 let index = entry.log_id.index();
                 let response = match entry.payload {
@@ -275,14 +225,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                     EntryPayload::Normal(command) => {
                         let result = applied.state.apply(index, &command);
+                        // A task purged by retention has no event.
                         for id in result.changed {
-                            match applied.state.task(id) {
-                                Some(task) => {
-                                    batch.insert(task_key(id).to_vec(), codec::encode(task));
-                                    events.push(TaskEvent { revision: index, task: task.clone() });
-                                }
-                                // Purged by retention.
-                                None => batch.remove(task_key(id).to_vec()),
+                            if let Some(task) = applied.state.task(id) {
+                                events.push(TaskEvent { revision: index, task: task.clone() });
                             }
                         }
                         result.response
@@ -291,8 +237,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 responses.push((responder, response));
             }
-            put_meta(&mut batch, &applied);
-            self.shared.tree.apply_batch(batch)?;
         }
         self.publish(events);
         for (responder, response) in responses {
@@ -337,12 +281,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
             };
-            write_whole_tree(&self.shared.tree, &applied)?;
             for task in applied.state.tasks().filter(|task| task.revision > previous_index) {
                 events.push(TaskEvent { revision: task.revision, task: task.clone() });
             }
         }
-        self.shared.db.flush().await?;
         events.sort_by_key(|event| (event.revision, event.task.id));
         info!(snapshot = ?meta.last_log_id, previous_index, "installed a snapshot");
         self.publish(events);

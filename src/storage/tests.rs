@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::scheduler::{Command, TaskSpec};
-use crate::storage::kv::{Batch, Db};
+use crate::storage::kv::Db;
 use crate::storage::{EventLimits, LogStore, MemoryDisk, StateMachineStore, open_db};
 
 const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
@@ -109,27 +109,60 @@ async fn append_and_wait(log_store: &mut LogStore, entries: Vec<Entry>) {
     rx.await.unwrap().unwrap();
 }
 
+/// The state machine is memory only: a reopened store has the log and the
+/// vote as they were, and the state of the last snapshot; openraft
+/// re-applies the committed log after it (the cluster tests restart nodes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reopened_store_keeps_log_vote_and_state() {
+async fn reopened_store_keeps_log_vote_and_the_snapshot_state() {
     let dir = TempDir::new().unwrap();
     {
         let (mut log_store, mut state_machine) = open_stores(dir.path()).unwrap();
         log_store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
-        let entries: Vec<Entry> = (1..=3).map(|index| submit_entry(index, "true")).collect();
+        let entries: Vec<Entry> = (1..=4).map(|index| submit_entry(index, "true")).collect();
         append_and_wait(&mut log_store, entries.clone()).await;
-        let stream = futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None))));
-        state_machine.apply(stream).await.unwrap();
+        let mut entries = entries.into_iter();
+        let apply = |entries: Vec<Entry>| {
+            futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None))))
+        };
+        state_machine.apply(apply(entries.by_ref().take(3).collect())).await.unwrap();
+        state_machine.build_snapshot().await.unwrap();
+        state_machine.apply(apply(entries.collect())).await.unwrap();
+        assert_eq!(state_machine.read().state.n_tasks(), 4);
     }
     // The flusher loop holds a clone of the Db until its channel closes.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let (mut log_store, mut state_machine) = open_stores(dir.path()).unwrap();
     assert_eq!(log_store.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
     let state = log_store.get_log_state().await.unwrap();
-    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(3));
-    assert_eq!(log_store.try_get_log_entries(1..4).await.unwrap().len(), 3);
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(4));
+    assert_eq!(log_store.try_get_log_entries(1..5).await.unwrap().len(), 4);
     let (applied, _) = state_machine.applied_state().await.unwrap();
     assert_eq!(applied.map(|log_id| log_id.index()), Some(3));
     assert_eq!(state_machine.read().state.n_tasks(), 3);
+}
+
+/// Earlier versions mirrored the state in the tree `sm`; the snapshot and
+/// the log hold all of it, so opening empties the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_empties_the_state_mirror_of_an_earlier_version() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+        let mirror = db.open_tree("sm").unwrap();
+        mirror.insert(b"t:0000000001", b"a task".to_vec()).unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (_, state_machine) = open_stores_on(&db, dir.path()).unwrap();
+    assert_eq!(state_machine.read().state.n_tasks(), 0);
+    let mirror = db.open_tree("sm").unwrap();
+    assert!(
+        mirror
+            .range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
 
 /// A follower that installs a snapshot ahead of its log purges past its last
@@ -162,7 +195,7 @@ async fn a_purge_past_the_log_interrupted_by_a_crash_is_finished_on_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_behind_the_snapshot_is_loaded_from_it() {
+async fn an_installed_snapshot_is_the_state_after_a_restart() {
     let dir = TempDir::new().unwrap();
     let other = TempDir::new().unwrap();
     // Build a snapshot at index 2 elsewhere, then install it into a fresh store.
@@ -187,17 +220,6 @@ async fn state_behind_the_snapshot_is_loaded_from_it() {
         assert_eq!(state_machine.read().state.n_tasks(), 2);
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    // Wipe the sm tree as a crash before its batch reached the disk would.
-    {
-        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
-        let sm = db.open_tree("sm").unwrap();
-        let mut batch = Batch::default();
-        for item in sm.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded).unwrap() {
-            batch.remove(item.unwrap().0);
-        }
-        sm.apply_batch(batch).unwrap();
-        db.flush_blocking().unwrap();
-    }
     let (_, state_machine) = open_stores(dir.path()).unwrap();
     let applied = state_machine.read();
     assert_eq!(applied.last_applied.as_ref().map(|log_id| log_id.index()), Some(2));
