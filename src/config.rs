@@ -52,6 +52,10 @@ pub struct NodeConfig {
     pub server: ServerLimits,
 }
 
+/// The least `raft.snapshot_after_log_bytes`: below it a busy node would do
+/// little but build snapshots.
+pub const SNAPSHOT_AFTER_LOG_BYTES_MIN: u64 = 1024 * 1024;
+
 /// Raft timings and log compaction. Defaults suit a loopback cluster or a
 /// LAN and give failover in under half a second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +70,10 @@ pub struct RaftTimings {
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_after_entries: u64,
+    /// Build a snapshot once this many bytes of entries were appended since
+    /// the last one, whatever their number: the log after the snapshot is
+    /// what a restarted node re-applies, and what sled caches.
+    pub snapshot_after_log_bytes: u64,
     /// Log entries kept behind a snapshot for followers that lag a little.
     pub snapshot_keep_entries: u64,
     /// The longest one snapshot transfer may take.
@@ -93,6 +101,7 @@ impl Default for RaftTimings {
             heartbeat_interval_ms: 50,
             election_timeout_ms: 250,
             snapshot_after_entries: 5_000,
+            snapshot_after_log_bytes: 64 * 1024 * 1024,
             snapshot_keep_entries: 1_000,
             snapshot_send_timeout_ms: 60_000,
             append_timeout_ms: 5_000,
@@ -298,6 +307,11 @@ impl NodeConfig {
         }
         if raft.snapshot_after_entries == 0 {
             return invalid("snapshot_after_entries must be at least 1".into());
+        }
+        if raft.snapshot_after_log_bytes < SNAPSHOT_AFTER_LOG_BYTES_MIN {
+            return invalid(format!(
+                "snapshot_after_log_bytes must be at least {SNAPSHOT_AFTER_LOG_BYTES_MIN}"
+            ));
         }
         let execution = &self.execution;
         if execution.heartbeat_interval_ms == 0

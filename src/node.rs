@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::SnapshotPolicy;
+use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -30,7 +31,7 @@ use crate::proto::taskraft_v1::tasks_server::TasksServer;
 use crate::raft::Raft;
 use crate::raft::network::{PeerClientConfig, PeerNetwork};
 use crate::raft::service::PeerService;
-use crate::storage::{EventLimits, LogStore, StateMachineStore};
+use crate::storage::{AppendedBytes, EventLimits, LogStore, StateMachineStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -85,6 +86,48 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
     raft_config.validate().map_err(|err| NodeError::Raft(format!("invalid Raft timings: {err}")))
 }
 
+/// How often the log's growth since the last snapshot is checked.
+const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Has openraft build a snapshot whenever `threshold_bytes` of entries were
+/// appended since the last one. openraft's own policy counts entries only,
+/// and entries range from a few bytes to a batch of 1,000 tasks.
+async fn snapshot_by_log_bytes(
+    raft: Raft,
+    appended: AppendedBytes,
+    threshold_bytes: u64,
+    shutdown: CancellationToken,
+) {
+    let mut last_snapshot = raft.metrics().borrow_watched().snapshot;
+    let mut appended_at_snapshot = appended.get();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SNAPSHOT_CHECK_INTERVAL) => {}
+        }
+        let snapshot = raft.metrics().borrow_watched().snapshot;
+        if snapshot != last_snapshot {
+            last_snapshot = snapshot;
+            appended_at_snapshot = appended.get();
+            continue;
+        }
+        let grown_bytes = appended.get() - appended_at_snapshot;
+        if grown_bytes < threshold_bytes {
+            continue;
+        }
+        info!(
+            grown_bytes,
+            threshold_bytes, "the log outgrew snapshot_after_log_bytes; building a snapshot"
+        );
+        if let Err(fatal) = raft.trigger().snapshot().await {
+            warn!(%fatal, "raft has stopped; no more snapshots");
+            return;
+        }
+        // Counted again from here if the build fails; from its end if not.
+        appended_at_snapshot = appended.get();
+    }
+}
+
 async fn bind(platform: &Platform, addr: &str) -> Result<Incoming, NodeError> {
     platform
         .network
@@ -106,6 +149,7 @@ async fn run_validated(
 
     let db = platform.disk.open(&config.data_dir, server.sled_cache_bytes_max)?;
     let log_store = LogStore::open(&db, server.flush_queue_max)?;
+    let appended_bytes = log_store.appended_bytes();
     let event_limits = EventLimits {
         history_events_max: server.watch_history_events_max,
         channel_events_max: server.watch_channel_events_max,
@@ -156,6 +200,15 @@ async fn run_validated(
     initialize_if_first(&raft, &config).await?;
 
     let token = CancellationToken::new();
+    tokio::spawn(
+        snapshot_by_log_bytes(
+            raft.clone(),
+            appended_bytes,
+            config.raft.snapshot_after_log_bytes,
+            token.clone(),
+        )
+        .in_current_span(),
+    );
     let executor = Arc::new(Executor {
         node_id: config.node_id,
         slots: config.executor_slots(),

@@ -133,6 +133,9 @@ struct NodeArgs {
     /// Build a snapshot after this many log entries.
     #[arg(long, env = "TASKRAFT_SNAPSHOT_AFTER_ENTRIES")]
     snapshot_after_entries: Option<u64>,
+    /// Build a snapshot after this many bytes of log entries.
+    #[arg(long, env = "TASKRAFT_SNAPSHOT_AFTER_LOG_BYTES")]
+    snapshot_after_log_bytes: Option<u64>,
     /// Log entries kept behind a snapshot.
     #[arg(long, env = "TASKRAFT_SNAPSHOT_KEEP_ENTRIES")]
     snapshot_keep_entries: Option<u64>,
@@ -343,6 +346,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
     set!(config.raft.election_timeout_ms, args.election_timeout_ms);
     set!(config.raft.snapshot_after_entries, args.snapshot_after_entries);
+    set!(config.raft.snapshot_after_log_bytes, args.snapshot_after_log_bytes);
     set!(config.raft.snapshot_keep_entries, args.snapshot_keep_entries);
     set!(config.limits.queued_tasks_max, args.queued_tasks_max);
     set!(config.execution.lease_ms, args.lease_ms);

@@ -17,6 +17,8 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend};
@@ -38,6 +40,22 @@ pub struct LogStore {
     log: Tree,
     meta: Tree,
     flush_tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+    appended: AppendedBytes,
+}
+
+/// The bytes of encoded entries appended to a log store since it was
+/// opened; read by the snapshot trigger (`raft.snapshot_after_log_bytes`).
+#[derive(Debug, Clone, Default)]
+pub struct AppendedBytes(Arc<AtomicU64>);
+
+impl AppendedBytes {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n_bytes: u64) {
+        self.0.fetch_add(n_bytes, Ordering::Relaxed);
+    }
 }
 
 impl LogStore {
@@ -48,7 +66,8 @@ impl LogStore {
         let meta = db.open_tree("raft_meta")?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
         tokio::spawn(flush_loop(db.clone(), flush_rx));
-        let store = LogStore { db: db.clone(), log, meta, flush_tx };
+        let store =
+            LogStore { db: db.clone(), log, meta, flush_tx, appended: AppendedBytes::default() };
         if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
             let n_removed = store.remove_up_to(purged.index())?;
             if n_removed > 0 {
@@ -59,6 +78,12 @@ impl LogStore {
     }
 
     /// Deletes every entry with an index up to `index`; returns how many.
+    /// A handle on the count of bytes appended, which outlives the store's
+    /// move into openraft.
+    pub fn appended_bytes(&self) -> AppendedBytes {
+        self.appended.clone()
+    }
+
     fn remove_up_to(&self, index: u64) -> io::Result<usize> {
         let keys: Vec<IVec> = self
             .log
@@ -208,13 +233,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = Batch::default();
+        let mut n_bytes = 0u64;
         for entry in entries {
             if let EntryPayload::Membership(_) = &entry.payload {
                 info!(log_id = %entry.log_id, "appending a membership entry");
             }
-            batch.insert(&index_key(entry.log_id.index())[..], codec::encode(&entry));
+            let bytes = codec::encode(&entry);
+            n_bytes += bytes.len() as u64;
+            batch.insert(&index_key(entry.log_id.index())[..], bytes);
         }
         self.log.apply_batch(batch)?;
+        self.appended.add(n_bytes);
         if self.flush_tx.send(callback).await.is_err() {
             return Err(io::Error::other("the log flusher has stopped"));
         }

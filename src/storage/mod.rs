@@ -15,7 +15,7 @@ use std::io;
 use std::path::Path;
 
 pub use kv::{Db, MemoryDisk};
-pub use log_store::LogStore;
+pub use log_store::{AppendedBytes, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{EventLimits, StateMachineStore, TaskEvent};
 

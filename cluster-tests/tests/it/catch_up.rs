@@ -1,9 +1,10 @@
 //! A node that was down while the leader snapshotted and purged its log
-//! catches up through a snapshot; a node stopped with SIGTERM exits cleanly.
+//! catches up through a snapshot; a node stopped with SIGTERM exits cleanly;
+//! a log that grows by bytes is snapshotted, and a killed node restores from it.
 
 use std::time::Duration;
 
-use cluster_tests::{TestCluster, spec, submit};
+use cluster_tests::{TestCluster, spec, submit, unplaceable};
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 
@@ -67,5 +68,64 @@ async fn a_restarted_node_catches_up_through_a_snapshot_when_the_log_was_purged(
     );
     let local = cluster.local_tasks(lagger).await?;
     assert_eq!(local.len(), n_tasks, "the lagging node holds every task");
+    Ok(())
+}
+
+/// Batches whose bytes pass `--snapshot-after-log-bytes` (1 MiB) in a few
+/// entries, far fewer than `--snapshot-after-entries`.
+const N_BIG_BATCHES: usize = 4;
+const TASKS_PER_BIG_BATCH: usize = 100;
+const BIG_ARG_BYTES: usize = 4 * 1024;
+
+/// A log that grows by bytes rather than entries is snapshotted on every
+/// node, and a follower killed with -9 comes back from its snapshot plus
+/// the log after it (the state machine is memory only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_past_its_byte_threshold_is_snapshotted_and_a_killed_node_restores_from_it()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(
+        3,
+        &["--snapshot-after-entries", "1000000", "--snapshot-after-log-bytes", "1048576"],
+    )
+    .await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    let mut client = cluster.node_client(leader, Duration::from_secs(10))?;
+    let big_arg = "x".repeat(BIG_ARG_BYTES);
+    for batch_idx in 0..N_BIG_BATCHES {
+        let specs = (0..TASKS_PER_BIG_BATCH)
+            .map(|idx| unplaceable(spec("echo", &[&format!("{batch_idx}-{idx}"), &big_arg], None)))
+            .collect::<Vec<_>>();
+        client
+            .call(|channel, timeout| {
+                let message = pb::SubmitTasksRequest { specs: specs.clone() };
+                async move {
+                    TasksClient::new(channel)
+                        .submit_tasks(taskraft::client::request(message, timeout))
+                        .await
+                }
+            })
+            .await?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for id in 1..=3 {
+        loop {
+            let info = cluster.local_status(id).await?;
+            if info.snapshot_index > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {id} built no snapshot: {info:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // One more entry after the snapshots, which a restart must re-apply.
+    submit(&mut client, unplaceable(spec("true", &[], Some("after".into())))).await?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill(follower)?;
+    cluster.restart(follower)?;
+    let commit_index = cluster.local_status(leader).await?.commit_index;
+    cluster.wait_for_applied(follower, commit_index, Duration::from_secs(30)).await?;
+    let local = cluster.local_tasks(follower).await?;
+    assert_eq!(local.len(), N_BIG_BATCHES * TASKS_PER_BIG_BATCH + 1);
+    assert!(local.values().any(|task| task.spec.as_ref().unwrap().idempotency_key == "after"));
     Ok(())
 }
