@@ -18,6 +18,13 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("serde types of our own encode with postcard")
 }
 
+/// Appends the encoding of `value` to `bytes`.
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, bytes: &mut Vec<u8>) {
+    let taken = std::mem::take(bytes);
+    *bytes =
+        postcard::to_extend(value, taken).expect("serde types of our own encode with postcard");
+}
+
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
     postcard::from_bytes(bytes).map_err(|source| DecodeError { what, source })
 }

@@ -71,6 +71,10 @@ impl FrozenState {
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
         self.tasks.values().map(|task| &**task)
     }
+
+    pub fn n_tasks(&self) -> usize {
+        self.tasks.len()
+    }
 }
 
 /// What one `apply` did: its answer and the tasks it changed.

@@ -80,7 +80,8 @@ impl Db {
         }
     }
 
-    /// Makes every write so far durable; blocks. For start-up only.
+    /// Makes every write so far durable; blocks. For start-up and for the
+    /// log flusher thread, never on a runtime thread.
     pub fn flush_blocking(&self) -> io::Result<()> {
         match self {
             Db::Sled(db) => db.flush().map(|_| ()).map_err(sled_err),

@@ -9,6 +9,13 @@
 //! callback fires before its entries are on disk, and concurrent appends share
 //! one fsync. `save_vote` and `purge` flush inline before they return.
 //!
+//! Over sled the loop is a thread of its own that calls the blocking flush.
+//! sled's `flush_async` hands each flush to sled's thread pool, whose queue
+//! wakes all of its seven idle threads for every job, and then wakes the
+//! runtime again to complete the callbacks: three processes doing that for
+//! every commit cost measurable CPU at one client. Over the simulation's
+//! disk the loop stays a task, so that the simulation stays deterministic.
+//!
 //! `purge` records its purge point durably before it deletes entries, and
 //! `open` finishes a purge that a crash interrupted. A purge may go past the
 //! last entry (a follower installing a snapshot ahead of its log), so the
@@ -23,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::mpsc;
-use tracing::{error, info};
+use tracing::{Instrument, error, info};
 
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
@@ -65,7 +72,18 @@ impl LogStore {
         let log = db.open_tree("raft_log")?;
         let meta = db.open_tree("raft_meta")?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
-        tokio::spawn(flush_loop(db.clone(), flush_rx));
+        match db {
+            Db::Sled(_) => {
+                let db = db.clone();
+                let span = tracing::Span::current();
+                std::thread::Builder::new()
+                    .name("log-flusher".into())
+                    .spawn(move || span.in_scope(|| flush_thread(db, flush_rx)))?;
+            }
+            Db::Memory(_) => {
+                tokio::spawn(flush_loop(db.clone(), flush_rx).in_current_span());
+            }
+        }
         let store =
             LogStore { db: db.clone(), log, meta, flush_tx, appended: AppendedBytes::default() };
         if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
@@ -122,7 +140,7 @@ impl LogStore {
     }
 }
 
-/// Completes append callbacks only after a flush that covers them.
+/// Completes append callbacks only after a flush that covers them; a task.
 async fn flush_loop(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
     while let Some(callback) = flush_rx.recv().await {
@@ -130,20 +148,34 @@ async fn flush_loop(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>)
         while let Ok(callback) = flush_rx.try_recv() {
             waiting.push(callback);
         }
-        let result = db.flush().await;
-        if let Err(err) = &result {
-            error!(cause = %err, "flushing the Raft log failed");
-        }
-        for callback in waiting.drain(..) {
-            callback.io_completed(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|err| io::Error::new(err.kind(), err.to_string())),
-            );
-        }
+        complete(&mut waiting, db.flush().await);
     }
     info!("log flusher stopped");
+}
+
+/// [`flush_loop`] on a thread of its own, with sled's blocking flush.
+fn flush_thread(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    let mut waiting = Vec::new();
+    while let Some(callback) = flush_rx.blocking_recv() {
+        waiting.push(callback);
+        while let Ok(callback) = flush_rx.try_recv() {
+            waiting.push(callback);
+        }
+        complete(&mut waiting, db.flush_blocking());
+    }
+    info!("log flusher stopped");
+}
+
+/// Completes every waiting callback with the result of the flush after them.
+fn complete(waiting: &mut Vec<IOFlushed<TypeConfig>>, result: io::Result<()>) {
+    if let Err(err) = &result {
+        error!(cause = %err, "flushing the Raft log failed");
+    }
+    for callback in waiting.drain(..) {
+        callback.io_completed(
+            result.as_ref().map(|_| ()).map_err(|err| io::Error::new(err.kind(), err.to_string())),
+        );
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {

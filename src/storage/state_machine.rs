@@ -321,8 +321,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let dir = self.shared.snapshot_dir.clone();
         let file_meta = meta.clone();
         let file = kv::blocking(move || {
-            let bytes = snapshot::encode(&file_meta, &frozen);
-            snapshot::write_file(&dir, snapshot::CURRENT_FILE_NAME, &bytes)
+            snapshot::write(&dir, snapshot::CURRENT_FILE_NAME, &file_meta, &frozen)
         })
         .await?;
         info!(snapshot = ?meta.last_log_id, "built a snapshot");
