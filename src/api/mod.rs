@@ -303,6 +303,7 @@ impl Context {
                 match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
                     Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
                         self.check_quorum()?;
+                        tokio::time::sleep(LEASE_LAPSE_RETRY_INTERVAL).await;
                     }
                     result => return Ok::<_, ApiError>(result),
                 }
