@@ -30,7 +30,7 @@ use crate::executor::protocol::{
     ExecutorReply, ExecutorRequest, Heartbeat, REPORTS_PER_REQUEST_MAX,
 };
 use crate::platform::Clock;
-use crate::raft::{LEASE_LAPSE_RETRY_INTERVAL, NodeId, Raft, TypeConfig, is_lease_lapse};
+use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
 use crate::scheduler::{Command, Response};
@@ -228,28 +228,25 @@ async fn fenced_write(
     command: Command,
     timeout: Duration,
 ) -> Result<Response, WriteFailed> {
+    // A refusal for a lapsed leader lease is not retried here, unlike a
+    // client's write: the loop's commands are judgements (an executor's
+    // lease expired) that must be made again on fresh heartbeats, not
+    // committed seconds after they were made.
+    let (responder, applied) = ProgressResponder::complete_only();
     let write = async {
-        loop {
-            let (responder, applied) = ProgressResponder::complete_only();
-            raft.write(command.clone())
-                .with_leader(leader_id)
-                .responder(responder)
-                .await
-                .map_err(|fatal| WriteFailed::Other(format!("raft has stopped: {fatal}")))?;
-            match applied.await {
-                Ok(Ok(written)) => return Ok(written.data),
-                Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(forward)))
-                    if is_lease_lapse(&forward) =>
-                {
-                    tokio::time::sleep(LEASE_LAPSE_RETRY_INTERVAL).await;
-                }
-                Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(forward))) => {
-                    debug!(%forward, "a fenced write found another leader");
-                    return Err(WriteFailed::NotLeader);
-                }
-                Ok(Err(err)) => return Err(WriteFailed::Other(err.to_string())),
-                Err(_) => return Err(WriteFailed::Other("the write was dropped".into())),
+        raft.write(command)
+            .with_leader(leader_id)
+            .responder(responder)
+            .await
+            .map_err(|fatal| WriteFailed::Other(format!("raft has stopped: {fatal}")))?;
+        match applied.await {
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(forward))) => {
+                debug!(%forward, "a fenced write found another leader or a lapsed lease");
+                Err(WriteFailed::NotLeader)
             }
+            Ok(Err(err)) => Err(WriteFailed::Other(err.to_string())),
+            Err(_) => Err(WriteFailed::Other("the write was dropped".into())),
         }
     };
     tokio::time::timeout(timeout, write).await.unwrap_or_else(|_| {

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
+use cluster_tests::workload::submit_batch;
 use cluster_tests::{TestCluster, spec, submit, unplaceable};
-use taskraft::proto::taskraft_v1 as pb;
-use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 
 /// Rounds of one batch of 4 tasks plus one single task: 200 log entries,
 /// twice the snapshot threshold the cluster runs with.
@@ -31,16 +30,7 @@ async fn a_restarted_node_catches_up_through_a_snapshot_when_the_log_was_purged(
         let specs = (0..4)
             .map(|idx| spec("echo", &[&format!("{round_idx}-{idx}")], None))
             .collect::<Vec<_>>();
-        client
-            .call(|channel, timeout| {
-                let message = pb::SubmitTasksRequest { specs: specs.clone() };
-                async move {
-                    TasksClient::new(channel)
-                        .submit_tasks(taskraft::client::request(message, timeout))
-                        .await
-                }
-            })
-            .await?;
+        submit_batch(&mut client, specs).await?;
         // Single submissions too, so the log grows past the snapshot threshold.
         submit(&mut client, spec("true", &[], None)).await?;
     }
@@ -95,16 +85,7 @@ async fn a_log_past_its_byte_threshold_is_snapshotted_and_a_killed_node_restores
         let specs = (0..TASKS_PER_BIG_BATCH)
             .map(|idx| unplaceable(spec("echo", &[&format!("{batch_idx}-{idx}"), &big_arg], None)))
             .collect::<Vec<_>>();
-        client
-            .call(|channel, timeout| {
-                let message = pb::SubmitTasksRequest { specs: specs.clone() };
-                async move {
-                    TasksClient::new(channel)
-                        .submit_tasks(taskraft::client::request(message, timeout))
-                        .await
-                }
-            })
-            .await?;
+        submit_batch(&mut client, specs).await?;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for id in 1..=3 {
