@@ -85,7 +85,9 @@ fn write_after_crc<W: Write>(meta: &SnapshotMeta, state: &FrozenState, out: W) -
     Ok(out.hasher.finalize())
 }
 
-/// Encodes a snapshot of `state` into bytes, as [`write`] writes it.
+/// Encodes a snapshot of `state` into bytes, as [`write`] writes it; for
+/// tests, which check the two agree.
+#[cfg(test)]
 pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize);
     bytes.extend_from_slice(MAGIC);
@@ -116,20 +118,6 @@ pub fn write(
         out.flush()?;
         drop(out);
         tmp.write_all_at(&crc.to_le_bytes(), MAGIC.len() as u64)?;
-        tmp.sync_all()?;
-    }
-    fs::rename(&tmp_path, &path)?;
-    File::open(dir)?.sync_all()?;
-    Ok(SnapshotFile { file: File::open(&path)?, path })
-}
-
-/// Writes `bytes` durably as `dir/name`, replacing any file of that name.
-pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<SnapshotFile> {
-    let path = dir.join(name);
-    let tmp_path = dir.join(format!("{name}.tmp"));
-    {
-        let mut tmp = File::create(&tmp_path)?;
-        tmp.write_all(bytes)?;
         tmp.sync_all()?;
     }
     fs::rename(&tmp_path, &path)?;

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::scheduler::{Command, TaskSpec};
 use crate::storage::kv::Db;
-use crate::storage::{EventLimits, LogStore, MemoryDisk, StateMachineStore, open_db};
+use crate::storage::{EventLimits, LogStore, MemoryDisk, SnapshotFile, StateMachineStore, open_db};
 
 const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
 
@@ -210,12 +210,10 @@ async fn an_installed_snapshot_is_the_state_after_a_restart() {
     };
     {
         let (_, mut state_machine) = open_stores(dir.path()).unwrap();
-        let received = crate::storage::snapshot::write_file(
-            &dir.path().join("snapshots"),
-            "received.incoming",
-            &std::fs::read(&snapshot.snapshot.path).unwrap(),
-        )
-        .unwrap();
+        // As the peer service leaves a received snapshot: a file beside the current one.
+        let path = dir.path().join("snapshots").join("received.incoming");
+        std::fs::copy(&snapshot.snapshot.path, &path).unwrap();
+        let received = SnapshotFile { file: std::fs::File::open(&path).unwrap(), path };
         state_machine.install_snapshot(&snapshot.meta, received).await.unwrap();
         assert_eq!(state_machine.read().state.n_tasks(), 2);
     }
