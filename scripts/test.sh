@@ -21,6 +21,8 @@ scripts/build-static.sh
 export TASKRAFT_BIN="$root/target/x86_64-unknown-linux-gnu/release/taskraft"
 
 step "unit, storage and cluster tests"
+# A fault scenario that fails keeps its history and whole node logs here.
+export TASKRAFT_KEEP_HISTORY="${TASKRAFT_KEEP_HISTORY:-$root/target/nemesis-kept}"
 cargo test --workspace --locked
 
 # Each seed is a three-node cluster under turmoil with seeded faults, in a

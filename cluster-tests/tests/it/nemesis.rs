@@ -143,6 +143,8 @@ struct Run {
     n_targets: usize,
     /// Set once the checker has passed the run.
     passed: bool,
+    /// The scenario's name, once `finish` knows it; names kept logs.
+    name: String,
 }
 
 impl Run {
@@ -169,6 +171,7 @@ impl Run {
             workers,
             n_targets: 0,
             passed: false,
+            name: "unfinished".into(),
         })
     }
 
@@ -379,6 +382,7 @@ impl Run {
     /// Stops the workload, waits for every acknowledged task, reads the
     /// final state, and has the checker judge the history.
     async fn finish(&mut self, name: &str) -> anyhow::Result<()> {
+        self.name = name.to_owned();
         tokio::time::sleep(Duration::from_secs(2)).await;
         self.stop.store(true, Ordering::Relaxed);
         for worker in std::mem::take(&mut self.workers) {
@@ -411,8 +415,20 @@ impl Drop for Run {
         if self.passed {
             return;
         }
+        // With TASKRAFT_KEEP_HISTORY set, the whole logs are kept beside
+        // the history, for a failure that the tails do not explain.
+        let keep_dir = std::env::var("TASKRAFT_KEEP_HISTORY").ok();
         for node in &self.cluster.nodes {
             let log = self.cluster.log(node.id);
+            if let Some(keep_dir) = &keep_dir {
+                let path = Path::new(keep_dir).join(format!("{}-node{}.log", self.name, node.id));
+                match std::fs::create_dir_all(keep_dir).and_then(|()| std::fs::write(&path, &log)) {
+                    Ok(()) => eprintln!("node {} log kept in {}", node.id, path.display()),
+                    Err(err) => {
+                        eprintln!("cannot keep node {} log in {}: {err}", node.id, path.display())
+                    }
+                }
+            }
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
             for line in tail.iter().rev() {
