@@ -132,15 +132,23 @@ pub struct HeldLease {
     /// gap before this lease (the node was down, say, and is applying its
     /// backlog), so its start is committed before its program runs.
     pub unbroken_since_index: u64,
+    /// How many times, since this executor started, its lease ran out
+    /// before the acceptance that renewed it arrived. For those moments the
+    /// lease did not hold here, so this node's fence (its own, or its
+    /// warden's) may have killed attempts, even when the late acceptance
+    /// left the lease unbroken in the leader's eyes.
+    pub lapses: u64,
 }
 
 impl HeldLease {
     /// The lease after the leader accepted a heartbeat sent at `sent_at`,
-    /// when its last log index was `last_log_index`.
+    /// when its last log index was `last_log_index`; the acceptance arrived
+    /// here at `accepted_at`.
     fn renewed(
         previous: Option<HeldLease>,
         lease: Duration,
         sent_at: Instant,
+        accepted_at: Instant,
         last_log_index: u64,
     ) -> HeldLease {
         // Sent before the lease it renews ran out: the lease is unbroken.
@@ -148,7 +156,12 @@ impl HeldLease {
             Some(previous) if sent_at < previous.from + lease => previous.unbroken_since_index,
             _ => last_log_index,
         };
-        HeldLease { from: sent_at, unbroken_since_index }
+        let lapses = match previous {
+            Some(previous) if accepted_at >= previous.from + lease => previous.lapses + 1,
+            Some(previous) => previous.lapses,
+            None => 0,
+        };
+        HeldLease { from: sent_at, unbroken_since_index, lapses }
     }
 }
 
@@ -246,7 +259,12 @@ impl Executor {
                 self.renew_lease(sent_at, last_log_index);
                 let remaining =
                     Duration::from_millis(self.config.lease_ms).saturating_sub(sent_at.elapsed());
-                self.renew_warden(ledger, remaining, timeout).await;
+                // The warden's deadline trails this node's by a quarter of
+                // the grace: a renewal that arrived here in time reaches it in
+                // time even if this node was slow to pass it on, so the
+                // warden kills only after this node's lease has run out.
+                let warden_lag = Duration::from_millis(self.config.lease_grace_ms / 4);
+                self.renew_warden(ledger, remaining + warden_lag, timeout).await;
             }
             Ok(reply) => debug!(?reply, "heartbeat not accepted"),
             Err(err) => debug!(cause = %err, "heartbeat failed"),
@@ -256,7 +274,7 @@ impl Executor {
     fn renew_lease(&self, sent_at: Instant, last_log_index: u64) {
         let lease = Duration::from_millis(self.config.lease_ms);
         let mut held = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
-        *held = Some(HeldLease::renewed(*held, lease, sent_at, last_log_index));
+        *held = Some(HeldLease::renewed(*held, lease, sent_at, Instant::now(), last_log_index));
     }
 
     /// Passes the lease on to the warden; starts a new warden if it died.
@@ -283,6 +301,13 @@ impl Executor {
 
     fn lease_expired(&self) -> bool {
         self.live_lease().is_none()
+    }
+
+    /// Whether this node's fence may have struck since `since`, a lease
+    /// that held then: the lease has run out now, or ran out in between.
+    fn fenced_since(&self, since: HeldLease) -> bool {
+        let held = *self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        self.lease_expired() || held.is_none_or(|held| held.lapses != since.lapses)
     }
 
     /// Kills every attempt when the lease has run out.
@@ -473,7 +498,11 @@ impl Executor {
         let outcome = match result.outcome {
             // The warden killed it because the lease ran out while this node
             // could not act: the attempt is lost, not failed by a signal.
-            Outcome::Signalled { signal } if signal == libc_sigkill() && self.lease_expired() => {
+            // The lease may hold again by now (an acceptance that was on its
+            // way when it ran out), so every lapse since the start counts.
+            Outcome::Signalled { signal }
+                if signal == libc_sigkill() && self.fenced_since(lease) =>
+            {
                 Outcome::Lost
             }
             outcome => outcome,
@@ -635,12 +664,40 @@ mod tests {
     fn a_lease_stays_unbroken_only_while_each_heartbeat_is_sent_within_the_last_lease() {
         let lease = Duration::from_millis(3_000);
         let t0 = Instant::now();
-        let first = HeldLease::renewed(None, lease, t0, 10);
+        let ms = Duration::from_millis;
+        let first = HeldLease::renewed(None, lease, t0, t0 + ms(5), 10);
         assert_eq!(first.unbroken_since_index, 10, "the first lease starts at the leader's index");
-        let renewed = HeldLease::renewed(Some(first), lease, t0 + Duration::from_millis(2_999), 50);
+        let renewed = HeldLease::renewed(Some(first), lease, t0 + ms(2_999), t0 + ms(2_999), 50);
         assert_eq!(renewed.unbroken_since_index, 10, "renewed in time: the same unbroken lease");
-        assert_eq!(renewed.from, t0 + Duration::from_millis(2_999));
-        let after_gap = HeldLease::renewed(Some(renewed), lease, renewed.from + lease, 90);
+        assert_eq!(renewed.from, t0 + ms(2_999));
+        let after_gap = HeldLease::renewed(
+            Some(renewed),
+            lease,
+            renewed.from + lease,
+            renewed.from + lease,
+            90,
+        );
         assert_eq!(after_gap.unbroken_since_index, 90, "renewed after it ran out: a new lease");
+    }
+
+    #[test]
+    fn a_renewal_that_arrives_after_the_lease_ran_out_counts_a_lapse_though_the_lease_is_unbroken()
+    {
+        let lease = Duration::from_millis(3_000);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let first = HeldLease::renewed(None, lease, t0, t0 + ms(5), 10);
+        assert_eq!(first.lapses, 0);
+        let in_time = HeldLease::renewed(Some(first), lease, t0 + ms(300), t0 + ms(2_999), 20);
+        assert_eq!(in_time.lapses, 0, "accepted before the lease ran out: no lapse");
+        // Sent 2.9 s into the lease, accepted 0.4 s later: for 0.3 s the
+        // lease did not hold here, and the fence may have struck.
+        let sent_at = in_time.from + ms(2_900);
+        let late = HeldLease::renewed(Some(in_time), lease, sent_at, sent_at + ms(400), 30);
+        assert_eq!(late.unbroken_since_index, 10, "sent in time: unbroken for the leader");
+        assert_eq!(late.lapses, 1, "accepted after it ran out: a lapse here");
+        let after_gap =
+            HeldLease::renewed(Some(late), lease, late.from + ms(5_000), late.from + ms(5_001), 40);
+        assert_eq!(after_gap.lapses, 2, "a renewal after a gap is a lapse too");
     }
 }

@@ -13,9 +13,11 @@
 //! closes because the node died, it kills the groups it last saw, which also
 //! reaches grandchildren that `PR_SET_PDEATHSIG` cannot, and exits.
 //!
-//! The warden's deadline is a little later than the node's own (the pipe's
-//! latency), and always well before the leader's (`lease_grace_ms` later),
-//! so a re-run never overlaps an attempt the warden should have killed.
+//! The warden's deadline trails the node's own by a quarter of
+//! `lease_grace_ms` (plus the pipe's latency), so it kills only once the
+//! node's lease has run out, and the node records what it killed as lost;
+//! and it is always well before the leader's (`lease_grace_ms` later), so a
+//! re-run never overlaps an attempt the warden should have killed.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
