@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     // Before anything else: a task's process starts here, so that it does
     // as little as possible before it becomes the program.
     if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::launch::LAUNCH_ARG) {
-        return taskraft::executor::launch::run();
+        return taskraft::executor::launch::run(std::env::args_os().skip(2));
     }
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

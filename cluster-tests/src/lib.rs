@@ -56,8 +56,17 @@ pub fn binary() -> anyhow::Result<PathBuf> {
             // A relative path is taken from the workspace root, not the test's directory.
             return Ok(workspace.join(path));
         }
+        // Both binaries: nodes launch tasks through `taskraft-launch` beside theirs.
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "--bin", "taskraft"])
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--bin",
+                "taskraft",
+                "--bin",
+                "taskraft-launch",
+            ])
             .current_dir(workspace)
             .status()
             .map_err(|err| format!("cannot run cargo: {err}"))?;
@@ -98,6 +107,8 @@ impl TestNode {
 }
 
 pub struct TestCluster {
+    /// The `taskraft` binary the nodes run from.
+    binary: PathBuf,
     pub nodes: Vec<TestNode>,
     initial_cluster: String,
     extra_args: Vec<String>,
@@ -111,7 +122,16 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n_nodes` nodes on 127.0.0.1 that form a new cluster, and waits for a leader.
     pub async fn start(n_nodes: usize, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
-        TestCluster::start_with(n_nodes, extra_args, false).await
+        TestCluster::start_with(n_nodes, extra_args, false, binary()?).await
+    }
+
+    /// Like [`TestCluster::start`], with the nodes run from `binary`.
+    pub async fn start_with_binary(
+        n_nodes: usize,
+        extra_args: &[&str],
+        binary: PathBuf,
+    ) -> anyhow::Result<TestCluster> {
+        TestCluster::start_with(n_nodes, extra_args, false, binary).await
     }
 
     /// Like [`TestCluster::start`], each node in a network namespace of its
@@ -120,16 +140,16 @@ impl TestCluster {
         n_nodes: usize,
         extra_args: &[&str],
     ) -> anyhow::Result<TestCluster> {
-        TestCluster::start_with(n_nodes, extra_args, true).await
+        TestCluster::start_with(n_nodes, extra_args, true, binary()?).await
     }
 
     async fn start_with(
         n_nodes: usize,
         extra_args: &[&str],
         in_netns: bool,
+        binary: PathBuf,
     ) -> anyhow::Result<TestCluster> {
         let serial = CLUSTER_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        binary()?;
         let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64 + 1)?) } else { None };
         let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
         let ports = free_ports(n_nodes * 2)?;
@@ -157,6 +177,7 @@ impl TestCluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = TestCluster {
+            binary,
             nodes,
             initial_cluster,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
@@ -180,7 +201,7 @@ impl TestCluster {
     }
 
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let binary = binary()?;
+        let binary = self.binary.clone();
         let initial_cluster = self.initial_cluster.clone();
         let extra_args = self.extra_args.clone();
         let node = self.node_mut(id);

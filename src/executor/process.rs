@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
-use crate::executor::launch::{LAUNCH_ARG, resolve_program};
+use crate::executor::launch::{LAUNCH_ARG, LAUNCH_BINARY, resolve_program};
 use crate::scheduler::{CommandSpec, Outcome};
 
 /// Why an attempt is being stopped from outside.
@@ -61,9 +61,12 @@ pub trait TaskRunner: Send + Sync + 'static {
 /// How a process comes to die with its node.
 #[derive(Debug, Clone)]
 pub enum Launcher {
-    /// Through this binary's launch trampoline (`taskraft __launch`, see
+    /// Through the launch trampoline `taskraft-launch` (see
     /// [`crate::executor::launch`]): the node is never forked.
     Trampoline(PathBuf),
+    /// Through the node's own binary as `taskraft __launch`: the same
+    /// trampoline, where `taskraft-launch` is not beside the node's binary.
+    NodeBinary(PathBuf),
     /// In the child between `fork` and `exec`: for unit tests, whose binary
     /// is not `taskraft`, and a node that cannot find its own binary.
     PreExec,
@@ -75,10 +78,23 @@ pub struct ProcessRunner {
 }
 
 impl ProcessRunner {
-    /// Launches through this binary's trampoline.
+    /// Launches through `taskraft-launch` beside this binary, or else
+    /// through this binary's own trampoline.
     pub fn production() -> ProcessRunner {
         let launcher = match std::env::current_exe() {
-            Ok(binary) => Launcher::Trampoline(binary),
+            Ok(binary) => {
+                let trampoline = binary.with_file_name(LAUNCH_BINARY);
+                if trampoline.is_file() {
+                    tracing::info!(trampoline = %trampoline.display(), "tasks are launched through {LAUNCH_BINARY}");
+                    Launcher::Trampoline(trampoline)
+                } else {
+                    tracing::info!(
+                        missing = %trampoline.display(),
+                        "{LAUNCH_BINARY} is not beside this binary; tasks are launched through this binary, which costs more CPU per task"
+                    );
+                    Launcher::NodeBinary(binary)
+                }
+            }
             Err(err) => {
                 tracing::warn!(cause = %err, "cannot find this binary; tasks are started by forking the node");
                 Launcher::PreExec
@@ -127,14 +143,10 @@ fn start_failed(message: String) -> ProcessResult {
 
 /// The command that starts `command`'s program through `launcher`.
 fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, String> {
-    let Launcher::Trampoline(binary) = launcher else {
-        let mut process = Command::new(&command.program);
-        process.args(&command.args);
-        if let Some(dir) = &command.working_dir {
-            process.current_dir(dir);
-        }
-        set_parent_death_signal(&mut process);
-        return Ok(process);
+    let (binary, marker) = match launcher {
+        Launcher::Trampoline(binary) => (binary, None),
+        Launcher::NodeBinary(binary) => (binary, Some(LAUNCH_ARG)),
+        Launcher::PreExec => return Ok(pre_exec_process(command)),
     };
     let working_dir = command.working_dir.as_deref().unwrap_or("");
     if !working_dir.is_empty() && !std::path::Path::new(working_dir).is_dir() {
@@ -146,12 +158,23 @@ fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, St
         .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
     let mut process = Command::new(binary);
     process
-        .arg(LAUNCH_ARG)
+        .args(marker)
         .arg(std::process::id().to_string())
         .arg(working_dir)
         .arg(program)
         .args(&command.args);
     Ok(process)
+}
+
+/// The command that starts `command`'s program by forking the node.
+fn pre_exec_process(command: &CommandSpec) -> Command {
+    let mut process = Command::new(&command.program);
+    process.args(&command.args);
+    if let Some(dir) = &command.working_dir {
+        process.current_dir(dir);
+    }
+    set_parent_death_signal(&mut process);
+    process
 }
 
 /// Runs `command` until it exits, `timeout` passes, or `stop` fires.
