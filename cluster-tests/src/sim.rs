@@ -172,8 +172,7 @@ impl TaskRunner for SimRunner {
                 stdout_tail: String::new(),
                 stderr_tail: String::new(),
             };
-            let duration_ms = match (request.command.program.as_str(), request.command.args.first())
-            {
+            let duration_ms = match (&*request.command.program, request.command.args.first()) {
                 (SIM_PROGRAM, Some(ms)) => ms.parse::<u64>().ok(),
                 _ => None,
             };

@@ -36,14 +36,14 @@ pub fn spec_from_pb(
         },
     };
     let spec = TaskSpec {
-        queue: if spec.queue.is_empty() { QUEUE_DEFAULT.to_owned() } else { spec.queue },
+        queue: if spec.queue.is_empty() { QUEUE_DEFAULT.into() } else { spec.queue.into() },
         priority: spec.priority,
         schedule,
         command: CommandSpec {
-            program: command.program,
-            args: command.args,
+            program: command.program.into(),
+            args: command.args.into(),
             env: command.env.into_iter().collect(),
-            working_dir: Some(command.working_dir).filter(|dir| !dir.is_empty()),
+            working_dir: Some(command.working_dir).filter(|dir| !dir.is_empty()).map(Into::into),
         },
         timeout_ms: if spec.timeout_ms == 0 {
             TIMEOUT_MS_DEFAULT.min(limits.timeout_ms_max)
@@ -52,7 +52,7 @@ pub fn spec_from_pb(
         },
         max_attempts: if spec.max_attempts == 0 { MAX_ATTEMPTS_DEFAULT } else { spec.max_attempts },
         backoff,
-        idempotency_key: Some(spec.idempotency_key).filter(|key| !key.is_empty()),
+        idempotency_key: Some(spec.idempotency_key).filter(|key| !key.is_empty()).map(Into::into),
         labels: spec.labels.into_iter().collect(),
     };
     limits.check_spec(&spec, now_ms).map_err(|err| ApiError::InvalidArgument(err.0))?;
@@ -104,14 +104,14 @@ pub fn task_to_pb(task: &Task) -> pb::Task {
         id: task.id.to_string(),
         state: state_to_pb(task.state) as i32,
         spec: Some(pb::TaskSpec {
-            queue: spec.queue.clone(),
+            queue: spec.queue.to_string(),
             priority: spec.priority,
             schedule,
             command: Some(pb::Command {
-                program: spec.command.program.clone(),
-                args: spec.command.args.clone(),
-                env: spec.command.env.clone().into_iter().collect(),
-                working_dir: spec.command.working_dir.clone().unwrap_or_default(),
+                program: spec.command.program.to_string(),
+                args: spec.command.args.to_vec(),
+                env: spec.command.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                working_dir: spec.command.working_dir.as_deref().unwrap_or_default().to_owned(),
             }),
             timeout_ms: spec.timeout_ms,
             max_attempts: spec.max_attempts,
@@ -120,8 +120,8 @@ pub fn task_to_pb(task: &Task) -> pb::Task {
                 max_ms: spec.backoff.max_ms,
                 multiplier_milli: spec.backoff.multiplier_milli,
             }),
-            idempotency_key: spec.idempotency_key.clone().unwrap_or_default(),
-            labels: spec.labels.clone().into_iter().collect(),
+            idempotency_key: spec.idempotency_key.as_deref().unwrap_or_default().to_owned(),
+            labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }),
         run_at_unix_ms: task.run_at_ms,
         created_at_unix_ms: task.created_at_ms,
@@ -169,7 +169,7 @@ mod tests {
     #[test]
     fn unset_fields_get_defaults() {
         let spec = spec_from_pb(pb_spec("true"), &Limits::default(), 0).unwrap();
-        assert_eq!(spec.queue, "default");
+        assert_eq!(&*spec.queue, "default");
         assert_eq!(spec.timeout_ms, TIMEOUT_MS_DEFAULT);
         assert_eq!(spec.max_attempts, MAX_ATTEMPTS_DEFAULT);
         assert_eq!(spec.schedule, Schedule::Now);

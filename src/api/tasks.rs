@@ -201,7 +201,7 @@ impl Tasks for TasksService {
         let applied = self.ctx.state_machine.read();
         let mut matching = applied.state.tasks_after(after).filter(|task| {
             (states.is_empty() || states.contains(&task.state))
-                && (queue.is_empty() || task.spec.queue == queue)
+                && (queue.is_empty() || *task.spec.queue == *queue)
         });
         let tasks: Vec<pb::Task> =
             matching.by_ref().take(page_size as usize).map(task_to_pb).collect();

@@ -168,10 +168,10 @@ fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, St
 
 /// The command that starts `command`'s program by forking the node.
 fn pre_exec_process(command: &CommandSpec) -> Command {
-    let mut process = Command::new(&command.program);
+    let mut process = Command::new(&*command.program);
     process.args(&command.args);
     if let Some(dir) = &command.working_dir {
-        process.current_dir(dir);
+        process.current_dir(&**dir);
     }
     set_parent_death_signal(&mut process);
     process
@@ -191,7 +191,7 @@ pub async fn run(
         Err(message) => return start_failed(message),
     };
     process
-        .envs(&command.env)
+        .envs(command.env.iter())
         .envs(attempt_vars(attempt))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -300,12 +300,13 @@ fn set_parent_death_signal(process: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::task::StringMap;
 
     fn sh(script: &str) -> CommandSpec {
         CommandSpec {
             program: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            env: BTreeMap::new(),
+            args: vec!["-c".into(), script.into()].into(),
+            env: StringMap::default(),
             working_dir: None,
         }
     }
@@ -365,8 +366,8 @@ mod tests {
     async fn a_missing_program_fails_to_start() {
         let command = CommandSpec {
             program: "/no/such/program".into(),
-            args: vec![],
-            env: BTreeMap::new(),
+            args: Box::default(),
+            env: StringMap::default(),
             working_dir: None,
         };
         assert!(matches!(run_for(&command, 1_000).await.outcome, Outcome::StartFailed { .. }));

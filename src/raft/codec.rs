@@ -28,3 +28,75 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, bytes: &mut Vec<u8>) {
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
     postcard::from_bytes(bytes).map_err(|source| DecodeError { what, source })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::scheduler::{Backoff, Schedule, TaskSpec};
+
+    /// The layout before `TaskSpec` was made compact: plain strings, a list
+    /// and maps. Logs and snapshots written with it must read the same.
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct PlainCommand {
+        program: String,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+        working_dir: Option<String>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct PlainSpec {
+        queue: String,
+        priority: i32,
+        schedule: Schedule,
+        command: PlainCommand,
+        timeout_ms: u64,
+        max_attempts: u32,
+        backoff: Backoff,
+        idempotency_key: Option<String>,
+        labels: BTreeMap<String, String>,
+    }
+
+    fn plain(spec: &TaskSpec) -> PlainSpec {
+        PlainSpec {
+            queue: spec.queue.to_string(),
+            priority: spec.priority,
+            schedule: spec.schedule,
+            command: PlainCommand {
+                program: spec.command.program.to_string(),
+                args: spec.command.args.to_vec(),
+                env: (*spec.command.env).clone(),
+                working_dir: spec.command.working_dir.as_deref().map(str::to_owned),
+            },
+            timeout_ms: spec.timeout_ms,
+            max_attempts: spec.max_attempts,
+            backoff: spec.backoff,
+            idempotency_key: spec.idempotency_key.as_deref().map(str::to_owned),
+            labels: (*spec.labels).clone(),
+        }
+    }
+
+    #[test]
+    fn the_compact_spec_encodes_exactly_as_the_plain_one_did() {
+        let bare = TaskSpec::for_test("true");
+        let mut full = TaskSpec::for_test("/bin/sh");
+        full.queue = "emails".into();
+        full.command.args = vec!["-c".into(), "echo hi".into()].into();
+        full.command.env.insert("A".into(), "1".into());
+        full.command.working_dir = Some("/tmp".into());
+        full.idempotency_key = Some("key-1".into());
+        full.labels.insert("zone".into(), "eu".into());
+        for spec in [bare, full] {
+            let bytes = encode(&spec);
+            assert_eq!(bytes, encode(&plain(&spec)), "{spec:?}");
+            let decoded: TaskSpec = decode("spec", &bytes).unwrap();
+            assert_eq!(decoded, spec);
+            let old: PlainSpec = decode("spec", &bytes).unwrap();
+            assert_eq!(old, plain(&spec));
+        }
+    }
+}

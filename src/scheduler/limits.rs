@@ -184,7 +184,7 @@ impl Limits {
                 self.env_bytes_max
             );
         }
-        for (name, value) in &command.env {
+        for (name, value) in command.env.iter() {
             if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0')
             {
                 refuse!("environment variable {name:?} is not a valid NAME=VALUE pair");
@@ -243,7 +243,7 @@ impl Limits {
                 self.labels_max
             );
         }
-        for (name, value) in &spec.labels {
+        for (name, value) in spec.labels.iter() {
             check_text("label name", name, self.label_bytes_max)?;
             if value.len() > self.label_bytes_max {
                 refuse!("label {name:?} has a value longer than {} bytes", self.label_bytes_max);

@@ -29,7 +29,8 @@ pub use command::{
 pub use limits::Limits;
 pub use state::{Applied, FrozenState, State, StateMeta};
 pub use task::{
-    Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
+    Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, StringMap, Task, TaskId, TaskSpec,
+    TaskState,
 };
 
 #[cfg(test)]

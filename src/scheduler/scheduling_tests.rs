@@ -150,7 +150,7 @@ fn the_first_queue_rotates_between_plans() {
         firsts.push(cluster.task(assignment.task).spec.queue.clone());
         cluster.complete(assignment.task, token, Outcome::Exited { code: 0 }, NOW_MS);
     }
-    assert_eq!(firsts, vec!["a", "b", "c"]);
+    assert_eq!(firsts, vec!["a".into(), "b".into(), "c".into()] as Vec<std::sync::Arc<str>>);
 }
 
 #[test]
@@ -193,11 +193,11 @@ fn labels_restrict_placement_without_blocking_other_tasks() {
     let mut cluster =
         Cluster::new(vec![executor(1, 2, &[("zone", "eu")]), executor(2, 2, &[("zone", "us")])]);
     let gpu = cluster.submit(TaskSpec {
-        labels: BTreeMap::from([("gpu".into(), "yes".into())]),
+        labels: BTreeMap::from([("gpu".into(), "yes".into())]).into(),
         ..spec_in("q", 10)
     });
     let eu = cluster.submit(TaskSpec {
-        labels: BTreeMap::from([("zone".into(), "eu".into())]),
+        labels: BTreeMap::from([("zone".into(), "eu".into())]).into(),
         ..spec_in("q", 5)
     });
     let any = cluster.submit(spec_in("q", 0));

@@ -13,7 +13,7 @@
 //! refused as [`RejectionKind::Stale`], identically on every node.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -45,14 +45,58 @@ pub struct State {
     /// Shared with [`FrozenState`]s taken for snapshots: a change to a task
     /// they hold copies it first.
     tasks: BTreeMap<TaskId, Arc<Task>>,
-    ready_by_queue: BTreeMap<String, BTreeSet<ReadyKey>>,
+    ready_by_queue: BTreeMap<Arc<str>, BTreeSet<ReadyKey>>,
     pending_by_run_at: BTreeSet<(u64, TaskId)>,
-    task_by_idempotency_key: HashMap<String, TaskId>,
+    task_by_idempotency_key: HashMap<Box<str>, TaskId>,
     /// Tasks ASSIGNED or RUNNING, by the node of their current attempt.
     active_by_node: BTreeMap<NodeId, BTreeSet<TaskId>>,
     /// Finished tasks by the time they finished, for retention.
     finished_by_time: BTreeSet<(u64, TaskId)>,
     n_tasks_queued: u64,
+    /// Queue names and programs, each kept once however many tasks share it.
+    interner: Interner,
+}
+
+/// How many distinct strings the state shares between tasks; past it, a
+/// new one is kept by its own tasks alone.
+const INTERNED_STRINGS_MAX: usize = 4_096;
+
+/// Strings that many tasks hold alike (queue names, programs), kept once:
+/// a million tasks of one queue running one program hold two strings, not
+/// two million. Only memory changes; every task reads the same. Bounded by
+/// [`INTERNED_STRINGS_MAX`]: when full, the strings no task holds any more
+/// are let go, at most once per that many new strings.
+#[derive(Debug, Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    misses_since_sweep: usize,
+}
+
+impl Interner {
+    /// Points `string` at the shared copy, or shares it from now on.
+    fn intern(&mut self, string: &mut Arc<str>) {
+        if let Some(shared) = self.strings.get(&**string) {
+            *string = shared.clone();
+            return;
+        }
+        if self.strings.len() >= INTERNED_STRINGS_MAX {
+            self.misses_since_sweep += 1;
+            if self.misses_since_sweep < INTERNED_STRINGS_MAX {
+                return;
+            }
+            self.misses_since_sweep = 0;
+            self.strings.retain(|shared| Arc::strong_count(shared) > 1);
+            if self.strings.len() >= INTERNED_STRINGS_MAX {
+                return;
+            }
+        }
+        self.strings.insert(string.clone());
+    }
+
+    fn intern_spec(&mut self, spec: &mut TaskSpec) {
+        self.intern(&mut spec.queue);
+        self.intern(&mut spec.command.program);
+    }
 }
 
 /// The meta and the tasks of a [`State`] at one moment, for a snapshot.
@@ -93,7 +137,7 @@ impl State {
         tasks: impl IntoIterator<Item = Task>,
     ) -> Result<State, String> {
         let mut state = State { meta, ..State::default() };
-        for task in tasks {
+        for mut task in tasks {
             if task.id.0 >= state.meta.next_task_id {
                 return Err(format!(
                     "task {} is at or beyond the next task id {}",
@@ -103,6 +147,7 @@ impl State {
             if state.tasks.contains_key(&task.id) {
                 return Err(format!("task {} appears twice", task.id));
             }
+            state.interner.intern_spec(&mut task.spec);
             state.index_insert(&task);
             state.tasks.insert(task.id, Arc::new(task));
         }
@@ -151,7 +196,7 @@ impl State {
 
     /// The queues that have ready tasks, in name order.
     pub fn ready_queues(&self) -> impl Iterator<Item = &str> {
-        self.ready_by_queue.keys().map(String::as_str)
+        self.ready_by_queue.keys().map(|queue| &**queue)
     }
 
     /// Tasks ASSIGNED to or RUNNING on `node`.
@@ -262,8 +307,7 @@ impl State {
             }
             let is_new = match &spec.idempotency_key {
                 Some(key) => {
-                    !self.task_by_idempotency_key.contains_key(key)
-                        && keys_in_batch.insert(key.as_str())
+                    !self.task_by_idempotency_key.contains_key(key) && keys_in_batch.insert(&**key)
                 }
                 None => true,
             };
@@ -299,9 +343,11 @@ impl State {
                 Schedule::DelayMs(delay_ms) => now_ms.saturating_add(delay_ms),
             };
             let state = if run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
+            let mut spec = spec.clone();
+            self.interner.intern_spec(&mut spec);
             let task = Task {
                 id,
-                spec: spec.clone(),
+                spec,
                 state,
                 run_at_ms,
                 created_at_ms: now_ms,
@@ -747,4 +793,30 @@ fn retry_or_fail(task: &mut Task, now_ms: u64) {
     }
     task.run_at_ms = now_ms.saturating_add(retry_delay_ms(&task.spec.backoff, task.id, n_attempts));
     task.state = if task.run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_strings_are_shared_and_the_shared_set_stays_bounded() {
+        let mut interner = Interner::default();
+        let mut first: Arc<str> = "sh".into();
+        let mut second: Arc<str> = "sh".into();
+        interner.intern(&mut first);
+        interner.intern(&mut second);
+        assert!(Arc::ptr_eq(&first, &second), "one copy of a string many tasks hold");
+        // Fill the set with strings no task holds any more.
+        for idx in 0..2 * INTERNED_STRINGS_MAX {
+            let mut fresh: Arc<str> = format!("program-{idx}").into();
+            interner.intern(&mut fresh);
+            assert!(interner.strings.len() <= INTERNED_STRINGS_MAX);
+        }
+        // A sweep has let the unheld ones go; the held one stays shared.
+        assert!(interner.strings.len() < INTERNED_STRINGS_MAX, "{}", interner.strings.len());
+        let mut third: Arc<str> = "sh".into();
+        interner.intern(&mut third);
+        assert!(Arc::ptr_eq(&first, &third));
+    }
 }

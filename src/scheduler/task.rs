@@ -7,8 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A task's id: assigned by the state machine in submission order, so ids
 /// also order tasks by submission.
@@ -39,13 +41,66 @@ pub enum Schedule {
 }
 
 /// The program a task runs. No shell is involved unless `program` is one.
+///
+/// The fields are laid out for a million tasks in memory: the program is
+/// shared between tasks that run the same one (the state interns it), and
+/// what most tasks leave unset costs a pointer. On disk they are the plain
+/// strings, lists and maps they stand for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandSpec {
-    pub program: String,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
+    pub program: Arc<str>,
+    pub args: Box<[String]>,
+    pub env: StringMap,
     /// `None` runs in the executor's own working directory.
-    pub working_dir: Option<String>,
+    pub working_dir: Option<Box<str>>,
+}
+
+/// A map of strings that most tasks leave empty, as their environment and
+/// labels: one pointer when it is empty. Reads see the map (it derefs to
+/// one); it is serialized as the plain map, so the encoding is that of a
+/// `BTreeMap`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[expect(clippy::box_collection, reason = "one word per task when empty, not three")]
+pub struct StringMap(Option<Box<BTreeMap<String, String>>>);
+
+impl StringMap {
+    const EMPTY: &BTreeMap<String, String> = &BTreeMap::new();
+
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        self.0.get_or_insert_default().insert(key, value)
+    }
+}
+
+impl Deref for StringMap {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &BTreeMap<String, String> {
+        self.0.as_deref().unwrap_or(StringMap::EMPTY)
+    }
+}
+
+impl From<BTreeMap<String, String>> for StringMap {
+    fn from(map: BTreeMap<String, String>) -> StringMap {
+        StringMap((!map.is_empty()).then(|| Box::new(map)))
+    }
+}
+
+impl FromIterator<(String, String)> for StringMap {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> StringMap {
+        StringMap::from(pairs.into_iter().collect::<BTreeMap<_, _>>())
+    }
+}
+
+impl Serialize for StringMap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.deref().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for StringMap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<StringMap, D::Error> {
+        BTreeMap::deserialize(deserializer).map(StringMap::from)
+    }
 }
 
 /// Exponential backoff between attempts of one task.
@@ -66,7 +121,8 @@ impl Backoff {
 /// have been filled in by the API edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
-    pub queue: String,
+    /// Shared between the tasks of one queue (the state interns it).
+    pub queue: Arc<str>,
     /// Higher runs first.
     pub priority: i32,
     pub schedule: Schedule,
@@ -77,9 +133,9 @@ pub struct TaskSpec {
     pub max_attempts: u32,
     pub backoff: Backoff,
     /// A second submission with the same key returns the first task.
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<Box<str>>,
     /// Labels a node must carry, with equal values, to run the task.
-    pub labels: BTreeMap<String, String>,
+    pub labels: StringMap,
 }
 
 impl TaskSpec {
@@ -92,15 +148,15 @@ impl TaskSpec {
             schedule: Schedule::Now,
             command: CommandSpec {
                 program: program.into(),
-                args: vec![],
-                env: BTreeMap::new(),
+                args: Box::default(),
+                env: StringMap::default(),
                 working_dir: None,
             },
             timeout_ms: 60_000,
             max_attempts: 3,
             backoff: Backoff::DEFAULT,
             idempotency_key: None,
-            labels: BTreeMap::new(),
+            labels: StringMap::default(),
         }
     }
 }
@@ -208,4 +264,27 @@ pub struct Task {
     /// The Raft log index of the last change to this task.
     pub revision: u64,
     pub attempts: Vec<Attempt>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_map_costs_one_pointer_and_reads_as_an_empty_map() {
+        assert_eq!(std::mem::size_of::<StringMap>(), std::mem::size_of::<usize>());
+        let mut map = StringMap::default();
+        assert!(map.is_empty() && map.get("a").is_none());
+        assert_eq!(map, StringMap::from(BTreeMap::new()), "an emptied map is the default");
+        assert_eq!(map.insert("a".into(), "1".into()), None);
+        assert_eq!(map.get("a").map(String::as_str), Some("1"));
+        assert_eq!(map.iter().count(), 1);
+    }
+
+    /// A million pending tasks are mostly this struct (plus their payload),
+    /// so it stays compact: 296 bytes before the compact layout.
+    #[test]
+    fn a_task_stays_compact() {
+        assert!(std::mem::size_of::<Task>() <= 224, "{}", std::mem::size_of::<Task>());
+    }
 }

@@ -2,6 +2,8 @@
 //! limits and bad input. Each test drives `State::apply` with commands, as the
 //! Raft log would, and checks the answers and the indexes.
 
+use std::sync::Arc;
+
 use crate::scheduler::{
     Command, Limits, RejectionKind, Response, Schedule, State, StateMeta, Task, TaskId, TaskSpec,
     TaskState,
@@ -241,10 +243,10 @@ fn invalid_spec_in_a_batch_rejects_the_whole_batch() {
 fn bad_specs_are_refused_with_a_message() {
     type Mutation = Box<dyn Fn(&mut TaskSpec)>;
     let cases: Vec<(&str, Mutation)> = vec![
-        ("no program", Box::new(|s| s.command.program.clear())),
+        ("no program", Box::new(|s| s.command.program = "".into())),
         ("queue name", Box::new(|s| s.queue = "bad queue!".into())),
-        ("queue is empty", Box::new(|s| s.queue.clear())),
-        ("NUL", Box::new(|s| s.command.args = vec!["a\0b".into()])),
+        ("queue is empty", Box::new(|s| s.queue = "".into())),
+        ("NUL", Box::new(|s| s.command.args = vec!["a\0b".into()].into())),
         ("timeout", Box::new(|s| s.timeout_ms = 0)),
         ("max attempts", Box::new(|s| s.max_attempts = 0)),
         ("backoff", Box::new(|s| s.backoff.initial_ms = s.backoff.max_ms + 1)),
@@ -255,11 +257,11 @@ fn bad_specs_are_refused_with_a_message() {
             Box::new(|s| s.schedule = Schedule::DelayMs(u64::MAX)),
         ),
         ("ahead of now", Box::new(|s| s.schedule = Schedule::AtUnixMs(u64::MAX))),
-        ("idempotency key is empty", Box::new(|s| s.idempotency_key = Some(String::new()))),
+        ("idempotency key is empty", Box::new(|s| s.idempotency_key = Some("".into()))),
         ("label name is empty", Box::new(|s| _ = s.labels.insert(String::new(), "v".into()))),
         (
             "arguments",
-            Box::new(|s| s.command.args = vec![String::new(); Limits::CEILING.args_max + 1]),
+            Box::new(|s| s.command.args = vec![String::new(); Limits::CEILING.args_max + 1].into()),
         ),
     ];
     for (expected, mutate) in cases {
@@ -280,9 +282,9 @@ fn bad_specs_are_refused_with_a_message() {
 fn configured_limits_are_tighter_than_the_ceiling() {
     let limits = Limits { args_max: 2, labels_max: 1, ..Limits::default() };
     let mut s = spec("echo");
-    s.command.args = vec!["a".into(), "b".into(), "c".into()];
+    s.command.args = vec!["a".into(), "b".into(), "c".into()].into();
     assert!(limits.check_spec(&s, NOW_MS).unwrap_err().0.contains("3 arguments"));
-    s.command.args.pop();
+    s.command.args = vec!["a".into(), "b".into()].into();
     assert_eq!(limits.check_spec(&s, NOW_MS), Ok(()));
     s.labels.insert("zone".into(), "a".into());
     s.labels.insert("gpu".into(), "yes".into());
@@ -374,4 +376,20 @@ fn a_frozen_state_keeps_what_it_saw_while_commands_go_on() {
     assert_eq!(frozen.tasks().cloned().collect::<Vec<_>>(), vec![first]);
     assert_eq!(frozen.meta().next_task_id, second.id.0);
     assert_eq!(h.state.meta().next_task_id, second.id.0 + 1);
+}
+
+#[test]
+fn tasks_of_one_queue_and_program_share_those_strings_also_when_rebuilt() {
+    let mut h = Harness::new();
+    let first = h.submit_one(spec("true"));
+    let second = h.submit_one(spec("true"));
+    let shared = |state: &State| {
+        let (a, b) = (state.task(first.id).unwrap(), state.task(second.id).unwrap());
+        Arc::ptr_eq(&a.spec.queue, &b.spec.queue)
+            && Arc::ptr_eq(&a.spec.command.program, &b.spec.command.program)
+    };
+    assert!(shared(&h.state));
+    let tasks: Vec<Task> = h.state.tasks().cloned().collect();
+    let rebuilt = State::from_parts(h.state.meta().clone(), tasks).unwrap();
+    assert!(shared(&rebuilt), "a state loaded from a snapshot shares them too");
 }

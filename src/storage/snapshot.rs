@@ -216,7 +216,7 @@ mod tests {
         let specs = (0..n_tasks)
             .map(|idx| {
                 let mut spec = TaskSpec::for_test("echo");
-                spec.command.args.push(format!("argument {idx}"));
+                spec.command.args = vec![format!("argument {idx}")].into();
                 spec.schedule = Schedule::DelayMs(60_000);
                 spec
             })
