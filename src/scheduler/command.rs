@@ -5,10 +5,11 @@
 //! is a deterministic [`Response::Rejected`], never a storage error.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::task::{NodeId, Outcome, Task, TaskId, TaskSpec};
+use crate::scheduler::task::{NodeId, Outcome, Task, TaskId, TaskSpec, TaskState};
 
 /// A change to the task state, as stored in one Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +116,7 @@ pub enum Response {
     Empty,
     /// One result per submitted spec, in order.
     Submitted(Vec<Submitted>),
-    Cancelled(Box<Task>),
+    Cancelled(Arc<Task>),
     Promoted(Vec<TaskId>),
     /// Assignments that opened an attempt, with their fencing tokens, and the
     /// tasks that were no longer ready.
@@ -123,8 +124,10 @@ pub enum Response {
         assigned: Vec<(Assignment, u64)>,
         skipped: Vec<TaskId>,
     },
-    /// The task after a start or a completion was recorded.
-    Attempt(Box<Task>),
+    /// A start or a completion was recorded (or had been already). Only
+    /// what the reporter needs: these answers travel back to executors on
+    /// other nodes, one per report.
+    Attempt(Recorded),
     /// One answer per report of a `Reports` command, in order.
     Reports(Vec<Response>),
     Requeued(Vec<TaskId>),
@@ -132,9 +135,17 @@ pub enum Response {
     Rejected(Rejection),
 }
 
+/// The task a report was about, and its state after the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub task: TaskId,
+    pub state: TaskState,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
-    pub task: Task,
+    /// Shared with the state: the answer costs no copy of the task.
+    pub task: Arc<Task>,
     /// True when the idempotency key named a task that existed already.
     pub already_existed: bool,
 }

@@ -24,7 +24,8 @@ pub mod state;
 pub mod task;
 
 pub use command::{
-    Assignment, AttemptReport, Command, LostAttempt, Rejection, RejectionKind, Response, Submitted,
+    Assignment, AttemptReport, Command, LostAttempt, Recorded, Rejection, RejectionKind, Response,
+    Submitted,
 };
 pub use limits::Limits;
 pub use state::{Applied, FrozenState, State, StateMeta};

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::backoff::retry_delay_ms;
 use crate::scheduler::command::{
-    Assignment, AttemptReport, Command, LostAttempt, Rejection, RejectionKind, Response, Submitted,
+    Assignment, AttemptReport, Command, LostAttempt, Recorded, Rejection, RejectionKind, Response,
+    Submitted,
 };
 use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
 use crate::scheduler::task::{
@@ -116,6 +117,17 @@ impl FrozenState {
         self.tasks.values().map(|task| &**task)
     }
 
+    /// Task `id` as the state holds it: cloning the `Arc` copies nothing,
+    /// and a later change to the task copies it first, leaving this one be.
+    pub fn task_shared(&self, id: TaskId) -> Option<&Arc<Task>> {
+        self.tasks.get(&id)
+    }
+
+    /// Every task as the state holds it, in id order (see [`State::task_shared`]).
+    pub fn tasks_shared(&self) -> impl Iterator<Item = &Arc<Task>> {
+        self.tasks.values()
+    }
+
     pub fn n_tasks(&self) -> usize {
         self.tasks.len()
     }
@@ -165,6 +177,17 @@ impl State {
     /// Every task in id order.
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
         self.tasks.values().map(|task| &**task)
+    }
+
+    /// Task `id` as the state holds it: cloning the `Arc` copies nothing,
+    /// and a later change to the task copies it first, leaving this one be.
+    pub fn task_shared(&self, id: TaskId) -> Option<&Arc<Task>> {
+        self.tasks.get(&id)
+    }
+
+    /// Every task as the state holds it, in id order (see [`State::task_shared`]).
+    pub fn tasks_shared(&self) -> impl Iterator<Item = &Arc<Task>> {
+        self.tasks.values()
     }
 
     /// The meta and the tasks as they are now, unchanged by later commands,
@@ -231,9 +254,9 @@ impl State {
             Command::SubmitTasks { now_ms, queued_tasks_max, specs } => self
                 .submit(revision, *now_ms, *queued_tasks_max, specs, &mut changed)
                 .map(Response::Submitted),
-            Command::CancelTask { now_ms, id } => self
-                .cancel(revision, *now_ms, *id, &mut changed)
-                .map(|task| Response::Cancelled(Box::new(task))),
+            Command::CancelTask { now_ms, id } => {
+                self.cancel(revision, *now_ms, *id, &mut changed).map(Response::Cancelled)
+            }
             Command::PromoteDue { now_ms } => {
                 Ok(Response::Promoted(self.promote_due(revision, *now_ms, &mut changed)))
             }
@@ -329,10 +352,8 @@ impl State {
             if let Some(existing) =
                 spec.idempotency_key.as_ref().and_then(|key| self.task_by_idempotency_key.get(key))
             {
-                results.push(Submitted {
-                    task: Task::clone(&self.tasks[existing]),
-                    already_existed: true,
-                });
+                results
+                    .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
                 continue;
             }
             let id = TaskId(self.meta.next_task_id);
@@ -356,7 +377,8 @@ impl State {
                 attempts: Vec::new(),
             };
             self.index_insert(&task);
-            self.tasks.insert(id, Arc::new(task.clone()));
+            let task = Arc::new(task);
+            self.tasks.insert(id, task.clone());
             changed.push(id);
             results.push(Submitted { task, already_existed: false });
         }
@@ -369,7 +391,7 @@ impl State {
         now_ms: u64,
         id: TaskId,
         changed: &mut Vec<TaskId>,
-    ) -> Result<Task, Rejection> {
+    ) -> Result<Arc<Task>, Rejection> {
         let Some(task) = self.tasks.get(&id) else {
             return Err(Rejection::new(
                 RejectionKind::NotFound,
@@ -382,9 +404,9 @@ impl State {
                 format!("task {id} is already {} and cannot be cancelled", task.state),
             ));
         }
-        let task = self.transition(id, TaskState::Cancelled, revision, now_ms);
+        self.transition(id, TaskState::Cancelled, revision, now_ms);
         changed.push(id);
-        Ok(task.clone())
+        Ok(self.tasks[&id].clone())
     }
 
     fn promote_due(
@@ -416,7 +438,8 @@ impl State {
     ) -> R {
         let mut task = self.tasks.remove(&id).expect("update of a task that exists");
         self.index_remove(&task);
-        // Copies the task only if a frozen state still holds it.
+        // Copies the task only if something else still holds it: a frozen
+        // state, an event, an answer.
         let task_mut = Arc::make_mut(&mut task);
         let result = change(task_mut);
         task_mut.revision = revision;
@@ -519,7 +542,7 @@ impl State {
                 format!("{other} is not an executor report"),
             )),
         };
-        task.map(|task| Response::Attempt(Box::new(task)))
+        task.map(Response::Attempt)
     }
 
     /// Applies one report of a batch: its refusal is its own answer, and
@@ -554,11 +577,11 @@ impl State {
         id: TaskId,
         token: u64,
         changed: &mut Vec<TaskId>,
-    ) -> Result<Task, Rejection> {
+    ) -> Result<Recorded, Rejection> {
         let task = self.current_attempt(id, token)?;
         match task.state {
             // A repeated start (the executor retried) changes nothing.
-            TaskState::Running => Ok(task.clone()),
+            TaskState::Running => Ok(Recorded { task: id, state: task.state }),
             TaskState::Assigned => {
                 self.update(id, revision, now_ms, |task| {
                     task.state = TaskState::Running;
@@ -567,7 +590,7 @@ impl State {
                     current.started_at_ms = Some(now_ms);
                 });
                 changed.push(id);
-                Ok(Task::clone(&self.tasks[&id]))
+                Ok(Recorded { task: id, state: self.tasks[&id].state })
             }
             TaskState::Cancelled => Err(Rejection::new(
                 RejectionKind::Stale,
@@ -588,7 +611,7 @@ impl State {
         token: u64,
         report: &AttemptReport,
         changed: &mut Vec<TaskId>,
-    ) -> Result<Task, Rejection> {
+    ) -> Result<Recorded, Rejection> {
         for (name, tail) in [("stdout", &report.stdout_tail), ("stderr", &report.stderr_tail)] {
             if tail.len() > OUTPUT_TAIL_BYTES_CEILING {
                 return Err(Rejection::new(
@@ -604,7 +627,7 @@ impl State {
         let current = task.attempts.last().expect("current_attempt found one");
         if current.outcome.is_some() {
             // A repeated completion (the executor retried) changes nothing.
-            return Ok(task.clone());
+            return Ok(Recorded { task: id, state: task.state });
         }
         let state = task.state;
         if !matches!(state, TaskState::Assigned | TaskState::Running | TaskState::Cancelled) {
@@ -630,7 +653,7 @@ impl State {
             }
         });
         changed.push(id);
-        Ok(Task::clone(&self.tasks[&id]))
+        Ok(Recorded { task: id, state: self.tasks[&id].state })
     }
 
     fn requeue_lost(

@@ -51,7 +51,7 @@ impl Harness {
         match self.submit_at(NOW_MS, vec![spec]) {
             Response::Submitted(mut results) => {
                 assert_eq!(results.len(), 1);
-                results.remove(0).task
+                Task::clone(&results.remove(0).task)
             }
             other => panic!("expected a submission, got {other:?}"),
         }
@@ -160,7 +160,7 @@ fn same_idempotency_key_returns_the_same_task() {
     match h.submit_at(NOW_MS + 10, vec![keyed.clone()]) {
         Response::Submitted(results) => {
             assert!(results[0].already_existed);
-            assert_eq!(results[0].task, first);
+            assert_eq!(*results[0].task, first);
         }
         other => panic!("{other:?}"),
     }

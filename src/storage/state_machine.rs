@@ -37,7 +37,8 @@ const LEGACY_MIRROR_TREE: &str = "sm";
 pub struct TaskEvent {
     /// The Raft log index of the change.
     pub revision: u64,
-    pub task: Task,
+    /// Shared with the state as it was at the change: events copy no task.
+    pub task: Arc<Task>,
 }
 
 /// What the state machine holds, readable through [`StateMachineStore::read`].
@@ -142,7 +143,7 @@ impl StateMachineStore {
         } else {
             let mut changed: Vec<Arc<TaskEvent>> = applied
                 .state
-                .tasks()
+                .tasks_shared()
                 .filter(|task| task.revision > after_revision)
                 .map(|task| Arc::new(TaskEvent { revision: task.revision, task: task.clone() }))
                 .collect();
@@ -227,7 +228,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let result = applied.state.apply(index, &command);
                         // A task purged by retention has no event.
                         for id in result.changed {
-                            if let Some(task) = applied.state.task(id) {
+                            if let Some(task) = applied.state.task_shared(id) {
                                 events.push(TaskEvent { revision: index, task: task.clone() });
                             }
                         }
@@ -281,7 +282,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
             };
-            for task in applied.state.tasks().filter(|task| task.revision > previous_index) {
+            for task in applied.state.tasks_shared().filter(|task| task.revision > previous_index) {
                 events.push(TaskEvent { revision: task.revision, task: task.clone() });
             }
         }
