@@ -29,6 +29,14 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     postcard::from_bytes(bytes).map_err(|source| DecodeError { what, source })
 }
 
+/// Decodes one value from the front of `bytes`; returns it with the rest.
+pub fn decode_prefix<'a, T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &'a [u8],
+) -> Result<(T, &'a [u8]), DecodeError> {
+    postcard::take_from_bytes(bytes).map_err(|source| DecodeError { what, source })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -12,8 +12,6 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use crate::raft::SnapshotMeta;
 use crate::raft::codec;
 use crate::scheduler::{FrozenState, State, StateMeta, Task};
@@ -35,12 +33,6 @@ impl fmt::Debug for SnapshotFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SnapshotFile({})", self.path.display())
     }
-}
-
-#[derive(Deserialize)]
-struct Body {
-    meta: StateMeta,
-    tasks: Vec<Task>,
 }
 
 /// The buffer between the snapshot encoder and its file.
@@ -182,10 +174,46 @@ pub fn decode(bytes: &[u8]) -> io::Result<(SnapshotMeta, State)> {
     let meta: SnapshotMeta =
         codec::decode("snapshot metadata", &bytes[HEADER_BYTES as usize..meta_end])
             .map_err(|err| corrupt(err.to_string()))?;
-    let body: Body = codec::decode("snapshot body", &bytes[meta_end..])
-        .map_err(|err| corrupt(err.to_string()))?;
-    let state = State::from_parts(body.meta, body.tasks).map_err(corrupt)?;
+    let state = decode_body(&bytes[meta_end..])?;
     Ok((meta, state))
+}
+
+/// Decodes the body (the state's meta, the number of tasks, each task) one
+/// task at a time straight into the state: a million tasks never sit in a
+/// vector of their own on the way.
+fn decode_body(bytes: &[u8]) -> io::Result<State> {
+    let bad = |err: codec::DecodeError| corrupt(err.to_string());
+    let (state_meta, rest): (StateMeta, _) =
+        codec::decode_prefix("snapshot state meta", bytes).map_err(bad)?;
+    let (n_tasks, mut rest): (usize, _) =
+        codec::decode_prefix("snapshot task count", rest).map_err(bad)?;
+    let mut failure = None;
+    let mut n_decoded = 0;
+    let tasks = std::iter::from_fn(|| {
+        if n_decoded == n_tasks || failure.is_some() {
+            return None;
+        }
+        match codec::decode_prefix::<Task>("snapshot task", rest) {
+            Ok((task, after)) => {
+                rest = after;
+                n_decoded += 1;
+                Some(task)
+            }
+            Err(err) => {
+                failure = Some(bad(err));
+                None
+            }
+        }
+    });
+    let state = State::from_parts(state_meta, tasks).map_err(corrupt);
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    let state = state?;
+    if !rest.is_empty() {
+        return Err(corrupt(format!("{} bytes follow the last task", rest.len())));
+    }
+    Ok(state)
 }
 
 fn check_header(header: &[u8], file_len: u64) -> io::Result<u64> {
@@ -259,5 +287,26 @@ mod tests {
         let mut bad_len = bytes;
         bad_len[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode(&bad_len).unwrap_err().to_string().contains("metadata length"));
+    }
+
+    /// A body that is wrong although its checksum is right (written by a
+    /// broken node, say) is refused too: short, or with bytes to spare.
+    #[test]
+    fn a_body_with_a_right_checksum_and_wrong_tasks_is_refused() {
+        let bytes = encode(&SnapshotMeta::default(), &state_with_tasks(3).frozen());
+        let with_crc = |mut bytes: Vec<u8>| {
+            let crc = crc32fast::hash(&bytes[12..]);
+            bytes[8..12].copy_from_slice(&crc.to_le_bytes());
+            bytes
+        };
+        assert!(decode(&with_crc(bytes.clone())).is_ok());
+        for cut in [1, 10, 40] {
+            let short = with_crc(bytes[..bytes.len() - cut].to_vec());
+            let err = decode(&short).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "cut {cut}: {err}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode(&with_crc(long)).unwrap_err().to_string().contains("follow the last task"));
     }
 }

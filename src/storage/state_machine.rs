@@ -91,12 +91,18 @@ impl StateMachineStore {
         remove_temporary_files(snapshot_dir)?;
         empty_legacy_mirror(db)?;
         let mut applied = Applied::default();
+        let started = std::time::Instant::now();
         if let Some(mut file) = snapshot::open_current(snapshot_dir)? {
             let (meta, state) = snapshot::read_all(&mut file.file)?;
             applied =
                 Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership };
         }
-        info!(last_applied = ?applied.last_applied, n_tasks = applied.state.n_tasks(), "state machine loaded");
+        info!(
+            last_applied = ?applied.last_applied,
+            n_tasks = applied.state.n_tasks(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "state machine loaded"
+        );
         let (events, _) = broadcast::channel(limits.channel_events_max);
         let shared = Shared {
             snapshot_dir: snapshot_dir.to_owned(),
