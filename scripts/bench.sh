@@ -79,6 +79,16 @@ cleanup() {
     report_written=1
     write_report "-partial" || true
   fi
+  # Stopped in the middle of a taskraft run: its nodes' logs say why.
+  if [ "$report_written" != done ] && compgen -G "$work/taskraft/node*/node.log" > /dev/null; then
+    local logs
+    logs="$out_dir/$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}-partial-logs"
+    mkdir -p "$logs"
+    for log in "$work"/taskraft/node*/node.log; do
+      cp "$log" "$logs/$(basename "$(dirname "$log")").log"
+    done
+    echo "bench.sh: the taskraft nodes' logs are in $logs" >&2
+  fi
   stop_etcd
   TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
     scripts/cluster.sh down > /dev/null 2>&1 || true
@@ -507,4 +517,4 @@ for scenario in "${scenarios[@]}"; do
 done
 
 write_report ""
-report_written=1
+report_written=done
