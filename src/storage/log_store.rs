@@ -102,19 +102,22 @@ impl LogStore {
         self.appended.clone()
     }
 
+    /// Removes every entry up to `index`. Only the first entry is read, to
+    /// learn where the log starts; the keys after it are computed (the log
+    /// has no gaps), so no entry's value (a batch can be megabytes) is read
+    /// just to be deleted. The Raft core waits for a purge.
     fn remove_up_to(&self, index: u64) -> io::Result<usize> {
-        let keys: Vec<IVec> = self
-            .log
-            .range(Bound::Unbounded, Bound::Included(&index_key(index)))?
-            .map(|item| item.map(|(key, _)| key))
-            .collect::<io::Result<_>>()?;
-        let n_keys = keys.len();
+        let first =
+            match self.log.range(Bound::Unbounded, Bound::Included(&index_key(index)))?.next() {
+                None => return Ok(0),
+                Some(item) => key_index(&item?.0)?,
+            };
         let mut batch = Batch::default();
-        for key in keys {
-            batch.remove(key);
+        for index in first..=index {
+            batch.remove(&index_key(index)[..]);
         }
         self.log.apply_batch(batch)?;
-        Ok(n_keys)
+        Ok((index - first + 1) as usize)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -182,6 +185,10 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
+fn key_index(key: &[u8]) -> io::Result<u64> {
+    Ok(u64::from_be_bytes(key.try_into().map_err(|_| io::Error::other("bad log key"))?))
+}
+
 fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
     codec::decode("Raft log entry", bytes).map_err(io::Error::other)
 }
@@ -199,9 +206,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::new();
         for item in self.log.range(Bound::Included(&index_key(start)), Bound::Unbounded)? {
             let (key, bytes) = item?;
-            let index = u64::from_be_bytes(
-                key.as_ref().try_into().map_err(|_| io::Error::other("bad log key"))?,
-            );
+            let index = key_index(&key)?;
             if !range.contains(&index) {
                 break;
             }
@@ -299,9 +304,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first; `open` finishes the deletion if a
         // crash interrupts it.
+        let started = std::time::Instant::now();
         self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id))?;
         self.db.flush().await?;
-        self.remove_up_to(log_id.index())?;
+        let n_entries = self.remove_up_to(log_id.index())?;
+        info!(
+            n_entries,
+            up_to = log_id.index(),
+            purge_ms = started.elapsed().as_millis() as u64,
+            "purged the log"
+        );
         Ok(())
     }
 }
