@@ -319,9 +319,75 @@ where
     tokio::task::spawn_blocking(work).await.map_err(io::Error::other)?
 }
 
+/// How much lower than the node's other threads a background thread's
+/// scheduling priority is (a `nice` increment; 10 gives it about a tenth of
+/// the CPU share of a thread at the default when both want the CPU).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Runs long, CPU-heavy `work` (building a snapshot) on a thread of its own
+/// at a lower scheduling priority, or inline on a current-thread runtime.
+/// On a saturated machine the node's Raft and network threads then keep
+/// the CPU they need to answer heartbeats: three nodes on two cores each
+/// building a snapshot at once starved a follower past its election
+/// timeout, and it campaigned in the middle of a fill.
+pub async fn background<T, F>(name: &str, work: F) -> io::Result<T>
+where
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let flavor = tokio::runtime::Handle::current().runtime_flavor();
+    if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+        return work();
+    }
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        if let Err(err) = lower_this_threads_priority() {
+            tracing::debug!(cause = %err, "cannot lower a background thread's priority");
+        }
+        let _ = done.send(work());
+    })?;
+    result.await.map_err(|_| io::Error::other("a background thread ended without an answer"))?
+}
+
+/// Lowers the calling thread's priority by [`BACKGROUND_NICE`]; on Linux a
+/// thread id names one thread to `setpriority`.
+#[allow(unsafe_code)]
+fn lower_this_threads_priority() -> io::Result<()> {
+    let thread_id = nix::unistd::gettid().as_raw() as libc::id_t;
+    // SAFETY: setpriority reads only its three integer arguments and changes
+    // only the scheduling priority of the thread they name, this one.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, thread_id, BACKGROUND_NICE) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice value of the calling thread, from /proc.
+    fn this_threads_nice() -> io::Result<i32> {
+        let thread_id = nix::unistd::gettid();
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{thread_id}/stat"))?;
+        // Fields counted from the state, after the command name's ')': nice is the 17th.
+        let after_name = &stat[stat.rfind(')').ok_or_else(|| io::Error::other("bad stat"))? + 2..];
+        let nice = after_name.split(' ').nth(16).ok_or_else(|| io::Error::other("short stat"))?;
+        nice.parse().map_err(io::Error::other)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_work_runs_on_a_thread_of_its_own_at_a_lower_priority() {
+        let caller_nice = this_threads_nice().unwrap();
+        let (name, nice) = background("test-background", || {
+            Ok((std::thread::current().name().map(str::to_owned), this_threads_nice()?))
+        })
+        .await
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("test-background"));
+        assert_eq!(nice, (caller_nice + BACKGROUND_NICE).min(19));
+        let failed: io::Result<()> =
+            background("test-background", || Err(io::Error::other("no"))).await;
+        assert_eq!(failed.unwrap_err().to_string(), "no", "the work's error comes back");
+    }
 
     #[tokio::test]
     async fn a_reopened_memory_disk_keeps_what_was_flushed_and_loses_the_rest() {

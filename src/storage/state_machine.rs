@@ -316,7 +316,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         // Only the freeze holds the lock: apply goes on while the snapshot
-        // is encoded, and no runtime thread is taken by the encoding.
+        // is encoded, on a thread of its own at a lower priority.
         let (meta, frozen) = {
             let applied = self.read();
             let meta = SnapshotMeta {
@@ -327,7 +327,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         let dir = self.shared.snapshot_dir.clone();
         let file_meta = meta.clone();
-        let file = kv::blocking(move || {
+        let file = kv::background("snapshot-build", move || {
             snapshot::write(&dir, snapshot::CURRENT_FILE_NAME, &file_meta, &frozen)
         })
         .await?;
