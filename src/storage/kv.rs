@@ -305,6 +305,14 @@ impl MemoryHandle {
     }
 }
 
+/// Whether the caller runs on a current-thread runtime (the simulation's),
+/// where work is done inline instead of on another thread, so that a seed
+/// replays the same way every time.
+fn on_current_thread_runtime() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+}
+
 /// Runs blocking `work` off the runtime's threads, or inline on a
 /// current-thread runtime (see the module docs).
 pub async fn blocking<T, F>(work: F) -> io::Result<T>
@@ -312,8 +320,7 @@ where
     F: FnOnce() -> io::Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    let flavor = tokio::runtime::Handle::current().runtime_flavor();
-    if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+    if on_current_thread_runtime() {
         return work();
     }
     tokio::task::spawn_blocking(work).await.map_err(io::Error::other)?
@@ -335,8 +342,7 @@ where
     F: FnOnce() -> io::Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    let flavor = tokio::runtime::Handle::current().runtime_flavor();
-    if flavor == tokio::runtime::RuntimeFlavor::CurrentThread {
+    if on_current_thread_runtime() {
         return work();
     }
     let (done, result) = tokio::sync::oneshot::channel();
