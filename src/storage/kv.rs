@@ -21,14 +21,35 @@ use std::time::Duration;
 
 pub use sled::IVec;
 
+use super::durable::{SledSync, Synced};
+
 /// One key and its value.
 pub type KeyValue = (IVec, IVec);
 
 /// A database: a set of named trees that flush together.
 #[derive(Clone)]
 pub enum Db {
-    Sled(sled::Db),
+    Sled(SledDb),
     Memory(MemoryHandle),
+}
+
+/// sled, and what completes its flushes ([`super::durable`]).
+#[derive(Clone)]
+pub struct SledDb {
+    db: sled::Db,
+    sync: Arc<SledSync>,
+}
+
+impl SledDb {
+    pub fn new(db: sled::Db, sync: SledSync) -> SledDb {
+        SledDb { db, sync: Arc::new(sync) }
+    }
+
+    /// sled's flush, then ours: every write so far is on disk.
+    pub fn flush(&self) -> io::Result<Synced> {
+        self.db.flush().map_err(sled_err)?;
+        self.sync.sync()
+    }
 }
 
 /// One named tree of a [`Db`].
@@ -64,7 +85,7 @@ fn sled_err(err: sled::Error) -> io::Error {
 impl Db {
     pub fn open_tree(&self, name: &str) -> io::Result<Tree> {
         match self {
-            Db::Sled(db) => db.open_tree(name).map(Tree::Sled).map_err(sled_err),
+            Db::Sled(sled) => sled.db.open_tree(name).map(Tree::Sled).map_err(sled_err),
             Db::Memory(handle) => {
                 handle.lock()?.live.entry(name.to_owned()).or_default();
                 Ok(Tree::Memory { handle: handle.clone(), name: name.into() })
@@ -75,7 +96,10 @@ impl Db {
     /// Makes every write so far durable, without blocking the runtime.
     pub async fn flush(&self) -> io::Result<()> {
         match self {
-            Db::Sled(db) => db.flush_async().await.map(|_| ()).map_err(sled_err),
+            Db::Sled(sled) => {
+                let sled = sled.clone();
+                blocking(move || sled.flush().map(|_| ())).await
+            }
             Db::Memory(handle) => handle.flush().await,
         }
     }
@@ -84,7 +108,7 @@ impl Db {
     /// log flusher thread, never on a runtime thread.
     pub fn flush_blocking(&self) -> io::Result<()> {
         match self {
-            Db::Sled(db) => db.flush().map(|_| ()).map_err(sled_err),
+            Db::Sled(sled) => sled.flush().map(|_| ()),
             Db::Memory(handle) => {
                 let mut state = handle.lock()?;
                 let upto = state.next_seq;

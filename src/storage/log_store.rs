@@ -4,8 +4,9 @@
 //! `append` writes entries to the `raft_log` tree at once, so they are
 //! readable on return, and hands openraft's completion callback to a single
 //! flusher loop. The loop drains every callback queued so far, calls
-//! `Db::flush` once (sled fsyncs its whole page cache, so one flush
-//! covers every tree), and only then completes the callbacks in order. So no
+//! `Db::flush` once (sled writes its whole page cache and [`super::durable`]
+//! fsyncs it, so one flush covers every tree), and only then completes the
+//! callbacks in order. So no
 //! callback fires before its entries are on disk, and concurrent appends share
 //! one fsync. `save_vote` and `purge` flush inline before they return.
 //!

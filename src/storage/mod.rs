@@ -3,9 +3,11 @@
 //! snapshot files beside them ([`snapshot`]). The database is sled, or in a
 //! simulation an in-memory disk; [`kv`] hides which.
 //!
-//! **Durability invariant:** openraft's IO callbacks fire only after sled has
-//! fsynced the data they cover, and `save_vote` returns only after its flush.
+//! **Durability invariant:** openraft's IO callbacks fire only after the data
+//! they cover is fsynced, and `save_vote` returns only after its flush. sled's
+//! own flush is not an fsync; [`durable`] completes it.
 
+pub mod durable;
 pub mod kv;
 pub mod log_store;
 pub mod snapshot;
@@ -42,15 +44,16 @@ impl Disk {
 /// page cache bounded by `cache_bytes_max`.
 pub fn open_db(data_dir: &Path, cache_bytes_max: u64) -> io::Result<Db> {
     std::fs::create_dir_all(data_dir)?;
-    sled::Config::new()
-        .path(data_dir.join("db"))
+    let sled_dir = data_dir.join("db");
+    let db = sled::Config::new()
+        .path(&sled_dir)
         .cache_capacity(cache_bytes_max)
         .mode(sled::Mode::HighThroughput)
         .open()
-        .map(Db::Sled)
         .map_err(|err| {
             io::Error::other(format!("cannot open the database in {}: {err}", data_dir.display()))
-        })
+        })?;
+    Ok(Db::Sled(kv::SledDb::new(db, durable::SledSync::open(&sled_dir)?)))
 }
 
 #[cfg(test)]
