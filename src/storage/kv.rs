@@ -159,8 +159,22 @@ impl Tree {
     }
 
     /// Applies every write of `batch`, or none of them.
-    pub fn apply_batch(&self, batch: Batch) -> io::Result<()> {
+    ///
+    /// Over sled a batch of one write is written alone, which is atomic by
+    /// itself: a sled batch seals and writes out sled's current buffer when
+    /// it begins and again for its manifest (`pin_log`), two more disk
+    /// writes, each waking every idle thread of sled's pool, for every
+    /// append and every Raft metadata write.
+    pub fn apply_batch(&self, mut batch: Batch) -> io::Result<()> {
         match self {
+            Tree::Sled(tree) if batch.ops.len() == 1 => {
+                let (key, value) = batch.ops.remove(0);
+                match value {
+                    Some(value) => tree.insert(key, value).map(|_| ()),
+                    None => tree.remove(key).map(|_| ()),
+                }
+                .map_err(sled_err)
+            }
             Tree::Sled(tree) => {
                 let mut sled_batch = sled::Batch::default();
                 for (key, value) in batch.ops {
