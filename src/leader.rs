@@ -14,7 +14,7 @@
 //! reports are committed through Raft, where `apply` fences them by token.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use openraft::Instant as _;
@@ -31,6 +31,7 @@ use crate::executor::protocol::{
 };
 use crate::platform::Clock;
 use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::scheduler::command::Placement;
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
 use crate::scheduler::{Command, Response};
@@ -40,6 +41,34 @@ type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;
 
 /// Heartbeats waiting for the loop; more are refused, not dropped silently.
 const HEARTBEAT_QUEUE_MAX: usize = 1_024;
+
+/// The leader's latest view of its live executors, for submissions to carry
+/// ([`Command::SubmitAndPlace`]): the scheduling loop renews it every round
+/// and clears it when it stops; the API reads it. A view is used for one
+/// executor heartbeat interval at most: the loop renews it at least that
+/// often while it runs, since every heartbeat starts a round.
+#[derive(Clone, Default)]
+pub struct PlacementView(Arc<Mutex<Option<PublishedView>>>);
+
+struct PublishedView {
+    placement: Placement,
+    until: Instant,
+}
+
+impl PlacementView {
+    /// The view to propose a submission with, if this node leads and its
+    /// loop renewed the view recently.
+    pub fn current(&self) -> Option<Placement> {
+        let view = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        view.as_ref()
+            .filter(|view| Instant::now() < view.until && !view.placement.executors.is_empty())
+            .map(|view| view.placement.clone())
+    }
+
+    fn publish(&self, view: Option<PublishedView>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = view;
+    }
+}
 
 /// Starts and stops the loop, and answers executors.
 pub struct LeaderService {
@@ -52,6 +81,7 @@ pub struct LeaderService {
     quorum_fresh: Duration,
     clock: Arc<dyn Clock>,
     current: Mutex<Option<RunningLoop>>,
+    placement_view: PlacementView,
 }
 
 struct RunningLoop {
@@ -79,7 +109,13 @@ impl LeaderService {
             quorum_fresh,
             clock,
             current: Mutex::new(None),
+            placement_view: PlacementView::default(),
         }
+    }
+
+    /// The view the API proposes submissions with.
+    pub fn placement_view(&self) -> PlacementView {
+        self.placement_view.clone()
     }
 
     /// Whether a majority acknowledged this leader within `quorum_fresh`. An
@@ -124,6 +160,7 @@ impl LeaderService {
             if let Some(running) = current.take() {
                 running.cancel.cancel();
             }
+            self.placement_view.publish(None);
         }
     }
 
@@ -131,6 +168,7 @@ impl LeaderService {
         if let Some(running) = self.current.lock().expect("leader loop lock poisoned").take() {
             running.cancel.cancel();
         }
+        self.placement_view.publish(None);
     }
 
     fn not_leader(&self) -> ExecutorReply {
@@ -315,6 +353,14 @@ impl SchedulingLoop {
         if !assignments.is_empty() {
             commands.push(Command::Assign { now_ms, assignments });
         }
+        self.service.placement_view.publish(Some(PublishedView {
+            placement: Placement {
+                executors: live,
+                last_first_queue: self.cursor.last_first_queue.clone(),
+                assignments_max: u32::try_from(config.assign_batch_max).unwrap_or(u32::MAX),
+            },
+            until: Instant::now() + Duration::from_millis(config.heartbeat_interval_ms),
+        }));
         if Instant::now() >= self.next_purge_at {
             self.next_purge_at = Instant::now() + Duration::from_millis(config.purge_interval_ms);
             commands.push(Command::PurgeFinished {

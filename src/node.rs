@@ -236,6 +236,7 @@ async fn run_validated(
         config.clone(),
         token.clone(),
         platform.clock.clone(),
+        leader_service.placement_view(),
         platform.network.clone(),
     ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

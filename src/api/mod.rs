@@ -30,6 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::api::error::ApiError;
 use crate::config::NodeConfig;
+use crate::leader::PlacementView;
 use crate::platform::{Clock, Network};
 use crate::raft::network::{PEER_KEEP_ALIVE_INTERVAL, PEER_KEEP_ALIVE_TIMEOUT};
 use crate::raft::{LEASE_LAPSE_RETRY_INTERVAL, NodeId, PeerNode, Raft, is_lease_lapse};
@@ -55,6 +56,9 @@ pub struct Context {
     /// The wall clock: only the edges read it; the state machine gets times
     /// inside commands.
     pub clock: Arc<dyn Clock>,
+    /// The leader's view of its executors, which submissions carry while
+    /// this node leads.
+    pub placement_view: PlacementView,
     network: Arc<dyn Network>,
     /// One lazily connected channel per other node's API address.
     channels: Mutex<HashMap<String, Channel>>,
@@ -74,6 +78,7 @@ impl Context {
         config: Arc<NodeConfig>,
         shutdown: CancellationToken,
         clock: Arc<dyn Clock>,
+        placement_view: PlacementView,
         network: Arc<dyn Network>,
     ) -> Context {
         Context {
@@ -84,6 +89,7 @@ impl Context {
             config,
             shutdown,
             clock,
+            placement_view,
             network,
             channels: Mutex::default(),
         }

@@ -58,8 +58,14 @@ impl TasksService {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let command =
-            Command::SubmitTasks { now_ms, queued_tasks_max: limits.queued_tasks_max, specs };
+        let queued_tasks_max = limits.queued_tasks_max;
+        // On the leader, the entry that submits the tasks also places them.
+        let command = match self.ctx.placement_view.current() {
+            Some(placement) => {
+                Command::SubmitAndPlace { now_ms, queued_tasks_max, specs, placement }
+            }
+            None => Command::SubmitTasks { now_ms, queued_tasks_max, specs },
+        };
         match self.ctx.write(command).await? {
             Applied::Submitted(results) => Ok(results
                 .iter()

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scheduler::policy::ExecutorCapacity;
 use crate::scheduler::task::{NodeId, Outcome, Task, TaskId, TaskSpec, TaskState};
 
 /// A change to the task state, as stored in one Raft log entry.
@@ -44,6 +45,28 @@ pub enum Command {
     SetDraining { node: NodeId, draining: bool },
     /// Removes at most `tasks_max` tasks that finished `retention_ms` or more before `now_ms`.
     PurgeFinished { now_ms: u64, retention_ms: u64, tasks_max: u32 },
+    /// A submission the leader proposed with its view of the live
+    /// executors: it submits as `SubmitTasks` does, then places ready tasks
+    /// as the leader's next `Assign` would, so a task submitted to a cluster
+    /// with free slots is assigned by its own entry, one commit instead of
+    /// two. Each assignment's fencing token is this entry's log index. (Last
+    /// of the variants, so the log's older entries decode as they did.)
+    SubmitAndPlace {
+        now_ms: u64,
+        queued_tasks_max: u64,
+        specs: Vec<TaskSpec>,
+        placement: Placement,
+    },
+}
+
+/// The leader's view of its live executors when it proposed a submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub executors: Vec<ExecutorCapacity>,
+    /// The queue that went first in the leader's last plan.
+    pub last_first_queue: Option<String>,
+    /// At most this many assignments.
+    pub assignments_max: u32,
 }
 
 /// One task placed on one node.
@@ -104,6 +127,12 @@ impl fmt::Display for Command {
             Command::RequeueLost { lost, .. } => write!(f, "RequeueLost(n={})", lost.len()),
             Command::SetDraining { node, draining } => write!(f, "SetDraining({node}, {draining})"),
             Command::PurgeFinished { tasks_max, .. } => write!(f, "PurgeFinished(max={tasks_max})"),
+            Command::SubmitAndPlace { specs, placement, .. } => write!(
+                f,
+                "SubmitAndPlace(n={}, executors={})",
+                specs.len(),
+                placement.executors.len()
+            ),
         }
     }
 }

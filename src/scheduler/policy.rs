@@ -17,12 +17,14 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::scheduler::command::Assignment;
 use crate::scheduler::state::State;
 use crate::scheduler::task::{NodeId, Task};
 
 /// What the leader knows of one executor, from its heartbeats.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecutorCapacity {
     pub node_id: NodeId,
     pub slots: u32,

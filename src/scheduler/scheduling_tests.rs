@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::scheduler::command::Placement;
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
 use crate::scheduler::{
@@ -526,4 +527,90 @@ fn finished_tasks_are_purged_after_retention_with_their_keys() {
     // The key is free again.
     let again = cluster.submit(TaskSpec { idempotency_key: Some("k".into()), ..spec_in("q", 0) });
     assert_ne!(again, keyed);
+}
+
+impl Cluster {
+    /// Submits `specs` in one entry that also places them (the leader's path).
+    fn submit_and_place(&mut self, specs: Vec<TaskSpec>) -> Vec<Task> {
+        let placement = Placement {
+            executors: self.executors.clone(),
+            last_first_queue: None,
+            assignments_max: 256,
+        };
+        let command =
+            Command::SubmitAndPlace { now_ms: NOW_MS, queued_tasks_max: 1_000, specs, placement };
+        match self.apply(command) {
+            Response::Submitted(results) => {
+                results.into_iter().map(|result| Task::clone(&result.task)).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_submission_with_the_leaders_view_assigns_its_tasks_in_its_own_entry() {
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[]), executor(2, 1, &[])]);
+    let tasks = cluster.submit_and_place(vec![spec_in("q", 0), spec_in("q", 0), spec_in("q", 0)]);
+    let revision = cluster.revision;
+    let placed: Vec<(TaskState, Option<u64>, Option<u64>)> = tasks
+        .iter()
+        .map(|task| {
+            let attempt = task.attempts.last();
+            (task.state, attempt.map(|a| a.node_id), attempt.map(|a| a.fencing_token))
+        })
+        .collect();
+    // One slot each: two tasks placed with this entry's index as their
+    // token, on different nodes; the third waits, ready.
+    assert_eq!(placed[2], (TaskState::Ready, None, None));
+    assert_eq!(placed[0].0, TaskState::Assigned);
+    assert_eq!(placed[1].0, TaskState::Assigned);
+    assert_eq!((placed[0].2, placed[1].2), (Some(revision), Some(revision)));
+    assert_ne!(placed[0].1, placed[1].1, "{placed:?}");
+    // The answer is the state's task, not the task as it was submitted.
+    assert_eq!(&tasks[0], cluster.task(tasks[0].id));
+
+    // Full executors: a later submission stays ready, and the leader's
+    // loop places it when a slot frees, as before.
+    let later = cluster.submit_and_place(vec![spec_in("q", 0)]);
+    assert_eq!(later[0].state, TaskState::Ready);
+}
+
+#[test]
+fn submissions_to_an_idle_cluster_spread_over_its_nodes() {
+    let mut cluster =
+        Cluster::new(vec![executor(1, 2, &[]), executor(2, 2, &[]), executor(3, 2, &[])]);
+    // Between submissions each task adds its start and its end: the log
+    // index steps by three, the node count, every time.
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for _ in 0..30 {
+        let task = cluster.submit_and_place(vec![spec_in("q", 0)]).remove(0);
+        let attempt = task.attempts.last().expect("an idle cluster places every task");
+        *per_node.entry(attempt.node_id).or_default() += 1;
+        let token = attempt.fencing_token;
+        cluster.apply(Command::StartAttempt { now_ms: NOW_MS + 1, task: task.id, token });
+        cluster.complete(task.id, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    }
+    assert_eq!(per_node, BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
+}
+
+#[test]
+fn a_submission_places_by_the_same_rules_as_the_loop() {
+    // Labels and draining nodes; an older ready task of higher priority
+    // goes before the new one.
+    let mut cluster = Cluster::new(vec![executor(1, 1, &[("gpu", "yes")]), executor(2, 1, &[])]);
+    cluster.apply(Command::SetDraining { node: 2, draining: true });
+    let older = cluster.submit(spec_in("q", 5));
+    let mut gpu = spec_in("q", 9);
+    gpu.labels = [("gpu".to_string(), "yes".to_string())].into_iter().collect();
+    let placed = cluster.submit_and_place(vec![spec_in("q", 0), gpu]);
+    assert_eq!(placed[0].state, TaskState::Ready, "node 2 drains; node 1 goes to priority 9");
+    assert_eq!(placed[1].state, TaskState::Assigned);
+    assert_eq!(placed[1].attempts[0].node_id, 1);
+    assert_eq!(cluster.task(older).state, TaskState::Ready);
+
+    // No executors in the view: a plain submission.
+    cluster.executors.clear();
+    let plain = cluster.submit_and_place(vec![spec_in("q", 0)]);
+    assert_eq!(plain[0].state, TaskState::Ready);
 }

@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::backoff::retry_delay_ms;
 use crate::scheduler::command::{
-    Assignment, AttemptReport, Command, LostAttempt, Recorded, Rejection, RejectionKind, Response,
-    Submitted,
+    Assignment, AttemptReport, Command, LostAttempt, Placement, Recorded, Rejection, RejectionKind,
+    Response, Submitted,
 };
 use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
+use crate::scheduler::policy::{PlacementCursor, plan};
 use crate::scheduler::task::{
     Attempt, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
 };
@@ -286,6 +287,13 @@ impl State {
             Command::PurgeFinished { now_ms, retention_ms, tasks_max } => Ok(Response::Purged(
                 self.purge_finished(*now_ms, *retention_ms, *tasks_max, &mut changed),
             )),
+            Command::SubmitAndPlace { now_ms, queued_tasks_max, specs, placement } => self
+                .submit(revision, *now_ms, *queued_tasks_max, specs, &mut changed)
+                .map(|submitted| {
+                    let first_id = submitted.first().map_or(0, |answer| answer.task.id.0);
+                    self.place(revision, *now_ms, placement, first_id, &mut changed);
+                    Response::Submitted(self.as_they_are_now(submitted))
+                }),
         };
         let response = result.unwrap_or_else(|rejection| {
             assert!(changed.is_empty(), "a rejected command changed tasks");
@@ -497,6 +505,54 @@ impl State {
             assigned.push((*assignment, revision));
         }
         Response::Assigned { assigned, skipped }
+    }
+
+    /// Places ready tasks on the executors of `placement`, as the leader's
+    /// scheduling loop would (see [`Command::SubmitAndPlace`]). Ties between
+    /// equally loaded executors rotate with `rotation`, the first submitted
+    /// task's id: every replica breaks them alike, and successive
+    /// submissions to an idle cluster take turns over its nodes. (The log
+    /// index would not do: each task adds the same number of report entries
+    /// between submissions, so it can step by a multiple of the node count.)
+    fn place(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        placement: &Placement,
+        rotation: u64,
+        changed: &mut Vec<TaskId>,
+    ) {
+        let mut nodes: Vec<NodeId> =
+            placement.executors.iter().map(|executor| executor.node_id).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let Some(n_nodes) = u64::try_from(nodes.len()).ok().filter(|n| *n > 0) else {
+            return;
+        };
+        let mut cursor = PlacementCursor {
+            last_first_queue: placement.last_first_queue.clone(),
+            last_tie_node: Some(nodes[(rotation % n_nodes) as usize]),
+        };
+        let assignments_max = placement.assignments_max as usize;
+        let assignments = plan(self, &placement.executors, assignments_max, &mut cursor);
+        if assignments.is_empty() {
+            return;
+        }
+        let mut placed = Vec::new();
+        self.assign(revision, now_ms, &assignments, &mut placed);
+        let already: BTreeSet<TaskId> = changed.iter().copied().collect();
+        changed.extend(placed.into_iter().filter(|id| !already.contains(id)));
+    }
+
+    /// The submitted tasks as the state holds them now.
+    fn as_they_are_now(&self, submitted: Vec<Submitted>) -> Vec<Submitted> {
+        submitted
+            .into_iter()
+            .map(|answer| Submitted {
+                task: self.tasks.get(&answer.task.id).cloned().unwrap_or(answer.task),
+                already_existed: answer.already_existed,
+            })
+            .collect()
     }
 
     /// Checks that `token` names the task's current, unfinished attempt.

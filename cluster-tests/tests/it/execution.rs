@@ -81,6 +81,50 @@ async fn five_hundred_short_tasks_all_succeed_with_one_attempt_each() -> anyhow:
     Ok(())
 }
 
+/// The leader proposes a submission with its view of the executors, so the
+/// submission's own entry assigns the task: the answer already names a node,
+/// and successive tasks on an idle cluster take turns over the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_submitted_to_an_idle_cluster_is_assigned_by_its_own_entry() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.client()?;
+    let state_of = |answer: &pb::SubmitTaskResponse| {
+        let task = answer.task.clone().unwrap_or_default();
+        (task.state, task.attempts.first().map(|attempt| attempt.node_id), task.id)
+    };
+    // Until the leader has heard a heartbeat it has no view to propose with.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = submit(&mut client, cluster_tests::spec("true", &[], None)).await?;
+        let (state, _, id) = state_of(&answer);
+        wait_until_all_finished(&mut client, std::slice::from_ref(&id), Duration::from_secs(20))
+            .await?;
+        if state == pb::TaskState::Assigned as i32 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no submission was assigned by its own entry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every executor has heartbeated by now (300 ms apart).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for _ in 0..9 {
+        let answer = submit(&mut client, cluster_tests::spec("true", &[], None)).await?;
+        let (state, node, id) = state_of(&answer);
+        assert_eq!(state, pb::TaskState::Assigned as i32, "task {id}: {answer:?}");
+        *per_node.entry(node.unwrap_or_default()).or_default() += 1;
+        let tasks = wait_until_all_finished(
+            &mut client,
+            std::slice::from_ref(&id),
+            Duration::from_secs(20),
+        )
+        .await?;
+        assert_eq!(tasks[0].state, pb::TaskState::Succeeded as i32, "task {id}");
+    }
+    assert_eq!(per_node, BTreeMap::from([(1, 3), (2, 3), (3, 3)]));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, &[]).await?;
