@@ -93,6 +93,12 @@ pub struct RaftTimings {
     /// hundreds of milliseconds (525 ms seen under the batch benchmark);
     /// this must stay above that and below `server.request_timeout_ms`.
     pub quorum_silence_ms_max: u64,
+    /// The longest a leader waits before it tries again to replicate to a
+    /// follower it could not reach. The waits start at one heartbeat
+    /// interval and double up to this; a follower that comes back is caught
+    /// up within it. (openraft's own default grows to 1 s, which a restarted
+    /// follower waited out before its first entry.)
+    pub replication_retry_ms_max: u64,
 }
 
 impl Default for RaftTimings {
@@ -106,6 +112,7 @@ impl Default for RaftTimings {
             snapshot_send_timeout_ms: 60_000,
             append_timeout_ms: 5_000,
             quorum_silence_ms_max: 1_000,
+            replication_retry_ms_max: 250,
         }
     }
 }
@@ -117,6 +124,14 @@ impl RaftTimings {
     /// half a timeout more), so renewals stop first.
     pub fn quorum_fresh_ms(&self) -> u64 {
         self.election_timeout_ms
+    }
+
+    /// openraft's replication backoff, as its series syntax: one heartbeat
+    /// interval, then doubling, capped at `replication_retry_ms_max`.
+    pub fn replication_backoff(&self) -> String {
+        let first_ms = self.heartbeat_interval_ms;
+        let second_ms = first_ms.saturating_mul(2).min(self.replication_retry_ms_max);
+        format!("{first_ms}ms {second_ms}ms ...{}ms", self.replication_retry_ms_max)
     }
 }
 
@@ -304,6 +319,11 @@ impl NodeConfig {
         }
         if raft.append_timeout_ms < raft.heartbeat_interval_ms {
             return invalid("append_timeout_ms must be at least heartbeat_interval_ms".into());
+        }
+        if raft.replication_retry_ms_max < raft.heartbeat_interval_ms {
+            return invalid(
+                "replication_retry_ms_max must be at least heartbeat_interval_ms".into(),
+            );
         }
         if raft.snapshot_after_entries == 0 {
             return invalid("snapshot_after_entries must be at least 1".into());
@@ -515,6 +535,13 @@ mod tests {
                 "append_timeout_ms must be at least heartbeat_interval_ms",
                 NodeConfig {
                     raft: RaftTimings { append_timeout_ms: 49, ..RaftTimings::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "replication_retry_ms_max must be at least heartbeat_interval_ms",
+                NodeConfig {
+                    raft: RaftTimings { replication_retry_ms_max: 49, ..RaftTimings::default() },
                     ..valid()
                 },
             ),

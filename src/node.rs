@@ -81,6 +81,7 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_after_entries),
         max_in_snapshot_log_to_keep: timings.snapshot_keep_entries,
         enable_pre_vote: Some(true),
+        backoff: timings.replication_backoff(),
         ..openraft::Config::default()
     };
     raft_config.validate().map_err(|err| NodeError::Raft(format!("invalid Raft timings: {err}")))
@@ -354,5 +355,26 @@ async fn initialize_if_first(raft: &Raft, config: &NodeConfig) -> Result<(), Nod
             Ok(())
         }
         Err(err) => Err(NodeError::Raft(format!("cannot initialize the cluster: {err}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn replication_retries_start_at_a_heartbeat_and_stay_under_their_maximum() {
+        let mut config = NodeConfig::default();
+        config.raft.heartbeat_interval_ms = 50;
+        config.raft.replication_retry_ms_max = 250;
+        let delays: Vec<Duration> = raft_config(&config).unwrap().build_backoff().take(6).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(delays, vec![ms(50), ms(100), ms(200), ms(250), ms(250), ms(250)]);
+
+        config.raft.replication_retry_ms_max = 50;
+        let delays: Vec<Duration> = raft_config(&config).unwrap().build_backoff().take(3).collect();
+        assert_eq!(delays, vec![ms(50); 3]);
     }
 }
