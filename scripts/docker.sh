@@ -49,8 +49,6 @@ build() {
   rm -rf "$stage"
   mkdir -p "$stage/bin" "$stage/tmp" "$stage/data" "$stage/etc"
   cp "$static_bin" "$stage/taskraft"
-  # The launch trampoline, which the nodes look for beside their own binary.
-  cp "$(dirname "$static_bin")/taskraft-launch" "$stage/taskraft-launch"
   cp /bin/busybox "$stage/bin/busybox"
   for tool in $("$stage/bin/busybox" --list); do
     [ "$tool" = busybox ] || ln -sf busybox "$stage/bin/$tool"

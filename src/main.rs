@@ -16,11 +16,6 @@ fn main() -> ExitCode {
     if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::warden::WARDEN_ARG) {
         return taskraft::executor::warden::run();
     }
-    // Before anything else: a task's process starts here, so that it does
-    // as little as possible before it becomes the program.
-    if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::launch::LAUNCH_ARG) {
-        return taskraft::executor::launch::run(std::env::args_os().skip(2));
-    }
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -56,17 +56,8 @@ pub fn binary() -> anyhow::Result<PathBuf> {
             // A relative path is taken from the workspace root, not the test's directory.
             return Ok(workspace.join(path));
         }
-        // Both binaries: nodes launch tasks through `taskraft-launch` beside theirs.
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--bin",
-                "taskraft",
-                "--bin",
-                "taskraft-launch",
-            ])
+            .args(["build", "--release", "--quiet", "--bin", "taskraft"])
             .current_dir(workspace)
             .status()
             .map_err(|err| format!("cannot run cargo: {err}"))?;
@@ -123,15 +114,6 @@ impl TestCluster {
     /// Starts `n_nodes` nodes on 127.0.0.1 that form a new cluster, and waits for a leader.
     pub async fn start(n_nodes: usize, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
         TestCluster::start_with(n_nodes, extra_args, false, binary()?).await
-    }
-
-    /// Like [`TestCluster::start`], with the nodes run from `binary`.
-    pub async fn start_with_binary(
-        n_nodes: usize,
-        extra_args: &[&str],
-        binary: PathBuf,
-    ) -> anyhow::Result<TestCluster> {
-        TestCluster::start_with(n_nodes, extra_args, false, binary).await
     }
 
     /// Like [`TestCluster::start`], each node in a network namespace of its

@@ -8,18 +8,17 @@
 //! last `output_tail_bytes_max` bytes.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
 use tokio::sync::oneshot;
 
-use crate::executor::launch::{LAUNCH_ARG, LAUNCH_BINARY, resolve_program};
+use crate::executor::launch::{self, LaunchSpec, LaunchedProcess, resolve_program};
 use crate::scheduler::{CommandSpec, Outcome};
 
 /// Why an attempt is being stopped from outside.
@@ -58,49 +57,16 @@ pub trait TaskRunner: Send + Sync + 'static {
     ) -> BoxFuture<'static, ProcessResult>;
 }
 
-/// How a process comes to die with its node.
-#[derive(Debug, Clone)]
-pub enum Launcher {
-    /// Through the launch trampoline `taskraft-launch` (see
-    /// [`crate::executor::launch`]): the node is never forked.
-    Trampoline(PathBuf),
-    /// Through the node's own binary as `taskraft __launch`: the same
-    /// trampoline, where `taskraft-launch` is not beside the node's binary.
-    NodeBinary(PathBuf),
-    /// In the child between `fork` and `exec`: for unit tests, whose binary
-    /// is not `taskraft`, and a node that cannot find its own binary.
-    PreExec,
-}
-
 /// Runs each attempt as an operating-system process (see [`run`]).
 pub struct ProcessRunner {
-    pub launcher: Launcher,
+    /// The node's environment when it started, which every task's inherits.
+    node_env: Arc<Vec<(OsString, OsString)>>,
 }
 
 impl ProcessRunner {
-    /// Launches through `taskraft-launch` beside this binary, or else
-    /// through this binary's own trampoline.
+    /// Tasks inherit the environment the node has now.
     pub fn production() -> ProcessRunner {
-        let launcher = match std::env::current_exe() {
-            Ok(binary) => {
-                let trampoline = binary.with_file_name(LAUNCH_BINARY);
-                if trampoline.is_file() {
-                    tracing::info!(trampoline = %trampoline.display(), "tasks are launched through {LAUNCH_BINARY}");
-                    Launcher::Trampoline(trampoline)
-                } else {
-                    tracing::info!(
-                        missing = %trampoline.display(),
-                        "{LAUNCH_BINARY} is not beside this binary; tasks are launched through this binary, which costs more CPU per task"
-                    );
-                    Launcher::NodeBinary(binary)
-                }
-            }
-            Err(err) => {
-                tracing::warn!(cause = %err, "cannot find this binary; tasks are started by forking the node");
-                Launcher::PreExec
-            }
-        };
-        ProcessRunner { launcher }
+        ProcessRunner { node_env: Arc::new(std::env::vars_os().collect()) }
     }
 }
 
@@ -110,10 +76,10 @@ impl TaskRunner for ProcessRunner {
         request: RunRequest,
         stop: oneshot::Receiver<StopReason>,
     ) -> BoxFuture<'static, ProcessResult> {
-        let launcher = self.launcher.clone();
+        let node_env = self.node_env.clone();
         Box::pin(async move {
             run(
-                &launcher,
+                &node_env,
                 &request.command,
                 &request.env,
                 request.timeout,
@@ -141,82 +107,74 @@ fn start_failed(message: String) -> ProcessResult {
     }
 }
 
-/// The command that starts `command`'s program through `launcher`.
-fn process_for(launcher: &Launcher, command: &CommandSpec) -> Result<Command, String> {
-    let (binary, marker) = match launcher {
-        Launcher::Trampoline(binary) => (binary, None),
-        Launcher::NodeBinary(binary) => (binary, Some(LAUNCH_ARG)),
-        Launcher::PreExec => return Ok(pre_exec_process(command)),
-    };
-    let working_dir = command.working_dir.as_deref().unwrap_or("");
-    if !working_dir.is_empty() && !std::path::Path::new(working_dir).is_dir() {
-        return Err(format!("the working directory {working_dir:?} is not a directory"));
+/// What starts `command`'s program: the program found on `PATH`, the
+/// node's environment with the task's variables and then the attempt's
+/// over it, and the task's working directory.
+fn launch_spec(
+    node_env: &[(OsString, OsString)],
+    command: &CommandSpec,
+    attempt: &AttemptEnv,
+) -> Result<LaunchSpec, String> {
+    let working_dir = command.working_dir.as_deref().filter(|dir| !dir.is_empty()).map(Path::new);
+    if let Some(dir) = working_dir
+        && !dir.is_dir()
+    {
+        return Err(format!("the working directory {dir:?} is not a directory"));
     }
     let task_path = command.env.get("PATH").map(String::as_str);
-    let working_dir_path = (!working_dir.is_empty()).then(|| std::path::Path::new(working_dir));
-    let program = resolve_program(&command.program, task_path, working_dir_path)
+    let program = resolve_program(&command.program, task_path, working_dir)
         .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
-    let mut process = Command::new(binary);
-    process
-        .args(marker)
-        .arg(std::process::id().to_string())
-        .arg(working_dir)
-        .arg(program)
-        .args(&command.args);
-    Ok(process)
-}
-
-/// The command that starts `command`'s program by forking the node.
-fn pre_exec_process(command: &CommandSpec) -> Command {
-    let mut process = Command::new(&*command.program);
-    process.args(&command.args);
-    if let Some(dir) = &command.working_dir {
-        process.current_dir(&**dir);
-    }
-    set_parent_death_signal(&mut process);
-    process
+    let attempt_vars = attempt_vars(attempt);
+    let overridden = |name: &OsString| {
+        name.to_str()
+            .is_some_and(|name| command.env.contains_key(name) || attempt_vars.contains_key(name))
+    };
+    let mut env: Vec<(OsString, OsString)> =
+        node_env.iter().filter(|(name, _)| !overridden(name)).cloned().collect();
+    let task_vars =
+        command.env.iter().filter(|(name, _)| !attempt_vars.contains_key(name.as_str()));
+    env.extend(task_vars.map(|(name, value)| (name.into(), value.into())));
+    env.extend(attempt_vars.iter().map(|(name, value)| ((*name).into(), value.into())));
+    let args = std::iter::once(&*command.program).chain(command.args.iter().map(|arg| &**arg));
+    Ok(LaunchSpec {
+        program,
+        args: args.map(OsString::from).collect(),
+        env,
+        working_dir: working_dir.map(Path::to_path_buf),
+    })
 }
 
 /// Runs `command` until it exits, `timeout` passes, or `stop` fires.
 pub async fn run(
-    launcher: &Launcher,
+    node_env: &[(OsString, OsString)],
     command: &CommandSpec,
     attempt: &AttemptEnv,
     timeout: Duration,
     output_tail_bytes_max: usize,
     stop: oneshot::Receiver<StopReason>,
 ) -> ProcessResult {
-    let mut process = match process_for(launcher, command) {
-        Ok(process) => process,
+    let spec = match launch_spec(node_env, command, attempt) {
+        Ok(spec) => spec,
         Err(message) => return start_failed(message),
     };
-    process
-        .envs(command.env.iter())
-        .envs(attempt_vars(attempt))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match process.spawn() {
-        Ok(child) => child,
+    let mut process = match launch::spawn(&spec) {
+        Ok(process) => process,
         Err(err) => return start_failed(format!("cannot run {:?}: {err}", command.program)),
     };
-    let pgid = child.id().map(|pid| Pid::from_raw(pid as i32));
-    let stdout = tokio::spawn(read_tail(child.stdout.take(), output_tail_bytes_max));
-    let stderr = tokio::spawn(read_tail(child.stderr.take(), output_tail_bytes_max));
+    let stdout = tokio::spawn(read_tail(process.stdout.take(), output_tail_bytes_max));
+    let stderr = tokio::spawn(read_tail(process.stderr.take(), output_tail_bytes_max));
 
     let outcome = tokio::select! {
-        status = child.wait() => match status {
+        status = process.wait() => match status {
             Ok(status) => exit_outcome(status),
             Err(err) => Outcome::StartFailed { message: format!("cannot wait for the process: {err}") },
         },
         _ = tokio::time::sleep(timeout) => {
-            kill_group(pgid, &mut child).await;
+            kill_group(&mut process).await;
             Outcome::TimedOut
         }
         reason = stop => {
-            kill_group(pgid, &mut child).await;
+            kill_group(&mut process).await;
             match reason {
                 Ok(StopReason::Cancelled) => Outcome::Cancelled,
                 Ok(StopReason::Fenced | StopReason::Shutdown) | Err(_) => Outcome::Lost,
@@ -224,9 +182,7 @@ pub async fn run(
         }
     };
     // The group is gone or exited; its pipes close, so the readers end.
-    if let Some(pgid) = pgid {
-        let _ = killpg(pgid, Signal::SIGKILL);
-    }
+    let _ = killpg(process.pid(), Signal::SIGKILL);
     ProcessResult {
         outcome,
         stdout_tail: stdout.await.unwrap_or_default(),
@@ -244,11 +200,9 @@ fn attempt_vars(attempt: &AttemptEnv) -> BTreeMap<&'static str, String> {
 }
 
 /// Kills the whole process group, then reaps the child.
-async fn kill_group(pgid: Option<Pid>, child: &mut tokio::process::Child) {
-    if let Some(pgid) = pgid {
-        let _ = killpg(pgid, Signal::SIGKILL);
-    }
-    let _ = child.kill().await;
+async fn kill_group(process: &mut LaunchedProcess) {
+    process.kill_group();
+    let _ = process.wait().await;
 }
 
 fn exit_outcome(status: std::process::ExitStatus) -> Outcome {
@@ -280,23 +234,6 @@ async fn read_tail<R: AsyncRead + Unpin>(stream: Option<R>, bytes_max: usize) ->
     String::from_utf8_lossy(&tail).into_owned()
 }
 
-/// Makes the kernel send SIGKILL to the child when the thread that spawned
-/// it dies: tokio spawns from its worker threads, which live as long as the
-/// node's runtime, so in effect when the node dies.
-#[allow(
-    unsafe_code,
-    reason = "pre_exec is unsafe; the closure only calls prctl, which is async-signal-safe"
-)]
-fn set_parent_death_signal(process: &mut Command) {
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // calls prctl(2), which allocates nothing and takes no locks.
-    unsafe {
-        process.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,14 +248,17 @@ mod tests {
         }
     }
 
+    fn node_env() -> Vec<(OsString, OsString)> {
+        std::env::vars_os().collect()
+    }
+
     fn env() -> AttemptEnv {
         AttemptEnv { task_id: 42, attempt_number: 2, fencing_token: 1234, node_id: 3 }
     }
 
     async fn run_for(command: &CommandSpec, timeout_ms: u64) -> ProcessResult {
         let (_stop_tx, stop_rx) = oneshot::channel();
-        run(&Launcher::PreExec, command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx)
-            .await
+        run(&node_env(), command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx).await
     }
 
     #[tokio::test]
@@ -354,8 +294,7 @@ mod tests {
     async fn a_stop_kills_the_process_and_says_why() {
         let (stop_tx, stop_rx) = oneshot::channel();
         let running = tokio::spawn(async move {
-            run(&Launcher::PreExec, &sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx)
-                .await
+            run(&node_env(), &sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx).await
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_tx.send(StopReason::Cancelled).unwrap();

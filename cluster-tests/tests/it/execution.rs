@@ -529,34 +529,14 @@ fn process_is_gone(pid: u32) -> bool {
     }
 }
 
-/// What the launch trampoline (`taskraft-launch`) must keep: a task runs
+/// What starting a task must keep (`src/executor/launch.rs`): a task runs
 /// in its working directory (a relative program is found from there), a
 /// program that does not exist fails with a clear reason rather than an exit
 /// code, and the process dies with its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_runs_in_its_directory_a_missing_program_fails_and_the_process_dies_with_its_node()
 -> anyhow::Result<()> {
-    let cluster = TestCluster::start(3, &[]).await?;
-    let log = cluster.log(1);
-    assert!(log.contains("tasks are launched through taskraft-launch"), "{log}");
-    the_launch_trampoline_keeps_its_promises(cluster).await
-}
-
-/// The same through the node's own binary (`taskraft __launch`), which a
-/// node uses when `taskraft-launch` is not beside its binary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn without_taskraft_launch_beside_it_a_node_launches_tasks_through_its_own_binary()
--> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let alone = dir.path().join("taskraft");
-    std::fs::copy(cluster_tests::binary()?, &alone)?;
-    let cluster = TestCluster::start_with_binary(3, &[], alone).await?;
-    let log = cluster.log(1);
-    assert!(log.contains("taskraft-launch is not beside this binary"), "{log}");
-    the_launch_trampoline_keeps_its_promises(cluster).await
-}
-
-async fn the_launch_trampoline_keeps_its_promises(mut cluster: TestCluster) -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3, &[]).await?;
     let mut client = cluster.client()?;
     let dir = tempfile::tempdir()?;
     let mut task_spec = cluster_tests::spec(
