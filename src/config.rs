@@ -149,12 +149,20 @@ pub struct ExecutionConfig {
     pub heartbeat_interval_ms: u64,
     /// The tail of stdout and of stderr kept for each attempt.
     pub output_tail_bytes_max: usize,
-    /// Attempts an executor takes per slot beyond its slots, queued on the
-    /// node to start the moment a slot frees (like Celery's prefetch). It
-    /// hides the assignment round trip from short tasks; with long tasks a
-    /// queued attempt waits for its node even when another node frees up
-    /// first, so 0 turns it off.
+    /// The most attempts an executor takes per slot beyond its slots,
+    /// queued on the node to start the moment a slot frees (like Celery's
+    /// prefetch). It hides the assignment round trip from short tasks; with
+    /// long tasks a queued attempt waits for its node even when another node
+    /// frees up first. 0 turns it off.
     pub prefetch_per_slot: u32,
+    /// How much work an executor queues beyond its slots: as many attempts
+    /// as its slots would run in this long, judged by how long its recent
+    /// attempts ran, up to `prefetch_per_slot` per slot. So short tasks get
+    /// a deep queue and tasks that run this long or longer get none, and
+    /// cannot wait on a busy node while another is free. Until its first
+    /// attempt ends an executor queues nothing. 0 queues
+    /// `prefetch_per_slot` per slot whatever the tasks.
+    pub prefetch_window_ms: u64,
     /// Reports an executor holds for the leader; its attempts wait beyond.
     pub report_queue_max: usize,
     /// Reports one executor sends in one request, committed as one entry.
@@ -177,7 +185,8 @@ impl Default for ExecutionConfig {
             lease_grace_ms: 1_000,
             heartbeat_interval_ms: 300,
             output_tail_bytes_max: 64 * 1024,
-            prefetch_per_slot: 2,
+            prefetch_per_slot: 16,
+            prefetch_window_ms: 50,
             report_queue_max: 4_096,
             report_batch_max: 256,
             report_batch_bytes_max: 4 * 1024 * 1024,
@@ -356,6 +365,9 @@ impl NodeConfig {
             return invalid(format!(
                 "execution.prefetch_per_slot must be at most {PREFETCH_PER_SLOT_MAX}"
             ));
+        }
+        if execution.prefetch_window_ms > execution.lease_ms {
+            return invalid("execution.prefetch_window_ms must be at most lease_ms".into());
         }
         if execution.report_batch_max == 0
             || execution.report_batch_max > crate::executor::protocol::REPORTS_PER_REQUEST_MAX
@@ -550,6 +562,16 @@ mod tests {
                 NodeConfig {
                     execution: ExecutionConfig {
                         prefetch_per_slot: PREFETCH_PER_SLOT_MAX + 1,
+                        ..ExecutionConfig::default()
+                    },
+                    ..valid()
+                },
+            ),
+            (
+                "prefetch_window_ms must be at most lease_ms",
+                NodeConfig {
+                    execution: ExecutionConfig {
+                        prefetch_window_ms: 3_001,
                         ..ExecutionConfig::default()
                     },
                     ..valid()

@@ -224,6 +224,7 @@ async fn run_validated(
         clock: platform.clock.clone(),
         runner: platform.runner.clone(),
         lease: std::sync::Mutex::new(None),
+        run_ms_mean: std::sync::Mutex::new(None),
         reporter: Reporter::new(config.execution.report_queue_max),
     });
     let warden = match platform.warden {

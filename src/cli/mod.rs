@@ -151,9 +151,13 @@ struct NodeArgs {
     /// How often the leader purges finished tasks past their retention.
     #[arg(long, env = "TASKRAFT_PURGE_INTERVAL_MS")]
     purge_interval_ms: Option<u64>,
-    /// Attempts an executor queues per slot, to start when a slot frees (0: none).
+    /// The most attempts an executor queues per slot, to start when a slot frees (0: none).
     #[arg(long, env = "TASKRAFT_PREFETCH_PER_SLOT")]
     prefetch_per_slot: Option<u32>,
+    /// An executor queues as much work as its slots run in this long, judged
+    /// by its recent attempts (0: always prefetch-per-slot per slot).
+    #[arg(long, env = "TASKRAFT_PREFETCH_WINDOW_MS")]
+    prefetch_window_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -353,6 +357,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.execution.retention_ms, args.retention_ms);
     set!(config.execution.purge_interval_ms, args.purge_interval_ms);
     set!(config.execution.prefetch_per_slot, args.prefetch_per_slot);
+    set!(config.execution.prefetch_window_ms, args.prefetch_window_ms);
     for label in &args.labels {
         let (key, value) = split_pair(label, "label").map_err(usage)?;
         config.labels.insert(key, value);

@@ -8,8 +8,12 @@
 //! runs from the moment it *sent* its last heartbeat that the leader accepted.
 //!
 //! It runs at most `slots` programs at a time; attempts assigned beyond
-//! that (its prefetch, `execution.prefetch_per_slot`) wait on the node, in
-//! the order they were assigned, and start the moment a slot frees.
+//! that (its prefetch) wait on the node, in the order they were assigned,
+//! and start the moment a slot frees. How many it takes beyond its slots
+//! follows how long its attempts run ([`prefetch_for`]): enough to keep its
+//! slots busy for `execution.prefetch_window_ms`, at most
+//! `execution.prefetch_per_slot` per slot, so short tasks queue deep and
+//! long ones do not queue on a busy node.
 //!
 //! A program starts only while this executor's lease holds. The lease is
 //! the fence: once it has run out the leader may hand the task to another
@@ -82,6 +86,9 @@ pub struct Executor {
     pub runner: Arc<dyn TaskRunner>,
     /// The lease from the heartbeats the leader accepted; `None` before the first.
     pub lease: std::sync::Mutex<Option<HeldLease>>,
+    /// How long this executor's programs ran, lately: a moving mean in
+    /// milliseconds; `None` before the first ended.
+    pub run_ms_mean: std::sync::Mutex<Option<f64>>,
     pub reporter: Reporter,
 }
 
@@ -198,7 +205,7 @@ impl Executor {
             slot_permits: Arc::new(Semaphore::new(self.slots as usize)),
         };
         let mut changes = self.state_machine.subscribe(0).live;
-        let attempts_max = self.slots as usize + self.prefetch() as usize;
+        let attempts_max = self.slots as usize + self.prefetch_max() as usize;
         let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(attempts_max + 64);
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
@@ -209,7 +216,12 @@ impl Executor {
             return;
         };
         tokio::spawn(self.clone().run_reporter(reports).in_current_span());
-        info!(slots = self.slots, prefetch = self.prefetch(), boot_index, "executor started");
+        info!(
+            slots = self.slots,
+            prefetch_max = self.prefetch_max(),
+            boot_index,
+            "executor started"
+        );
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -238,9 +250,26 @@ impl Executor {
         info!("executor stopped");
     }
 
-    /// Attempts this executor takes beyond its slots.
-    fn prefetch(&self) -> u32 {
+    /// The most attempts this executor takes beyond its slots.
+    fn prefetch_max(&self) -> u32 {
         self.slots.saturating_mul(self.config.prefetch_per_slot)
+    }
+
+    /// The attempts this executor takes beyond its slots now.
+    fn prefetch(&self) -> u32 {
+        let run_ms_mean = *self.run_ms_mean.lock().unwrap_or_else(PoisonError::into_inner);
+        prefetch_for(
+            self.slots,
+            self.config.prefetch_per_slot,
+            self.config.prefetch_window_ms,
+            run_ms_mean,
+        )
+    }
+
+    /// Counts a program that ran for `run_ms` in the moving mean.
+    fn record_run_time(&self, run_ms: u64) {
+        let mut mean = self.run_ms_mean.lock().unwrap_or_else(PoisonError::into_inner);
+        *mean = Some(moving_mean(*mean, run_ms));
     }
 
     async fn heartbeat(&self, ledger: &mut Ledger) {
@@ -508,9 +537,11 @@ impl Executor {
             outcome => outcome,
         };
         info!(?outcome, "attempt ended");
+        let ended_at_ms = self.clock.unix_now_ms();
+        self.record_run_time(ended_at_ms.saturating_sub(started_at_ms));
         let report = AttemptReport {
             started_at_ms: Some(started_at_ms),
-            ended_at_ms: self.clock.unix_now_ms(),
+            ended_at_ms,
             outcome,
             stdout_tail: result.stdout_tail,
             stderr_tail: result.stderr_tail,
@@ -641,6 +672,38 @@ impl Executor {
     }
 }
 
+/// The weight of the newest run time in [`moving_mean`]: a fifth, so a few
+/// long runs after many short ones move the mean most of the way.
+const RUN_TIME_WEIGHT: f64 = 0.2;
+
+/// The moving mean of run times after one more run of `run_ms`.
+fn moving_mean(mean_ms: Option<f64>, run_ms: u64) -> f64 {
+    let run_ms = run_ms as f64;
+    match mean_ms {
+        None => run_ms,
+        Some(mean_ms) => mean_ms + RUN_TIME_WEIGHT * (run_ms - mean_ms),
+    }
+}
+
+/// The attempts an executor with `slots` slots takes beyond them: what its
+/// slots would run in `window_ms` if each ran `run_ms_mean`, at most
+/// `per_slot_max` per slot. With no run time yet it takes none; with a
+/// window of 0, always the most. Run times under a millisecond count as one.
+pub fn prefetch_for(
+    slots: u32,
+    per_slot_max: u32,
+    window_ms: u64,
+    run_ms_mean: Option<f64>,
+) -> u32 {
+    let most = slots.saturating_mul(per_slot_max);
+    if window_ms == 0 {
+        return most;
+    }
+    let Some(run_ms_mean) = run_ms_mean else { return 0 };
+    let fits = (f64::from(slots) * window_ms as f64 / run_ms_mean.max(1.0)).floor();
+    if fits >= f64::from(most) { most } else { fits as u32 }
+}
+
 fn libc_sigkill() -> i32 {
     nix::sys::signal::Signal::SIGKILL as i32
 }
@@ -659,6 +722,34 @@ fn lost_report(now_ms: u64, task: TaskId, token: u64, why: &str) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_fills_the_window_by_recent_run_times_within_its_limit() {
+        // Two slots, at most 16 each, a 50 ms window.
+        let prefetch = |mean| prefetch_for(2, 16, 50, mean);
+        assert_eq!(prefetch(None), 0, "nothing before the first run time");
+        assert_eq!(prefetch(Some(0.3)), 32, "sub-millisecond runs count as 1 ms; capped");
+        assert_eq!(prefetch(Some(5.0)), 20, "two slots run 20 tasks of 5 ms in 50 ms");
+        assert_eq!(prefetch(Some(40.0)), 2);
+        assert_eq!(prefetch(Some(100.0)), 1);
+        assert_eq!(prefetch(Some(101.0)), 0, "long tasks are not queued on a busy node");
+        assert_eq!(prefetch_for(2, 16, 0, None), 32, "a window of 0 always takes the most");
+        assert_eq!(prefetch_for(2, 0, 50, Some(1.0)), 0, "0 per slot turns it off");
+        assert_eq!(prefetch_for(u32::MAX, 64, 3_000, Some(1.0)), u32::MAX, "saturates");
+    }
+
+    #[test]
+    fn the_run_time_mean_follows_a_change_within_a_few_runs() {
+        let mut mean = None;
+        for _ in 0..100 {
+            mean = Some(moving_mean(mean, 1));
+        }
+        assert_eq!(mean, Some(1.0));
+        // Ten-second tasks after a hundred of 1 ms: the first stops prefetch.
+        let after_one_long = moving_mean(mean, 10_000);
+        assert!(after_one_long > 1_000.0, "{after_one_long}");
+        assert_eq!(prefetch_for(2, 16, 50, Some(after_one_long)), 0);
+    }
 
     #[test]
     fn a_lease_stays_unbroken_only_while_each_heartbeat_is_sent_within_the_last_lease() {

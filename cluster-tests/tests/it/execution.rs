@@ -448,7 +448,12 @@ async fn a_drained_node_gets_no_tasks_and_cancelling_kills_the_process() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_executor_runs_one_attempt_per_slot_and_queues_its_prefetch() -> anyhow::Result<()> {
-    let cluster = TestCluster::start(3, &["--slots", "1", "--prefetch-per-slot", "1"]).await?;
+    // A fixed prefetch (window 0), whatever the tasks' run times.
+    let cluster = TestCluster::start(
+        3,
+        &["--slots", "1", "--prefetch-per-slot", "1", "--prefetch-window-ms", "0"],
+    )
+    .await?;
     let mut client = cluster.client()?;
     let specs = (0..6).map(|_| cluster_tests::spec("sleep", &["1"], None)).collect();
     let ids = submit_batch(&mut client, specs).await?;
@@ -482,6 +487,41 @@ async fn an_executor_runs_one_attempt_per_slot_and_queues_its_prefetch() -> anyh
             );
         }
     }
+    Ok(())
+}
+
+/// Prefetch follows run times: executors that have seen their tasks run
+/// longer than the prefetch window queue none, so a long task never waits
+/// behind another on a busy node while a slot elsewhere frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn executors_that_run_long_tasks_queue_none_beyond_their_slots() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &["--slots", "1", "--prefetch-per-slot", "4"]).await?;
+    let mut client = cluster.client()?;
+    // Every executor has heartbeated by then (300 ms apart).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One 300 ms task on each node: each executor's run times say "long".
+    let warm_up = (0..3).map(|_| cluster_tests::spec("sleep", &["0.3"], None)).collect();
+    let warm_up_ids = submit_batch(&mut client, warm_up).await?;
+    let warmed =
+        wait_until_all_finished(&mut client, &warm_up_ids, Duration::from_secs(30)).await?;
+    let nodes: std::collections::BTreeSet<u64> =
+        warmed.iter().map(|task| task.attempts[0].node_id).collect();
+    assert_eq!(nodes.len(), 3, "one warm-up task on each node");
+    // The next heartbeat (300 ms) tells the leader.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let specs = (0..6).map(|_| cluster_tests::spec("sleep", &["1"], None)).collect();
+    let ids = submit_batch(&mut client, specs).await?;
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(60)).await?;
+    let mut assigned: Vec<u64> =
+        tasks.iter().map(|task| task.attempts[0].assigned_at_unix_ms).collect();
+    assigned.sort();
+    let first_ended_ms = tasks.iter().map(|task| task.attempts[0].ended_at_unix_ms).min().unwrap();
+    // Three slots in all: the other three were assigned only as slots freed.
+    assert!(
+        assigned[3] >= first_ended_ms,
+        "a fourth long task was assigned ({}) before any slot freed ({first_ended_ms}): {assigned:?}",
+        assigned[3]
+    );
     Ok(())
 }
 
