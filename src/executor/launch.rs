@@ -97,15 +97,42 @@ impl LaunchedProcess {
         self.pid
     }
 
-    /// Waits until the process exits, and reaps it.
+    /// Waits until the process exits, kills what is left of its group (a
+    /// background child would keep the output pipes open, and outlive the
+    /// attempt), and reaps the process. The group is killed before the
+    /// reap: until then the exited process keeps its number, so no group
+    /// that a later process makes can have it and be signalled instead.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
-            if let Some(status) = self.try_reap()? {
-                return Ok(status);
+            if self.has_exited()? {
+                self.kill_group();
+                if let Some(status) = self.try_reap()? {
+                    return Ok(status);
+                }
             }
             let mut ready = self.pidfd.readable().await?;
             ready.clear_ready();
         }
+    }
+
+    /// Whether the process has exited, leaving it unreaped.
+    fn has_exited(&self) -> io::Result<bool> {
+        if self.reaped {
+            return Err(io::Error::other("the process was reaped already"));
+        }
+        // SAFETY: a zeroed siginfo_t is valid, and waitid only writes it.
+        #[allow(unsafe_code, reason = "waitid(2) on a child this node started")]
+        let info = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            if libc::waitid(libc::P_PID, self.pid.as_raw() as libc::id_t, &mut info, flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            info
+        };
+        // SAFETY: with WNOHANG, si_pid stays 0 until the child has exited.
+        #[allow(unsafe_code, reason = "reading the siginfo_t that waitid filled")]
+        Ok(unsafe { info.si_pid() } != 0)
     }
 
     /// The exit status if the process has exited (and is now reaped).

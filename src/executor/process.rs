@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use nix::sys::signal::{Signal, killpg};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
 
@@ -181,8 +180,8 @@ pub async fn run(
             }
         }
     };
-    // The group is gone or exited; its pipes close, so the readers end.
-    let _ = killpg(process.pid(), Signal::SIGKILL);
+    // `wait` killed what was left of the group, so the pipes have closed
+    // and the readers end.
     ProcessResult {
         outcome,
         stdout_tail: stdout.await.unwrap_or_default(),
@@ -288,6 +287,21 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert!(!marker.exists(), "the background grandchild was killed with its group");
+    }
+
+    #[tokio::test]
+    async fn a_background_child_left_behind_dies_when_its_program_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("survived");
+        // The child holds stdout open; left alive, it would hold up the result.
+        let script = format!("(sleep 1; touch {}) & echo started", marker.display());
+        let started = std::time::Instant::now();
+        let result = run_for(&sh(&script), 30_000).await;
+        assert_eq!(result.outcome, Outcome::Exited { code: 0 });
+        assert_eq!(result.stdout_tail, "started\n");
+        assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(!marker.exists(), "the background child was killed with its group");
     }
 
     #[tokio::test]
