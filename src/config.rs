@@ -206,6 +206,9 @@ pub struct ServerLimits {
     pub api_message_bytes_max: usize,
     /// The largest peer message (an append of many entries).
     pub peer_message_bytes_max: usize,
+    /// AppendEntries a leader sends one follower before the first of them
+    /// is answered (replication is a pipeline).
+    pub peer_appends_in_flight_max: usize,
     pub snapshot_chunk_bytes: usize,
     /// The largest snapshot accepted from a peer.
     pub snapshot_bytes_max: u64,
@@ -239,6 +242,7 @@ impl Default for ServerLimits {
         ServerLimits {
             api_message_bytes_max: 4 * 1024 * 1024,
             peer_message_bytes_max: 64 * 1024 * 1024,
+            peer_appends_in_flight_max: 64,
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
             api_concurrency_per_connection_max: 1_024,
@@ -397,6 +401,7 @@ impl NodeConfig {
         let positive = [
             ("api_message_bytes_max", server.api_message_bytes_max as u64),
             ("peer_message_bytes_max", server.peer_message_bytes_max as u64),
+            ("peer_appends_in_flight_max", server.peer_appends_in_flight_max as u64),
             ("snapshot_chunk_bytes", server.snapshot_chunk_bytes as u64),
             ("snapshot_bytes_max", server.snapshot_bytes_max),
             (

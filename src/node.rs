@@ -163,6 +163,7 @@ async fn run_validated(
             snapshot_chunk_bytes: server.snapshot_chunk_bytes,
             snapshot_send_timeout_ms: config.raft.snapshot_send_timeout_ms,
             append_timeout_ms: config.raft.append_timeout_ms,
+            appends_in_flight_max: server.peer_appends_in_flight_max,
         },
         platform.network.clone(),
     );

@@ -4,20 +4,34 @@
 //! by every client openraft asks for. Every RPC is bounded by the deadline
 //! openraft passes in its `RPCOption`. A peer that cannot be reached maps to
 //! `Unreachable`, so openraft backs off; any other failure to `NetworkError`.
+//!
+//! Replication to a follower is a pipeline on one gRPC stream
+//! (`StreamAppend`): each AppendEntries goes out without waiting for the
+//! answers to those before it, so the follower's fsync of one batch overlaps
+//! the sending of the next, and no request pays for a stream of its own. At
+//! most `appends_in_flight_max` go unanswered, and an answer overdue by the
+//! append deadline fails the stream. A peer that does not know the method (an
+//! older version during an upgrade) is sent one request at a time instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, Stream, StreamExt};
+
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::platform::Network;
 use crate::proto::peer_v1::raft_peer_client::RaftPeerClient;
@@ -44,6 +58,8 @@ pub struct PeerClientConfig {
     /// The deadline of an AppendEntries that carries entries (see
     /// `RaftTimings::append_timeout_ms`); never shorter than openraft's.
     pub append_timeout_ms: u64,
+    /// AppendEntries sent to one follower and not yet answered.
+    pub appends_in_flight_max: usize,
 }
 
 /// Hands out peer clients that share one channel per peer address.
@@ -86,6 +102,8 @@ pub struct PeerClient {
     target: NodeId,
     client: Result<RaftPeerClient<Channel>, String>,
     config: Arc<PeerClientConfig>,
+    /// Cleared when the peer turns out not to know `StreamAppend`.
+    peer_streams_appends: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -97,7 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
                 .max_decoding_message_size(self.config.message_bytes_max)
                 .max_encoding_message_size(self.config.message_bytes_max)
         });
-        PeerClient { target, client, config: self.config.clone() }
+        PeerClient { target, client, config: self.config.clone(), peer_streams_appends: true }
     }
 }
 
@@ -183,6 +201,52 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         .await
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendAnswer>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        if !self.peer_streams_appends {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            // openraft waits out its backoff after a failure inside the
+            // request stream, so the first request is taken before the
+            // stream opens: a peer that refuses connections is retried at
+            // the backoff's pace, not in a loop of connects.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(futures::stream::empty().boxed());
+            };
+            let mut client = self.client()?;
+            let deadline = append_deadline(&option, self.config.append_timeout_ms);
+            let pipeline = Pipeline::new(self.config.appends_in_flight_max);
+            let requests = pipeline.clone().requests(futures::stream::iter([first]).chain(input));
+            match tokio::time::timeout(deadline, client.stream_append(requests)).await {
+                Ok(Ok(answers)) => {
+                    Ok(pipeline.answers(answers.into_inner(), deadline, self.target))
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    warn!(
+                        target_node = self.target,
+                        "the peer does not take streamed appends (an older version?); \
+                         sending them one at a time"
+                    );
+                    self.peer_streams_appends = false;
+                    Err(status_to_rpc_error(status))
+                }
+                Ok(Err(status)) => Err(status_to_rpc_error(status)),
+                Err(_) => Err(RPCError::Network(NetworkError::from_string(format!(
+                    "opening the append stream to node {} timed out after {deadline:?}",
+                    self.target
+                )))),
+            }
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,
@@ -256,6 +320,96 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
+/// One answer on an append stream, or why the stream failed.
+type AppendAnswer = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// The AppendEntries of one stream that were sent and not yet answered.
+#[derive(Clone)]
+struct Pipeline {
+    /// One permit for each request that may still go out unanswered.
+    room: Arc<Semaphore>,
+    /// When each unanswered request went out, oldest first.
+    sent_at: Arc<Mutex<VecDeque<Instant>>>,
+}
+
+impl Pipeline {
+    fn new(in_flight_max: usize) -> Pipeline {
+        Pipeline {
+            room: Arc::new(Semaphore::new(in_flight_max)),
+            sent_at: Arc::new(Mutex::new(VecDeque::with_capacity(in_flight_max))),
+        }
+    }
+
+    /// openraft's requests, encoded, each taken only when there is room.
+    fn requests<S>(self, input: S) -> impl Stream<Item = RaftMessage> + Send + 'static
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        futures::stream::unfold((input, self), |(mut input, pipeline)| async move {
+            let permit = pipeline.room.acquire().await.ok()?;
+            let rpc = input.next().await?;
+            permit.forget();
+            pipeline.sent_at.lock().expect("pipeline lock poisoned").push_back(Instant::now());
+            Some((RaftMessage { data: codec::encode(&rpc) }, (input, pipeline)))
+        })
+    }
+
+    /// The follower's answers, decoded. The stream fails when an answer is
+    /// overdue by `deadline` (noticed within twice that), and ends when
+    /// the follower ends it.
+    fn answers(
+        self,
+        answers: Streaming<RaftMessage>,
+        deadline: Duration,
+        target: NodeId,
+    ) -> BoxStream<'static, AppendAnswer> {
+        let answers = futures::stream::unfold(Some((answers, self)), move |state| async move {
+            let (mut answers, pipeline) = state?;
+            match pipeline.next_answer(&mut answers, deadline, target).await {
+                Ok(Some(answer)) => Some((Ok(answer), Some((answers, pipeline)))),
+                Ok(None) => None,
+                Err(err) => Some((Err(err), None)),
+            }
+        });
+        Box::pin(answers)
+    }
+
+    async fn next_answer(
+        &self,
+        answers: &mut Streaming<RaftMessage>,
+        deadline: Duration,
+        target: NodeId,
+    ) -> Result<Option<StreamAppendResult<TypeConfig>>, RPCError<TypeConfig>> {
+        loop {
+            let oldest = self.sent_at.lock().expect("pipeline lock poisoned").front().copied();
+            let wait = oldest.map_or(deadline, |sent| {
+                (sent + deadline).saturating_duration_since(Instant::now())
+            });
+            let message = match tokio::time::timeout(wait, answers.message()).await {
+                Ok(Ok(Some(message))) => message,
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(status)) => return Err(status_to_rpc_error(status)),
+                // Nothing was awaited an answer: the stream is only idle.
+                Err(_) if oldest.is_none() => continue,
+                Err(_) => {
+                    return Err(RPCError::Network(NetworkError::from_string(format!(
+                        "an append to node {target} was not answered within {deadline:?}"
+                    ))));
+                }
+            };
+            if self.sent_at.lock().expect("pipeline lock poisoned").pop_front().is_none() {
+                return Err(RPCError::Network(NetworkError::from_string(format!(
+                    "node {target} answered an append that was never sent"
+                ))));
+            }
+            self.room.add_permits(1);
+            return codec::decode("append entries answer", &message.data)
+                .map(Some)
+                .map_err(|err| RPCError::Network(NetworkError::new(&err)));
+        }
+    }
+}
+
 /// Reads a snapshot file into chunks: the header first, then the bytes.
 fn snapshot_chunks(
     header: Vec<u8>,
@@ -272,5 +426,174 @@ fn snapshot_chunks(
             return Ok(chunks);
         }
         chunks.push(SnapshotChunk { header: Vec::new(), data });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use openraft::raft::AppendEntriesResponse;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::platform::{Network, Tcp};
+    use crate::proto::peer_v1::raft_peer_server::{RaftPeer, RaftPeerServer};
+
+    /// A follower that counts what it is sent.
+    #[derive(Clone, Default)]
+    struct FakePeer {
+        /// Answers unary appends and refuses `StreamAppend`, as a version
+        /// from before it did; otherwise it takes streamed appends and
+        /// never answers one, nor ends the stream.
+        old_version: bool,
+        streamed: Arc<AtomicUsize>,
+        unary: Arc<AtomicUsize>,
+    }
+
+    fn unimplemented<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    #[tonic::async_trait]
+    impl RaftPeer for FakePeer {
+        type StreamAppendStream = BoxStream<'static, Result<RaftMessage, Status>>;
+
+        async fn append_entries(
+            &self,
+            _: tonic::Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            self.unary.fetch_add(1, Ordering::SeqCst);
+            let answer = AppendEntriesResponse::<TypeConfig>::Success;
+            Ok(Response::new(RaftMessage { data: codec::encode(&answer) }))
+        }
+
+        async fn stream_append(
+            &self,
+            request: Request<tonic::Streaming<RaftMessage>>,
+        ) -> Result<Response<Self::StreamAppendStream>, Status> {
+            if self.old_version {
+                return unimplemented();
+            }
+            let streamed = self.streamed.clone();
+            let mut incoming = request.into_inner();
+            let never_answered = async_stream_of(async move {
+                while let Ok(Some(_)) = incoming.message().await {
+                    streamed.fetch_add(1, Ordering::SeqCst);
+                }
+                futures::future::pending::<()>().await;
+            });
+            Ok(Response::new(never_answered))
+        }
+
+        async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            unimplemented()
+        }
+
+        async fn pre_vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            unimplemented()
+        }
+
+        async fn transfer_leader(
+            &self,
+            _: Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            unimplemented()
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: Request<tonic::Streaming<SnapshotChunk>>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            unimplemented()
+        }
+
+        async fn executor(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            unimplemented()
+        }
+    }
+
+    /// A stream that runs `work` and then ends without an item.
+    fn async_stream_of(
+        work: impl Future<Output = ()> + Send + 'static,
+    ) -> BoxStream<'static, Result<RaftMessage, Status>> {
+        futures::stream::once(work).filter_map(|()| async { None }).boxed()
+    }
+
+    /// Serves `peer` on a free port; returns a client of it.
+    async fn client_of(peer: FakePeer, append_timeout_ms: u64, in_flight_max: usize) -> PeerClient {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let incoming = Tcp.listen(&addr).await.unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftPeerServer::new(peer))
+                .serve_with_incoming(incoming),
+        );
+        let config = PeerClientConfig {
+            connect_timeout_ms: 1_000,
+            message_bytes_max: 1024 * 1024,
+            snapshot_chunk_bytes: 1024,
+            snapshot_send_timeout_ms: 1_000,
+            append_timeout_ms,
+            appends_in_flight_max: in_flight_max,
+        };
+        let mut network = PeerNetwork::new(config, Arc::new(Tcp));
+        let node = PeerNode { api_addr: String::new(), raft_addr: addr };
+        network.new_client(2, &node).await
+    }
+
+    fn appends(n: usize) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin {
+        let append = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        };
+        futures::stream::iter(vec![append; n])
+    }
+
+    fn option() -> RPCOption {
+        RPCOption::new(Duration::from_millis(50))
+    }
+
+    #[tokio::test]
+    async fn no_more_appends_than_the_limit_go_out_unanswered() {
+        let peer = FakePeer::default();
+        let mut client = client_of(peer.clone(), 10_000, 3).await;
+        let answers = client.stream_append(appends(10), option()).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(500), answers.collect::<Vec<_>>());
+        assert!(waited.await.is_err(), "no answer came");
+        assert_eq!(peer.streamed.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_append_left_unanswered_fails_the_stream_within_twice_the_deadline() {
+        let mut client = client_of(FakePeer::default(), 200, 8).await;
+        let started = Instant::now();
+        let mut answers = client.stream_append(appends(1), option()).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(3), answers.next()).await {
+            Ok(Some(Err(RPCError::Network(err)))) => {
+                assert!(err.to_string().contains("not answered within"), "{err}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1_000), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_streamed_appends_is_sent_them_one_at_a_time() {
+        let peer = FakePeer { old_version: true, ..FakePeer::default() };
+        let mut client = client_of(peer.clone(), 1_000, 8).await;
+        let refused = client.stream_append(appends(2), option()).await.err();
+        assert!(refused.is_some(), "the first stream fails on the unknown method");
+        let answers = client.stream_append(appends(2), option()).await.unwrap();
+        let answers: Vec<_> = answers.collect().await;
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        assert!(answers.iter().all(|answer| matches!(answer, Ok(Ok(_)))), "{answers:?}");
+        assert_eq!(peer.unary.load(Ordering::SeqCst), 2);
+        assert_eq!(peer.streamed.load(Ordering::SeqCst), 0);
     }
 }

@@ -8,6 +8,10 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tonic::{Request, Response, Status, Streaming};
@@ -65,6 +69,52 @@ impl RaftPeer for PeerService {
         let rpc: AppendEntriesRequest<TypeConfig> =
             decode_request("append entries request", request)?;
         reply(self.raft.append_entries(rpc).await)
+    }
+
+    type StreamAppendStream = BoxStream<'static, Result<RaftMessage, Status>>;
+
+    /// Hands each AppendEntries to openraft as it arrives and answers each
+    /// once its entries are on disk, in order. A request that cannot be read
+    /// or decoded ends the input; its status follows the answers to the
+    /// requests before it, and it is never applied.
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
+        let input_failure = failure.clone();
+        let requests = futures::stream::unfold(request.into_inner(), move |mut incoming| {
+            let failure = input_failure.clone();
+            async move {
+                let decoded = match incoming.message().await {
+                    Ok(None) => return None,
+                    Ok(Some(message)) => codec::decode::<AppendEntriesRequest<TypeConfig>>(
+                        "append entries request",
+                        &message.data,
+                    )
+                    .map_err(|err| Status::invalid_argument(err.to_string())),
+                    Err(status) => Err(status),
+                };
+                match decoded {
+                    Ok(rpc) => Some((rpc, incoming)),
+                    Err(status) => {
+                        *failure.lock().expect("stream failure lock poisoned") = Some(status);
+                        None
+                    }
+                }
+            }
+        });
+        let answers = self.raft.stream_append(requests).map(|answer| match answer {
+            Ok(result) => Ok(RaftMessage { data: codec::encode(&result) }),
+            Err(fatal) => {
+                Err(Status::unavailable(format!("raft on this node is not running: {fatal}")))
+            }
+        });
+        let input_failed = futures::stream::once(async move {
+            failure.lock().expect("stream failure lock poisoned").take()
+        })
+        .filter_map(|failure| async move { failure.map(Err) });
+        Ok(Response::new(Box::pin(answers.chain(input_failed))))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

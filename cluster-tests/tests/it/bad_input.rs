@@ -1,5 +1,6 @@
-//! Bad input through gRPC and through the CLI gets a clear error and changes
-//! nothing; a full queue is RESOURCE_EXHAUSTED.
+//! Bad input through gRPC (the client API and the peer port) and through
+//! the CLI gets a clear error and changes nothing; a full queue is
+//! RESOURCE_EXHAUSTED.
 
 use cluster_tests::{TestCluster, spec, submit, unplaceable};
 use taskraft::proto::taskraft_v1 as pb;
@@ -69,6 +70,27 @@ async fn grpc_errors(cluster: &TestCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A message on a follower's append stream that is not an AppendEntries.
+async fn peer_errors(cluster: &TestCluster) -> anyhow::Result<()> {
+    use taskraft::proto::peer_v1::{RaftMessage, raft_peer_client::RaftPeerClient};
+    let leader = cluster.wait_for_leader(std::time::Duration::from_secs(10)).await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let channel = tonic::transport::Channel::from_shared(format!(
+        "http://{}",
+        cluster.node(follower).raft_addr
+    ))?
+    .connect()
+    .await?;
+    let garbage = RaftMessage { data: vec![0xff; 7] };
+    let mut request = tonic::Request::new(futures::stream::iter([garbage]));
+    request.set_timeout(std::time::Duration::from_secs(5));
+    let mut answers = RaftPeerClient::new(channel).stream_append(request).await?.into_inner();
+    let err = answers.message().await.expect_err("garbage was answered");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("append entries request"), "{}", err.message());
+    Ok(())
+}
+
 fn cli(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     cluster.cli(args)
 }
@@ -78,6 +100,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
     let cluster =
         TestCluster::start(3, &["--queued-tasks-max", &QUEUED_TASKS_MAX.to_string()]).await?;
     grpc_errors(&cluster).await?;
+    peer_errors(&cluster).await?;
 
     let cli_cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["submit", "--env", "NOEQUALS", "--", "true"], 2, "not KEY=VALUE"),
