@@ -279,6 +279,7 @@ async fn run_validated(
         leader_service.clone(),
         config.snapshot_dir(),
         server.snapshot_bytes_max,
+        token.clone(),
     );
     let peer_server = tonic::transport::Server::builder()
         .add_service(

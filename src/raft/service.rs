@@ -14,6 +14,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -29,6 +30,9 @@ pub struct PeerService {
     snapshot_dir: PathBuf,
     /// The largest snapshot this node accepts from a peer.
     snapshot_bytes_max: u64,
+    /// Cancelled when the node shuts down: append streams end then, or the
+    /// server would wait for the leader to end them.
+    shutdown: CancellationToken,
 }
 
 impl PeerService {
@@ -37,8 +41,9 @@ impl PeerService {
         leader_service: std::sync::Arc<crate::leader::LeaderService>,
         snapshot_dir: PathBuf,
         snapshot_bytes_max: u64,
+        shutdown: CancellationToken,
     ) -> PeerService {
-        PeerService { raft, leader_service, snapshot_dir, snapshot_bytes_max }
+        PeerService { raft, leader_service, snapshot_dir, snapshot_bytes_max, shutdown }
     }
 }
 
@@ -114,7 +119,9 @@ impl RaftPeer for PeerService {
             failure.lock().expect("stream failure lock poisoned").take()
         })
         .filter_map(|failure| async move { failure.map(Err) });
-        Ok(Response::new(Box::pin(answers.chain(input_failed))))
+        let answers =
+            answers.chain(input_failed).take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
