@@ -154,6 +154,16 @@ fn has_ended(task: &pb::Task) -> bool {
     task.attempts.last().is_some_and(|attempt| attempt.ended_at_unix_ms > 0)
 }
 
+/// An offset for submission `seq` that steps evenly through a millisecond
+/// (by the golden ratio). Start times are whole milliseconds and are read
+/// as their middle, which is right on average only when the submissions
+/// fall at every point of a millisecond; at a fixed rate they would all
+/// fall at the same point, and every run would be off by its own amount.
+fn phase_within_a_ms(seq: u64) -> Duration {
+    const GOLDEN_RATIO_FRACTION: f64 = 0.618_033_988_749_895;
+    Duration::from_secs_f64((seq as f64 * GOLDEN_RATIO_FRACTION).fract() / 1_000.0)
+}
+
 /// `--to-start`: submit-to-start latency at a fixed offered rate.
 pub async fn to_start(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.target == Target::Taskraft, "--to-start applies to taskraft only");
@@ -171,38 +181,49 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
     let sent = Arc::new(Mutex::new(Vec::new()));
     let n_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let in_flight = Arc::new(Semaphore::new(args.clients.min(OPEN_LOOP_IN_FLIGHT_MAX)));
-    let mut seq: u64 = 0;
     eprintln!("  submitting runnable tasks at {rate}/s for {:?}", end - started);
-    loop {
-        let due = started + interval.mul_f64(seq as f64);
-        if due >= end {
-            break;
-        }
-        tokio::time::sleep_until(due.into()).await;
-        let permit = in_flight.clone().acquire_owned().await?;
-        let (mut client, spec, sent, n_errors) =
-            (client.clone(), spec.clone(), sent.clone(), n_errors.clone());
-        let due_unix_us = started_unix_us + (due - started).as_micros() as u64;
-        let measured = due >= measure_from;
-        tokio::spawn(async move {
-            let request = taskraft::client::request(
-                pb::SubmitTaskRequest { spec: Some(spec) },
-                REQUEST_TIMEOUT,
-            );
-            match client.submit_task(request).await {
-                Ok(reply) if measured => {
-                    let id = reply.into_inner().task.map(|task| task.id).unwrap_or_default();
-                    sent.lock().expect("sent lock").push((id, due_unix_us));
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    n_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+    // Submissions go out from a thread of their own that sleeps until each
+    // is due: tokio's timer fires on whole milliseconds, up to one late,
+    // which this measure would have charged to the cluster.
+    let runtime = tokio::runtime::Handle::current();
+    let (generator_in_flight, generator_client) = (in_flight.clone(), client.clone());
+    let (generator_sent, generator_errors) = (sent.clone(), n_errors.clone());
+    let generator = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let (in_flight, client) = (generator_in_flight, generator_client);
+        let (sent, n_errors) = (generator_sent, generator_errors);
+        let mut seq: u64 = 0;
+        loop {
+            let due = started + interval.mul_f64(seq as f64) + phase_within_a_ms(seq);
+            if due >= end {
+                return Ok(());
             }
-            drop(permit);
-        });
-        seq += 1;
-    }
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let permit = runtime.block_on(in_flight.clone().acquire_owned())?;
+            let (mut client, spec, sent, n_errors) =
+                (client.clone(), spec.clone(), sent.clone(), n_errors.clone());
+            let due_unix_us = started_unix_us + (due - started).as_micros() as u64;
+            let measured = due >= measure_from;
+            runtime.spawn(async move {
+                let request = taskraft::client::request(
+                    pb::SubmitTaskRequest { spec: Some(spec) },
+                    REQUEST_TIMEOUT,
+                );
+                match client.submit_task(request).await {
+                    Ok(reply) if measured => {
+                        let id = reply.into_inner().task.map(|task| task.id).unwrap_or_default();
+                        sent.lock().expect("sent lock").push((id, due_unix_us));
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        n_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                drop(permit);
+            });
+            seq += 1;
+        }
+    });
+    generator.await??;
     // Every submission has answered once every permit is back.
     let _all = in_flight.acquire_many(args.clients.min(OPEN_LOOP_IN_FLIGHT_MAX) as u32).await?;
     let sent = std::mem::take(&mut *sent.lock().expect("sent lock"));
