@@ -42,13 +42,22 @@ check_node() {
   [[ "${1:-}" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "${#nodes[@]}" ] || die "no node '${1:-}'; nodes are ${nodes[*]}"
 }
 
+# Whether process PID is alive. A process that has exited but that its
+# parent has not reaped yet (a zombie: nodes outlive the shell that started
+# them, and their new parent may reap late) counts as gone.
+alive() {
+  local state
+  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2> /dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 # Prints the PID of node N if the recorded process is still that node.
 node_pid() {
   local file pid
   file=$(pid_file "$1")
   [ -f "$file" ] || return 1
   pid=$(cat "$file")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid" || return 1
   # Guard against PID reuse: the process must be our node with this id.
   tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "node --id $1 " || return 1
   echo "$pid"
@@ -112,13 +121,13 @@ stop_node() {
   pid=$(node_pid "$n") || { echo "node $n is not running"; return; }
   kill -CONT "$pid" 2>/dev/null || true
   kill -TERM "$pid"
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ "$waited" -ge 100 ]; then
+  while alive "$pid"; do
+    if [ "$waited" -ge 500 ]; then
       echo "node $n did not stop within 10 s; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       break
     fi
-    sleep 0.1
+    sleep 0.02
     waited=$((waited + 1))
   done
   rm -f "$(pid_file "$n")"
