@@ -30,6 +30,7 @@ use crate::executor::protocol::{
     ExecutorReply, ExecutorRequest, Heartbeat, REPORTS_PER_REQUEST_MAX,
 };
 use crate::platform::Clock;
+use crate::raft::network::PeerAcks;
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::scheduler::command::Placement;
 use crate::scheduler::lease::LeaseTable;
@@ -77,8 +78,8 @@ pub struct LeaderService {
     state_machine: StateMachineStore,
     config: ExecutionConfig,
     request_timeout: Duration,
-    /// A leader renews leases only if a majority acknowledged it this recently.
-    quorum_fresh: Duration,
+    /// A leader renews leases only if a majority acknowledged it recently.
+    quorum: QuorumWatch,
     clock: Arc<dyn Clock>,
     current: Mutex<Option<RunningLoop>>,
     placement_view: PlacementView,
@@ -90,6 +91,13 @@ struct RunningLoop {
     cancel: CancellationToken,
 }
 
+/// How the leader tells that a majority still follows it: the peers'
+/// acknowledgements, and how recent a majority's must be.
+pub struct QuorumWatch {
+    pub acks: PeerAcks,
+    pub fresh: Duration,
+}
+
 impl LeaderService {
     pub fn new(
         node_id: NodeId,
@@ -97,7 +105,7 @@ impl LeaderService {
         state_machine: StateMachineStore,
         config: ExecutionConfig,
         request_timeout: Duration,
-        quorum_fresh: Duration,
+        quorum: QuorumWatch,
         clock: Arc<dyn Clock>,
     ) -> LeaderService {
         LeaderService {
@@ -106,7 +114,7 @@ impl LeaderService {
             state_machine,
             config,
             request_timeout,
-            quorum_fresh,
+            quorum,
             clock,
             current: Mutex::new(None),
             placement_view: PlacementView::default(),
@@ -123,10 +131,20 @@ impl LeaderService {
     /// term; it must not keep its own executor's lease alive meanwhile, or
     /// that executor would never fence itself while the majority's new leader
     /// re-runs its attempts.
+    ///
+    /// The acknowledgements are the peer clients' own ([`PeerAcks`]), each
+    /// dated by the send time of the request it answered; openraft's
+    /// `last_quorum_acked` must agree as well.
     fn quorum_is_fresh(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
-        metrics.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= self.quorum_fresh)
+        let fresh = self.quorum.fresh;
+        let openraft_agrees =
+            metrics.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= fresh);
+        let configs = metrics.membership_config.membership().get_joint_config();
+        let now = Instant::now();
+        let acked_at = self.quorum.acks.quorum_acked_at(self.node_id, now, configs);
+        openraft_agrees && acked_at.is_some_and(|acked| now.duration_since(acked) <= fresh)
     }
 
     /// Called when this node becomes the committed leader `leader_id`.

@@ -22,14 +22,14 @@ use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::executor::warden::WardenHandle;
 use crate::executor::{Executor, Reporter};
-use crate::leader::LeaderService;
+use crate::leader::{LeaderService, QuorumWatch};
 use crate::platform::{Incoming, Platform};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
 use crate::proto::taskraft_v1::cluster_server::ClusterServer;
 use crate::proto::taskraft_v1::tasks_server::TasksServer;
 use crate::raft::Raft;
-use crate::raft::network::{PeerClientConfig, PeerNetwork};
+use crate::raft::network::{PeerAcks, PeerClientConfig, PeerNetwork};
 use crate::raft::service::PeerService;
 use crate::storage::{AppendedBytes, EventLimits, LogStore, StateMachineStore};
 
@@ -156,6 +156,7 @@ async fn run_validated(
         channel_events_max: server.watch_channel_events_max,
     };
     let state_machine = StateMachineStore::open(&db, &config.snapshot_dir(), event_limits)?;
+    let peer_acks = PeerAcks::default();
     let peers = PeerNetwork::new(
         PeerClientConfig {
             connect_timeout_ms: server.connect_timeout_ms,
@@ -166,6 +167,7 @@ async fn run_validated(
             appends_in_flight_max: server.peer_appends_in_flight_max,
         },
         platform.network.clone(),
+        peer_acks.clone(),
     );
     let raft_config = Arc::new(raft_config(&config)?);
     let raft =
@@ -182,7 +184,10 @@ async fn run_validated(
         Duration::from_millis(server.request_timeout_ms),
         // Within the leader lease: by then a cut-off leader stops renewing
         // task leases, before any other node can have been elected.
-        Duration::from_millis(config.raft.quorum_fresh_ms()),
+        QuorumWatch {
+            acks: peer_acks,
+            fresh: Duration::from_millis(config.raft.quorum_fresh_ms()),
+        },
         platform.clock.clone(),
     ));
     let leader_watch = {

@@ -12,8 +12,16 @@
 //! most `appends_in_flight_max` go unanswered, and an answer overdue by the
 //! append deadline fails the stream. A peer that does not know the method (an
 //! older version during an upgrade) is sent one request at a time instead.
+//!
+//! [`PeerAcks`] keeps, per peer, when it last acknowledged this node as
+//! leader: the send time of the newest append or heartbeat it answered.
+//! Executor leases are renewed only while a majority's is recent (see
+//! `leader.rs`). openraft's own `last_quorum_acked` is not exact on a
+//! pipeline: an answer is credited with the send time of every later request
+//! that ends at the same log id (an entry-less one that carries a commit), so
+//! a slow follower's old answer can look younger than it is.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,8 +32,8 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError,
+    StreamAppendResult, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -62,17 +70,65 @@ pub struct PeerClientConfig {
     pub appends_in_flight_max: usize,
 }
 
+/// When each peer last acknowledged this node as leader: the send time of
+/// the newest AppendEntries (entries or a heartbeat) that it answered with
+/// anything but a higher vote. Shared by every peer client of a node.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAcks {
+    acked_at: Arc<Mutex<HashMap<NodeId, Instant>>>,
+}
+
+impl PeerAcks {
+    /// `peer` answered a request sent at `sent_at` without refusing our vote.
+    pub fn record(&self, peer: NodeId, sent_at: Instant) {
+        let mut acked_at = self.acked_at.lock().expect("peer acks lock poisoned");
+        let newest = acked_at.entry(peer).or_insert(sent_at);
+        *newest = (*newest).max(sent_at);
+    }
+
+    /// The latest moment by which a majority of every config in `configs`
+    /// (one, or two while membership changes) had acknowledged `me`, which
+    /// counts as acknowledging itself at `now`; `None` while some config has
+    /// no acknowledged majority.
+    pub fn quorum_acked_at(
+        &self,
+        me: NodeId,
+        now: Instant,
+        configs: &[BTreeSet<NodeId>],
+    ) -> Option<Instant> {
+        let acked_at = self.acked_at.lock().expect("peer acks lock poisoned");
+        let mut oldest: Option<Instant> = None;
+        for voters in configs {
+            let mut times: Vec<Instant> = voters
+                .iter()
+                .filter_map(
+                    |voter| if *voter == me { Some(now) } else { acked_at.get(voter).copied() },
+                )
+                .collect();
+            let majority = voters.len() / 2 + 1;
+            if times.len() < majority {
+                return None;
+            }
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            let acked = times[majority - 1];
+            oldest = Some(oldest.map_or(acked, |oldest| oldest.min(acked)));
+        }
+        oldest
+    }
+}
+
 /// Hands out peer clients that share one channel per peer address.
 #[derive(Clone)]
 pub struct PeerNetwork {
     config: Arc<PeerClientConfig>,
     network: Arc<dyn Network>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    acks: PeerAcks,
 }
 
 impl PeerNetwork {
-    pub fn new(config: PeerClientConfig, network: Arc<dyn Network>) -> PeerNetwork {
-        PeerNetwork { config: Arc::new(config), network, channels: Arc::default() }
+    pub fn new(config: PeerClientConfig, network: Arc<dyn Network>, acks: PeerAcks) -> PeerNetwork {
+        PeerNetwork { config: Arc::new(config), network, channels: Arc::default(), acks }
     }
 
     /// The shared channel to the peer at `raft_addr`, created on first use.
@@ -104,6 +160,7 @@ pub struct PeerClient {
     config: Arc<PeerClientConfig>,
     /// Cleared when the peer turns out not to know `StreamAppend`.
     peer_streams_appends: bool,
+    acks: PeerAcks,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -115,7 +172,13 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
                 .max_decoding_message_size(self.config.message_bytes_max)
                 .max_encoding_message_size(self.config.message_bytes_max)
         });
-        PeerClient { target, client, config: self.config.clone(), peer_streams_appends: true }
+        PeerClient {
+            target,
+            client,
+            config: self.config.clone(),
+            peer_streams_appends: true,
+            acks: self.acks.clone(),
+        }
     }
 }
 
@@ -195,10 +258,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let deadline = append_deadline(&option, self.config.append_timeout_ms);
-        self.unary("append entries reply", &rpc, deadline, |mut client, request| async move {
-            client.append_entries(request).await
-        })
-        .await
+        let sent_at = Instant::now();
+        let answer: AppendEntriesResponse<TypeConfig> = self
+            .unary("append entries reply", &rpc, deadline, |mut client, request| async move {
+                client.append_entries(request).await
+            })
+            .await?;
+        if !matches!(answer, AppendEntriesResponse::HigherVote(_)) {
+            self.acks.record(self.target, sent_at);
+        }
+        Ok(answer)
     }
 
     fn stream_append<'s, S>(
@@ -223,7 +292,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             };
             let mut client = self.client()?;
             let deadline = append_deadline(&option, self.config.append_timeout_ms);
-            let pipeline = Pipeline::new(self.config.appends_in_flight_max);
+            let pipeline = Pipeline::new(self.config.appends_in_flight_max, self.acks.clone());
             let requests = pipeline.clone().requests(futures::stream::iter([first]).chain(input));
             match tokio::time::timeout(deadline, client.stream_append(requests)).await {
                 Ok(Ok(answers)) => {
@@ -330,13 +399,16 @@ struct Pipeline {
     room: Arc<Semaphore>,
     /// When each unanswered request went out, oldest first.
     sent_at: Arc<Mutex<VecDeque<Instant>>>,
+    /// Where an answer's send time is recorded.
+    acks: PeerAcks,
 }
 
 impl Pipeline {
-    fn new(in_flight_max: usize) -> Pipeline {
+    fn new(in_flight_max: usize, acks: PeerAcks) -> Pipeline {
         Pipeline {
             room: Arc::new(Semaphore::new(in_flight_max)),
             sent_at: Arc::new(Mutex::new(VecDeque::with_capacity(in_flight_max))),
+            acks,
         }
     }
 
@@ -397,15 +469,22 @@ impl Pipeline {
                     ))));
                 }
             };
-            if self.sent_at.lock().expect("pipeline lock poisoned").pop_front().is_none() {
+            let Some(sent_at) = self.sent_at.lock().expect("pipeline lock poisoned").pop_front()
+            else {
                 return Err(RPCError::Network(NetworkError::from_string(format!(
                     "node {target} answered an append that was never sent"
                 ))));
-            }
+            };
             self.room.add_permits(1);
-            return codec::decode("append entries answer", &message.data)
-                .map(Some)
-                .map_err(|err| RPCError::Network(NetworkError::new(&err)));
+            let answer: StreamAppendResult<TypeConfig> =
+                codec::decode("append entries answer", &message.data)
+                    .map_err(|err| RPCError::Network(NetworkError::new(&err)))?;
+            // Answers come in the order the requests went out, so this one
+            // answers the request sent at `sent_at`.
+            if !matches!(answer, Err(StreamAppendError::HigherVote(_))) {
+                self.acks.record(target, sent_at);
+            }
+            return Ok(Some(answer));
         }
     }
 }
@@ -447,6 +526,9 @@ mod tests {
         /// from before it did; otherwise it takes streamed appends and
         /// never answers one, nor ends the stream.
         old_version: bool,
+        /// Answers streamed appends in pairs: the first of two only once
+        /// the second has arrived.
+        answers_in_pairs: bool,
         streamed: Arc<AtomicUsize>,
         unary: Arc<AtomicUsize>,
     }
@@ -477,6 +559,27 @@ mod tests {
             }
             let streamed = self.streamed.clone();
             let mut incoming = request.into_inner();
+            if self.answers_in_pairs {
+                let (answer_tx, answer_rx) = tokio::sync::mpsc::channel(8);
+                tokio::spawn(async move {
+                    let answer = StreamAppendResult::<TypeConfig>::Ok(None);
+                    let answer = RaftMessage { data: codec::encode(&answer) };
+                    let mut n_held = 0;
+                    while let Ok(Some(_)) = incoming.message().await {
+                        n_held += 1;
+                        if n_held == 2 {
+                            for _ in 0..n_held {
+                                let _ = answer_tx.send(Ok(answer.clone())).await;
+                            }
+                            n_held = 0;
+                        }
+                    }
+                });
+                let answers = futures::stream::unfold(answer_rx, |mut answer_rx| async move {
+                    answer_rx.recv().await.map(|answer| (answer, answer_rx))
+                });
+                return Ok(Response::new(answers.boxed()));
+            }
             let never_answered = async_stream_of(async move {
                 while let Ok(Some(_)) = incoming.message().await {
                     streamed.fetch_add(1, Ordering::SeqCst);
@@ -522,6 +625,15 @@ mod tests {
 
     /// Serves `peer` on a free port; returns a client of it.
     async fn client_of(peer: FakePeer, append_timeout_ms: u64, in_flight_max: usize) -> PeerClient {
+        client_with_acks(peer, append_timeout_ms, in_flight_max, PeerAcks::default()).await
+    }
+
+    async fn client_with_acks(
+        peer: FakePeer,
+        append_timeout_ms: u64,
+        in_flight_max: usize,
+        acks: PeerAcks,
+    ) -> PeerClient {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let incoming = Tcp.listen(&addr).await.unwrap();
@@ -538,7 +650,7 @@ mod tests {
             append_timeout_ms,
             appends_in_flight_max: in_flight_max,
         };
-        let mut network = PeerNetwork::new(config, Arc::new(Tcp));
+        let mut network = PeerNetwork::new(config, Arc::new(Tcp), acks);
         let node = PeerNode { api_addr: String::new(), raft_addr: addr };
         network.new_client(2, &node).await
     }
@@ -595,5 +707,55 @@ mod tests {
         assert!(answers.iter().all(|answer| matches!(answer, Ok(Ok(_)))), "{answers:?}");
         assert_eq!(peer.unary.load(Ordering::SeqCst), 2);
         assert_eq!(peer.streamed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_dated_by_the_send_time_of_the_append_it_answers() {
+        let peer = FakePeer { answers_in_pairs: true, ..FakePeer::default() };
+        let acks = PeerAcks::default();
+        let mut client = client_with_acks(peer, 10_000, 8, acks.clone()).await;
+        // The second append goes out 300 ms after the first; the follower
+        // answers the first only after the second has arrived.
+        let (append_tx, append_rx) = tokio::sync::mpsc::channel(2);
+        let requests = futures::stream::unfold(append_rx, |mut append_rx| async move {
+            append_rx.recv().await.map(|append| (append, append_rx))
+        });
+        let mut two = appends(2);
+        let started = Instant::now();
+        append_tx.send(two.next().await.unwrap()).await.unwrap();
+        let mut answers = client.stream_append(Box::pin(requests), option()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        append_tx.send(two.next().await.unwrap()).await.unwrap();
+        let voters = [BTreeSet::from([1, 2])];
+        assert!(matches!(answers.next().await, Some(Ok(Ok(_)))));
+        let now = Instant::now();
+        let first = acks.quorum_acked_at(1, now, &voters).expect("node 2 acknowledged");
+        assert!(first - started < Duration::from_millis(100), "{:?}", first - started);
+        assert!(matches!(answers.next().await, Some(Ok(Ok(_)))));
+        let second = acks.quorum_acked_at(1, Instant::now(), &voters).expect("node 2 acknowledged");
+        assert!(second - started >= Duration::from_millis(300), "{:?}", second - started);
+    }
+
+    #[test]
+    fn a_quorum_is_acknowledged_as_of_its_majority_th_newest_member() {
+        let acks = PeerAcks::default();
+        let now = Instant::now();
+        let ago = |ms| now - Duration::from_millis(ms);
+        let voters = BTreeSet::from([1, 2, 3]);
+        assert_eq!(acks.quorum_acked_at(1, now, std::slice::from_ref(&voters)), None);
+        acks.record(3, ago(500));
+        assert_eq!(acks.quorum_acked_at(1, now, std::slice::from_ref(&voters)), Some(ago(500)));
+        acks.record(2, ago(100));
+        acks.record(2, ago(900)); // an older answer that arrived late changes nothing
+        assert_eq!(acks.quorum_acked_at(1, now, std::slice::from_ref(&voters)), Some(ago(100)));
+        // Not a voter itself (being removed): two of the three peers count.
+        assert_eq!(acks.quorum_acked_at(4, now, std::slice::from_ref(&voters)), Some(ago(500)));
+        acks.record(1, ago(300));
+        assert_eq!(acks.quorum_acked_at(4, now, std::slice::from_ref(&voters)), Some(ago(300)));
+        // A joint config needs a majority of each half.
+        let joint = [voters, BTreeSet::from([1, 5, 6])];
+        assert_eq!(acks.quorum_acked_at(1, now, &joint), None);
+        acks.record(6, ago(700));
+        assert_eq!(acks.quorum_acked_at(1, now, &joint), Some(ago(700)));
     }
 }
