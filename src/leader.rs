@@ -13,7 +13,7 @@
 //! renew their leases in the loop's [`LeaseTable`]; start and completion
 //! reports are committed through Raft, where `apply` fences them by token.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -98,6 +98,24 @@ pub struct QuorumWatch {
     pub fresh: Duration,
 }
 
+impl QuorumWatch {
+    /// Whether node `me` may count itself acknowledged by a majority at
+    /// `now`: the peer clients' record ([`PeerAcks`], over every config in
+    /// `configs`) and openraft's `last_quorum_acked` (`openraft_acked_ago`,
+    /// `None` if it has none) must both be within `fresh`.
+    fn is_fresh(
+        &self,
+        me: NodeId,
+        now: Instant,
+        openraft_acked_ago: Option<Duration>,
+        configs: &[BTreeSet<NodeId>],
+    ) -> bool {
+        let openraft_agrees = openraft_acked_ago.is_some_and(|ago| ago <= self.fresh);
+        let acked_at = self.acks.quorum_acked_at(me, now, configs);
+        openraft_agrees && acked_at.is_some_and(|acked| now.duration_since(acked) <= self.fresh)
+    }
+}
+
 impl LeaderService {
     pub fn new(
         node_id: NodeId,
@@ -138,13 +156,9 @@ impl LeaderService {
     fn quorum_is_fresh(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
-        let fresh = self.quorum.fresh;
-        let openraft_agrees =
-            metrics.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() <= fresh);
+        let openraft_acked_ago = metrics.last_quorum_acked.as_ref().map(|acked| acked.elapsed());
         let configs = metrics.membership_config.membership().get_joint_config();
-        let now = Instant::now();
-        let acked_at = self.quorum.acks.quorum_acked_at(self.node_id, now, configs);
-        openraft_agrees && acked_at.is_some_and(|acked| now.duration_since(acked) <= fresh)
+        self.quorum.is_fresh(self.node_id, Instant::now(), openraft_acked_ago, configs)
     }
 
     /// Called when this node becomes the committed leader `leader_id`.
@@ -485,5 +499,30 @@ mod tests {
         assert!(err.contains("1 to 1024 reports"), "{err}");
         let err = check_reports(&[start, Command::PromoteDue { now_ms: 1 }]).unwrap_err();
         assert!(err.contains("may not propose PromoteDue"), "{err}");
+    }
+
+    /// The packet-loss overlap: openraft thought a majority acknowledged the
+    /// leader just now while the followers' own answers were old. Leases are
+    /// renewed only when both agree.
+    #[test]
+    fn a_leader_is_fresh_only_if_its_peers_answers_and_openraft_both_say_so() {
+        let fresh = Duration::from_millis(300);
+        let watch = QuorumWatch { acks: PeerAcks::default(), fresh };
+        let voters = [BTreeSet::from([1, 2, 3])];
+        let now = Instant::now() + Duration::from_secs(10);
+        let just_now = Some(Duration::from_millis(10));
+        assert!(!watch.is_fresh(1, now, just_now, &voters), "no peer has answered");
+        watch.acks.record(2, now - Duration::from_secs(2));
+        assert!(!watch.is_fresh(1, now, just_now, &voters), "the answers are stale");
+        watch.acks.record(3, now - Duration::from_millis(100));
+        assert!(watch.is_fresh(1, now, just_now, &voters));
+        assert!(!watch.is_fresh(1, now, None, &voters), "openraft has no quorum");
+        let long_ago = Some(Duration::from_secs(1));
+        assert!(!watch.is_fresh(1, now, long_ago, &voters), "openraft's quorum is stale");
+        // While membership changes, the new config needs its own majority.
+        let joint = [BTreeSet::from([1, 2, 3]), BTreeSet::from([1, 4, 5])];
+        assert!(!watch.is_fresh(1, now, just_now, &joint));
+        watch.acks.record(5, now - Duration::from_millis(50));
+        assert!(watch.is_fresh(1, now, just_now, &joint));
     }
 }
