@@ -527,10 +527,24 @@ async fn failover_trial(args: &Args) -> anyhow::Result<()> {
     let probe = connect(probe_addr).await?;
     let mut acknowledged = Vec::new();
     let mut seq = 0;
-    // A second of writes through the follower first: the path works.
+    // A second of writes through the follower first: the path works. A write
+    // that fails or is not answered within PROBE_TIMEOUT (a stall of the
+    // host's disk can take that long) is not acknowledged, so it is only
+    // counted; the trial needs one that is.
     let warm_until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < warm_until {
-        acknowledged.push(probe_write(args.target, &probe, seq).await?);
+    let mut warm_error = None;
+    while Instant::now() < warm_until || acknowledged.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < warm_until + FAILOVER_DEADLINE,
+            "no write through {probe_addr} was acknowledged before the kill: {warm_error:?}"
+        );
+        match probe_write(args.target, &probe, seq).await {
+            Ok(id) => acknowledged.push(id),
+            Err(err) => {
+                warm_error = Some(err.to_string());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         seq += 1;
     }
     let pid = args.server_pids[leader_idx];
