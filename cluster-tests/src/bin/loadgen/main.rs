@@ -529,8 +529,8 @@ async fn failover_trial(args: &Args) -> anyhow::Result<()> {
     let mut seq = 0;
     // A second of writes through the follower first: the path works. A write
     // that fails or is not answered within PROBE_TIMEOUT (a stall of the
-    // host's disk can take that long) is not acknowledged, so it is only
-    // counted; the trial needs one that is.
+    // host's disk can take that long) was never acknowledged, so it is
+    // retried, not fatal; the trial needs one acknowledged write.
     let warm_until = Instant::now() + Duration::from_secs(1);
     let mut warm_error = None;
     while Instant::now() < warm_until || acknowledged.is_empty() {
