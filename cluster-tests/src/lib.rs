@@ -28,8 +28,9 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use taskraft::client::Client;
@@ -416,14 +417,48 @@ impl TestCluster {
     }
 }
 
+/// How many distinct lines of each node's log a failing test prints.
+const LOG_TAIL_LINES_MAX: usize = 40;
+
+/// The last `lines_max` distinct lines of `log`, oldest first: lines that
+/// differ only in their timestamp (the first word) are shown once, at their
+/// latest, with how many more there were, so that a repeated warning does
+/// not push everything else out of the tail.
+fn log_tail(log: &str, lines_max: usize) -> Vec<String> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in log.lines().rev() {
+        let message = line.split_once(' ').map_or(line, |(_, rest)| rest);
+        match seen.get_mut(message) {
+            Some(count) => *count += 1,
+            None if order.len() < lines_max => {
+                seen.insert(message, 1);
+                order.push(line);
+            }
+            None => break,
+        }
+    }
+    order
+        .into_iter()
+        .rev()
+        .map(|line| {
+            let message = line.split_once(' ').map_or(line, |(_, rest)| rest);
+            match seen[message] {
+                1 => line.to_owned(),
+                count => format!("{line}  [and {} earlier lines like it]", count - 1),
+            }
+        })
+        .collect()
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for node in &self.nodes {
                 let log = std::fs::read_to_string(&node.log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
-                for line in tail.iter().rev() {
+                let tail = log_tail(&log, LOG_TAIL_LINES_MAX);
+                eprintln!("---- node {} log (last {} distinct lines) ----", node.id, tail.len());
+                for line in tail {
                     eprintln!("{line}");
                 }
             }
@@ -488,11 +523,27 @@ pub async fn list_all(client: &mut Client, stale: bool) -> anyhow::Result<Vec<pb
     }
 }
 
-/// Submits one spec through `client`.
+/// `spec` with a fresh idempotency key if it has none. The client retries
+/// an UNAVAILABLE or timed-out submission, and such a submission may still
+/// commit ("the write may still commit later"): without a key the retry
+/// would create a second task.
+pub fn with_key(mut spec: pb::TaskSpec) -> pb::TaskSpec {
+    static SUBMISSIONS: AtomicU64 = AtomicU64::new(0);
+    if spec.idempotency_key.is_empty() {
+        let n = SUBMISSIONS.fetch_add(1, Ordering::Relaxed);
+        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        spec.idempotency_key = format!("test-{:x}-{now_ns:x}-{n}", std::process::id());
+    }
+    spec
+}
+
+/// Submits one spec through `client`; a spec without an idempotency key gets
+/// one ([`with_key`]), so retries never create a second task.
 pub async fn submit(
     client: &mut Client,
     spec: pb::TaskSpec,
 ) -> Result<pb::SubmitTaskResponse, tonic::Status> {
+    let spec = with_key(spec);
     client
         .call(|channel, timeout| {
             let message = pb::SubmitTaskRequest { spec: Some(spec.clone()) };
@@ -519,4 +570,30 @@ pub async fn get(client: &mut Client, id: &str, stale: bool) -> Result<pb::Task,
         })
         .await?;
     reply.into_inner().task.ok_or_else(|| tonic::Status::internal("a reply without a task"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_tail;
+
+    #[test]
+    fn a_log_tail_shows_a_repeated_line_once_and_keeps_what_came_before() {
+        let log = "t1 started\nt2 warn: heartbeat failed\nt3 elected\nt4 warn: heartbeat failed\n\
+                   t5 warn: heartbeat failed";
+        assert_eq!(
+            log_tail(log, 40),
+            vec![
+                "t1 started".to_owned(),
+                "t3 elected".to_owned(),
+                "t5 warn: heartbeat failed  [and 2 earlier lines like it]".to_owned(),
+            ]
+        );
+        assert_eq!(
+            log_tail(log, 2),
+            vec![
+                "t3 elected".to_owned(),
+                "t5 warn: heartbeat failed  [and 2 earlier lines like it]".to_owned()
+            ]
+        );
+    }
 }

@@ -133,10 +133,13 @@ pub async fn wait_until_all_finished(
     }
 }
 
+/// Submits `specs` as one batch; specs without an idempotency key get one
+/// ([`crate::with_key`]), so retries never create second tasks.
 pub async fn submit_batch(
     client: &mut Client,
     specs: Vec<pb::TaskSpec>,
 ) -> anyhow::Result<Vec<String>> {
+    let specs: Vec<pb::TaskSpec> = specs.into_iter().map(crate::with_key).collect();
     let reply = client
         .call(|channel, timeout| {
             let message = pb::SubmitTasksRequest { specs: specs.clone() };
