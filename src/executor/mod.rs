@@ -3,8 +3,9 @@
 //!
 //! Its loop watches the local state machine for assignments to this node,
 //! cancellations and re-assignments of what it runs; heartbeats the leader
-//! every `heartbeat_interval_ms` with its slots, labels and running attempts;
-//! and kills its attempts when its lease runs out (self-fencing). The lease
+//! every `heartbeat_interval_ms` with its slots, labels and running attempts,
+//! and at once when it learns of a new leader, which places nothing on an
+//! executor it has not heard from; and kills its attempts when its lease runs out (self-fencing). The lease
 //! runs from the moment it *sent* its last heartbeat that the leader accepted.
 //!
 //! It runs at most `slots` programs at a time; attempts assigned beyond
@@ -207,9 +208,15 @@ impl Executor {
         let mut changes = self.state_machine.subscribe(0).live;
         let attempts_max = self.slots as usize + self.prefetch_max() as usize;
         let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(attempts_max + 64);
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(self.config.heartbeat_interval_ms));
+        let heartbeat_interval = Duration::from_millis(self.config.heartbeat_interval_ms);
+        let mut tick = tokio::time::interval(heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A new leader knows no executor until it hears from it, and places
+        // nothing on one it has not heard from: tell it at once rather than
+        // at the next tick, trying again shortly while it is still starting.
+        let mut server_metrics = self.raft.server_metrics();
+        let mut known_leader = server_metrics.borrow_watched().current_leader;
+        let mut prompt = PromptHeartbeat::default();
         let reports = self.reporter.receiver.lock().unwrap_or_else(PoisonError::into_inner).take();
         let Some(reports) = reports else {
             warn!("the executor was started twice; this run does nothing");
@@ -226,9 +233,31 @@ impl Executor {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    self.heartbeat(&mut ledger).await;
+                    if self.heartbeat(&mut ledger).await {
+                        prompt = PromptHeartbeat::default();
+                    }
                     self.self_fence(&mut ledger);
                     self.reconcile_all(&mut ledger, &done_tx);
+                }
+                changed = server_metrics.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let leader = server_metrics.borrow_watched().current_leader;
+                    if leader != known_leader {
+                        known_leader = leader;
+                        prompt = match leader {
+                            Some(_) => PromptHeartbeat::now(heartbeat_interval),
+                            None => PromptHeartbeat::default(),
+                        };
+                    }
+                }
+                _ = prompt.wait() => {
+                    let accepted = self.heartbeat(&mut ledger).await;
+                    prompt = prompt.after(accepted);
+                    if accepted {
+                        tick.reset();
+                    }
                 }
                 changed = changes.recv() => match changed {
                     Ok(event) => self.reconcile(&event.task, &mut ledger, &done_tx),
@@ -272,7 +301,8 @@ impl Executor {
         *mean = Some(moving_mean(*mean, run_ms));
     }
 
-    async fn heartbeat(&self, ledger: &mut Ledger) {
+    /// Sends one heartbeat; whether the leader accepted it.
+    async fn heartbeat(&self, ledger: &mut Ledger) -> bool {
         let heartbeat = Heartbeat {
             node_id: self.node_id,
             slots: self.slots,
@@ -294,9 +324,16 @@ impl Executor {
                 // warden kills only after this node's lease has run out.
                 let warden_lag = Duration::from_millis(self.config.lease_grace_ms / 4);
                 self.renew_warden(ledger, remaining + warden_lag, timeout).await;
+                true
             }
-            Ok(reply) => debug!(?reply, "heartbeat not accepted"),
-            Err(err) => debug!(cause = %err, "heartbeat failed"),
+            Ok(reply) => {
+                debug!(?reply, "heartbeat not accepted");
+                false
+            }
+            Err(err) => {
+                debug!(cause = %err, "heartbeat failed");
+                false
+            }
         }
     }
 
@@ -672,6 +709,50 @@ impl Executor {
     }
 }
 
+/// How many times an executor tries a heartbeat promptly after it learns of
+/// a new leader, before it leaves the rest to its regular tick.
+const PROMPT_HEARTBEAT_TRIES_MAX: u32 = 8;
+
+/// The heartbeats an executor sends outside its tick after the leader
+/// changed: the first at once, then one every tenth of the heartbeat
+/// interval until one is accepted or [`PROMPT_HEARTBEAT_TRIES_MAX`] were
+/// sent (a new leader refuses heartbeats until its scheduling loop runs and
+/// a majority has acknowledged it).
+#[derive(Debug, Default)]
+struct PromptHeartbeat {
+    /// When to send the next one; `None` when none is due.
+    at: Option<Instant>,
+    tries_left: u32,
+    retry_in: Duration,
+}
+
+impl PromptHeartbeat {
+    fn now(heartbeat_interval: Duration) -> PromptHeartbeat {
+        PromptHeartbeat {
+            at: Some(Instant::now()),
+            tries_left: PROMPT_HEARTBEAT_TRIES_MAX,
+            retry_in: heartbeat_interval / 10,
+        }
+    }
+
+    /// Waits until the next one is due; forever if none is.
+    async fn wait(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// What follows a prompt heartbeat that was `accepted` or not.
+    fn after(self, accepted: bool) -> PromptHeartbeat {
+        let tries_left = self.tries_left.saturating_sub(1);
+        if accepted || tries_left == 0 {
+            return PromptHeartbeat::default();
+        }
+        PromptHeartbeat { at: Some(Instant::now() + self.retry_in), tries_left, ..self }
+    }
+}
+
 /// The weight of the newest run time in [`moving_mean`]: a fifth, so a few
 /// long runs after many short ones move the mean most of the way.
 const RUN_TIME_WEIGHT: f64 = 0.2;
@@ -722,6 +803,28 @@ fn lost_report(now_ms: u64, task: TaskId, token: u64, why: &str) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_heartbeats_stop_at_the_first_accepted_or_after_the_most_tries() {
+        let interval = Duration::from_millis(300);
+        let accepted = PromptHeartbeat::now(interval).after(true);
+        assert!(accepted.at.is_none(), "accepted at once: nothing more is due");
+
+        let mut prompt = PromptHeartbeat::now(interval);
+        let mut n_sent = 0;
+        while let Some(at) = prompt.at {
+            n_sent += 1;
+            let before = Instant::now();
+            prompt = prompt.after(false);
+            if let Some(next) = prompt.at {
+                let retry_in = next - before;
+                assert!(next >= at && retry_in >= Duration::from_millis(30), "a tenth apart");
+                assert!(retry_in < Duration::from_millis(300), "well before the tick");
+            }
+        }
+        assert_eq!(n_sent, PROMPT_HEARTBEAT_TRIES_MAX, "then the regular tick takes over");
+        assert!(PromptHeartbeat::default().at.is_none(), "none is due without a new leader");
+    }
 
     #[test]
     fn prefetch_fills_the_window_by_recent_run_times_within_its_limit() {
