@@ -90,17 +90,20 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
 /// How often the log's growth since the last snapshot is checked.
 const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Has openraft build a snapshot whenever `threshold_bytes` of entries were
-/// appended since the last one. openraft's own policy counts entries only,
-/// and entries range from a few bytes to a batch of 1,000 tasks.
+/// Has openraft build a snapshot once the entries appended since the last
+/// one reach [`snapshot_threshold_bytes`]. openraft's own policy counts
+/// entries only, and entries range from a few bytes to a batch of 1,000
+/// tasks.
 async fn snapshot_by_log_bytes(
     raft: Raft,
     appended: AppendedBytes,
-    threshold_bytes: u64,
+    state_machine: StateMachineStore,
+    after_log_bytes: u64,
     shutdown: CancellationToken,
 ) {
     let mut last_snapshot = raft.metrics().borrow_watched().snapshot;
     let mut appended_at_snapshot = appended.get();
+    let mut threshold_bytes = snapshot_threshold_bytes(after_log_bytes, &state_machine);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -110,16 +113,14 @@ async fn snapshot_by_log_bytes(
         if snapshot != last_snapshot {
             last_snapshot = snapshot;
             appended_at_snapshot = appended.get();
+            threshold_bytes = snapshot_threshold_bytes(after_log_bytes, &state_machine);
             continue;
         }
         let grown_bytes = appended.get() - appended_at_snapshot;
         if grown_bytes < threshold_bytes {
             continue;
         }
-        info!(
-            grown_bytes,
-            threshold_bytes, "the log outgrew snapshot_after_log_bytes; building a snapshot"
-        );
+        info!(grown_bytes, threshold_bytes, "the log outgrew its threshold; building a snapshot");
         if let Err(fatal) = raft.trigger().snapshot().await {
             warn!(%fatal, "raft has stopped; no more snapshots");
             return;
@@ -127,6 +128,21 @@ async fn snapshot_by_log_bytes(
         // Counted again from here if the build fails; from its end if not.
         appended_at_snapshot = appended.get();
     }
+}
+
+/// How many bytes of log to append before the next snapshot:
+/// `after_log_bytes`, or the size of the current snapshot if that is more.
+/// A snapshot costs as much as the state is big, so a fixed threshold would
+/// make every appended byte dearer as the queue grows (snapshots of a
+/// growing state every 64 MiB cost a quarter of the batch submit rate);
+/// this way a snapshot is written at most once per as many bytes of log, and
+/// the log a restarted node re-applies stays no bigger than its snapshot.
+fn snapshot_threshold_bytes(after_log_bytes: u64, state_machine: &StateMachineStore) -> u64 {
+    let snapshot_bytes = state_machine.snapshot_bytes().unwrap_or_else(|err| {
+        warn!(cause = %err, "cannot read the snapshot's size; using snapshot_after_log_bytes");
+        0
+    });
+    after_log_bytes.max(snapshot_bytes)
 }
 
 async fn bind(platform: &Platform, addr: &str) -> Result<Incoming, NodeError> {
@@ -211,6 +227,7 @@ async fn run_validated(
         snapshot_by_log_bytes(
             raft.clone(),
             appended_bytes,
+            state_machine.clone(),
             config.raft.snapshot_after_log_bytes,
             token.clone(),
         )

@@ -21,6 +21,14 @@
 //! `open` finishes a purge that a crash interrupted. A purge may go past the
 //! last entry (a follower installing a snapshot ahead of its log), so the
 //! last log id is the later of the last entry and the purge point.
+//!
+//! Over sled the deletion itself is a thread's own, in chunks of
+//! [`PURGE_CHUNK_ENTRIES`]: openraft waits for `purge` in the Raft core, and
+//! deleting 100,000 entries at once (a snapshot every 100,000 entries) held
+//! a follower's core, and with it every answer to the leader, heartbeats
+//! included, for a second: the leader saw no majority and refused writes.
+//! openraft allows this: purged entries need not vanish at once, and none
+//! at or below the purge point is read again.
 
 use std::fmt::Debug;
 use std::io;
@@ -31,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::mpsc;
-use tracing::{Instrument, error, info};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
@@ -48,8 +56,20 @@ pub struct LogStore {
     log: Tree,
     meta: Tree,
     flush_tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+    /// Purge points for the remover thread; `None` over the simulation's
+    /// disk, where purges delete inline to stay deterministic.
+    purges_tx: Option<std::sync::mpsc::SyncSender<u64>>,
     appended: AppendedBytes,
 }
+
+/// Entries one batch of a purge deletes. sled deletes about 100,000 log
+/// entries a second, so a chunk takes about 10 ms of the log tree at a time.
+const PURGE_CHUNK_ENTRIES: u64 = 1_000;
+
+/// Purge points that may wait for the remover thread. One that finds the
+/// queue full is left to the next purge, which deletes from the first entry
+/// left, or to the next start.
+const PURGE_QUEUE_MAX: usize = 16;
 
 /// The bytes of encoded entries appended to a log store since it was
 /// opened; read by the snapshot trigger (`raft.snapshot_after_log_bytes`).
@@ -73,22 +93,36 @@ impl LogStore {
         let log = db.open_tree("raft_log")?;
         let meta = db.open_tree("raft_meta")?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
-        match db {
+        let purges_tx = match db {
             Db::Sled(_) => {
                 let db = db.clone();
                 let span = tracing::Span::current();
                 std::thread::Builder::new()
                     .name("log-flusher".into())
                     .spawn(move || span.in_scope(|| flush_thread(db, flush_rx)))?;
+                let (purges_tx, purges_rx) = std::sync::mpsc::sync_channel(PURGE_QUEUE_MAX);
+                let log = log.clone();
+                let span = tracing::Span::current();
+                std::thread::Builder::new()
+                    .name("log-remover".into())
+                    .spawn(move || span.in_scope(|| remover_thread(log, purges_rx)))?;
+                Some(purges_tx)
             }
             Db::Memory(_) => {
                 tokio::spawn(flush_loop(db.clone(), flush_rx).in_current_span());
+                None
             }
-        }
-        let store =
-            LogStore { db: db.clone(), log, meta, flush_tx, appended: AppendedBytes::default() };
+        };
+        let store = LogStore {
+            db: db.clone(),
+            log,
+            meta,
+            flush_tx,
+            purges_tx,
+            appended: AppendedBytes::default(),
+        };
         if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
-            let n_removed = store.remove_up_to(purged.index())?;
+            let n_removed = remove_up_to(&store.log, purged.index())?;
             if n_removed > 0 {
                 info!(%purged, n_removed, "finished a purge a crash had interrupted");
             }
@@ -101,24 +135,6 @@ impl LogStore {
     /// move into openraft.
     pub fn appended_bytes(&self) -> AppendedBytes {
         self.appended.clone()
-    }
-
-    /// Removes every entry up to `index`. Only the first entry is read, to
-    /// learn where the log starts; the keys after it are computed (the log
-    /// has no gaps), so no entry's value (a batch can be megabytes) is read
-    /// just to be deleted. The Raft core waits for a purge.
-    fn remove_up_to(&self, index: u64) -> io::Result<usize> {
-        let first =
-            match self.log.range(Bound::Unbounded, Bound::Included(&index_key(index)))?.next() {
-                None => return Ok(0),
-                Some(item) => key_index(&item?.0)?,
-            };
-        let mut batch = Batch::default();
-        for index in first..=index {
-            batch.remove(&index_key(index)[..]);
-        }
-        self.log.apply_batch(batch)?;
-        Ok((index - first + 1) as usize)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -144,6 +160,48 @@ impl LogStore {
     }
 }
 
+/// Removes every entry of `log` up to `index`, [`PURGE_CHUNK_ENTRIES`] at a
+/// time, oldest first, so no hole is ever left; returns how many. Only the
+/// first entry is read, to learn where the log starts; the keys after it
+/// are computed (the log has no gaps), so no entry's value (a batch can be
+/// megabytes) is read just to be deleted.
+fn remove_up_to(log: &Tree, index: u64) -> io::Result<usize> {
+    let mut n_removed = 0;
+    loop {
+        let first = match log.range(Bound::Unbounded, Bound::Included(&index_key(index)))?.next() {
+            None => return Ok(n_removed),
+            Some(item) => key_index(&item?.0)?,
+        };
+        let last = index.min(first.saturating_add(PURGE_CHUNK_ENTRIES - 1));
+        let mut batch = Batch::default();
+        for index in first..=last {
+            batch.remove(&index_key(index)[..]);
+        }
+        log.apply_batch(batch)?;
+        n_removed += (last - first + 1) as usize;
+    }
+}
+
+/// Deletes purged entries for [`LogStore::purge`], off the Raft core; a
+/// thread that ends with the last store.
+fn remover_thread(log: Tree, purges_rx: std::sync::mpsc::Receiver<u64>) {
+    while let Ok(mut up_to) = purges_rx.recv() {
+        while let Ok(later) = purges_rx.try_recv() {
+            up_to = up_to.max(later);
+        }
+        let started = std::time::Instant::now();
+        match remove_up_to(&log, up_to) {
+            Ok(n_entries) => {
+                let remove_ms = started.elapsed().as_millis() as u64;
+                info!(n_entries, up_to, remove_ms, "removed purged log entries");
+            }
+            // They stay until a later purge or the next start removes them.
+            Err(err) => error!(cause = %err, up_to, "cannot remove purged log entries"),
+        }
+    }
+    info!("log remover stopped");
+}
+
 /// Completes append callbacks only after a flush that covers them; a task.
 async fn flush_loop(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
@@ -165,10 +223,21 @@ fn flush_thread(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
         while let Ok(callback) = flush_rx.try_recv() {
             waiting.push(callback);
         }
-        complete(&mut waiting, db.flush_blocking());
+        let started = std::time::Instant::now();
+        let result = db.flush_blocking();
+        let flush_ms = started.elapsed().as_millis() as u64;
+        if flush_ms >= SLOW_FLUSH_MS {
+            warn!(flush_ms, n_appends = waiting.len(), "a slow flush of the Raft log");
+        }
+        complete(&mut waiting, result);
     }
     info!("log flusher stopped");
 }
+
+/// A flush at least this long is logged: until it ends, this node
+/// acknowledges nothing it was sent, heartbeats included, so a leader's
+/// majority may fall silent (`raft.quorum_silence_ms_max`).
+const SLOW_FLUSH_MS: u64 = 200;
 
 /// Completes every waiting callback with the result of the flush after them.
 fn complete(waiting: &mut Vec<IOFlushed<TypeConfig>>, result: io::Result<()>) {
@@ -308,13 +377,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let started = std::time::Instant::now();
         self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id))?;
         self.db.flush().await?;
-        let n_entries = self.remove_up_to(log_id.index())?;
-        info!(
-            n_entries,
-            up_to = log_id.index(),
-            purge_ms = started.elapsed().as_millis() as u64,
-            "purged the log"
-        );
+        let up_to = log_id.index();
+        let inline = match &self.purges_tx {
+            None => true,
+            Some(purges_tx) => match purges_tx.try_send(up_to) {
+                Ok(()) => false,
+                Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                    debug!(up_to, "the log remover is behind; a later purge removes these");
+                    false
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => true,
+            },
+        };
+        if inline {
+            let n_entries = remove_up_to(&self.log, up_to)?;
+            info!(n_entries, up_to, "removed purged log entries");
+        }
+        info!(up_to, purge_ms = started.elapsed().as_millis() as u64, "purged the log");
         Ok(())
     }
 }

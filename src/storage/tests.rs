@@ -141,6 +141,28 @@ async fn reopened_store_keeps_log_vote_and_the_snapshot_state() {
     assert_eq!(state_machine.read().state.n_tasks(), 3);
 }
 
+/// Over sled a purge returns once its purge point is durable; a thread of
+/// its own deletes the entries, in chunks, and leaves those after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_over_sled_deletes_its_entries_in_chunks_and_keeps_those_after_it() {
+    let dir = TempDir::new().unwrap();
+    let (mut log_store, _state_machine) = open_stores(dir.path()).unwrap();
+    let entries: Vec<Entry> = (1..=2_500).map(|index| submit_entry(index, "true")).collect();
+    append_and_wait(&mut log_store, entries).await;
+    log_store.purge(submit_entry(2_400, "true").log_id).await.unwrap();
+    let state = log_store.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|log_id| log_id.index()), Some(2_400));
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(2_500));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !log_store.try_get_log_entries(1..=2_400).await.unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the purged entries are still there");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let kept = log_store.try_get_log_entries(2_401..=2_500).await.unwrap();
+    assert_eq!(kept.first().map(|entry| entry.log_id.index()), Some(2_401));
+    assert_eq!(kept.len(), 100);
+}
+
 /// Earlier versions mirrored the state in the tree `sm`; the snapshot and
 /// the log hold all of it, so opening empties the mirror.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
