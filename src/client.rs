@@ -166,6 +166,16 @@ fn is_retryable(status: &tonic::Status) -> bool {
     )
 }
 
+/// A new idempotency key, `<prefix>-<unix ns>-<random>`, for a submission
+/// whose caller gave none: with it a retried submission that had committed
+/// after all returns the first task instead of creating a second.
+pub fn fresh_idempotency_key(prefix: &str) -> String {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!("{prefix}-{now_ns:x}-{:016x}", rand::random::<u64>())
+}
+
 /// Builds a request with the per-attempt deadline set.
 pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

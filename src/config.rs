@@ -70,8 +70,8 @@ pub struct RaftTimings {
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one
     /// (etcd's `--snapshot-count` default). A snapshot writes the whole
-    /// state: every 5,000 entries it cost 10 % of the 64-client submit rate
-    /// and doubled its p99.
+    /// state: every 5,000 entries it cost about 6 % of the 64-client submit
+    /// rate and doubled its p99.
     pub snapshot_after_entries: u64,
     /// Build a snapshot once this many bytes of entries were appended since
     /// the last one, whatever their number, or as many as the last snapshot

@@ -28,9 +28,8 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use taskraft::client::Client;
@@ -528,11 +527,8 @@ pub async fn list_all(client: &mut Client, stale: bool) -> anyhow::Result<Vec<pb
 /// commit ("the write may still commit later"): without a key the retry
 /// would create a second task.
 pub fn with_key(mut spec: pb::TaskSpec) -> pb::TaskSpec {
-    static SUBMISSIONS: AtomicU64 = AtomicU64::new(0);
     if spec.idempotency_key.is_empty() {
-        let n = SUBMISSIONS.fetch_add(1, Ordering::Relaxed);
-        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        spec.idempotency_key = format!("test-{:x}-{now_ns:x}-{n}", std::process::id());
+        spec.idempotency_key = taskraft::client::fresh_idempotency_key("test");
     }
     spec
 }

@@ -5,7 +5,7 @@ mod output;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -431,10 +431,7 @@ fn spec_from_args(args: &SubmitArgs) -> Result<pb::TaskSpec, Failure> {
         (None, Some(delay)) => Some(pb::task_spec::Schedule::DelayMs(delay.as_millis() as u64)),
         (None, None) => None,
     };
-    let key = args.key.clone().unwrap_or_else(|| {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        format!("cli-{now:x}-{:016x}", rand::random::<u64>())
-    });
+    let key = args.key.clone().unwrap_or_else(|| taskraft::client::fresh_idempotency_key("cli"));
     Ok(pb::TaskSpec {
         queue: args.queue.clone(),
         priority: args.priority,

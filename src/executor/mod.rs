@@ -5,8 +5,9 @@
 //! cancellations and re-assignments of what it runs; heartbeats the leader
 //! every `heartbeat_interval_ms` with its slots, labels and running attempts,
 //! and at once when it learns of a new leader, which places nothing on an
-//! executor it has not heard from; and kills its attempts when its lease runs out (self-fencing). The lease
-//! runs from the moment it *sent* its last heartbeat that the leader accepted.
+//! executor it has not heard from; and kills its attempts when its lease
+//! runs out (self-fencing). The lease runs from the moment it *sent* its
+//! last heartbeat that the leader accepted.
 //!
 //! It runs at most `slots` programs at a time; attempts assigned beyond
 //! that (its prefetch) wait on the node, in the order they were assigned,
