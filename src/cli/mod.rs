@@ -314,8 +314,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 fn init_logging(default_level: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a terminal: a node's log usually goes to a file, where
+    // escape codes get in the way of grep and of log shippers.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 fn tasks(channel: tonic::transport::Channel) -> TasksClient<tonic::transport::Channel> {

@@ -427,8 +427,12 @@ impl Executor {
                 } else {
                     StopReason::Fenced
                 };
-                info!(task_id = %task.id, ?reason, "stopping an attempt that is no longer current");
-                let _ = stop.send(reason);
+                // The program may have ended already, its completion being
+                // what made the attempt no longer current: then nobody
+                // receives the stop, and nothing was stopped.
+                if stop.send(reason).is_ok() {
+                    info!(task_id = %task.id, ?reason, "stopping an attempt that is no longer current");
+                }
             }
             return;
         }

@@ -78,6 +78,15 @@ async fn five_hundred_short_tasks_all_succeed_with_one_attempt_each() -> anyhow:
         *per_node.entry(task.attempts[0].node_id).or_default() += 1;
     }
     assert_eq!(per_node.len(), 3, "every node's executor ran tasks: {per_node:?}");
+    // Nothing was stopped: an attempt whose own completion made it no longer
+    // current is not reported as stopped.
+    for id in 1..=3 {
+        let log = cluster.log(id);
+        let n_stopped = log.matches("stopping an attempt that is no longer current").count();
+        assert_eq!(n_stopped, 0, "node {id} logged attempts as stopped that had ended");
+        // A log written to a file is plain text, without terminal colours.
+        assert!(!log.contains('\u{1b}'), "node {id}'s log file holds escape codes");
+    }
     Ok(())
 }
 
