@@ -12,6 +12,10 @@
 //! Executors reach the leader through [`LeaderService::handle`]: heartbeats
 //! renew their leases in the loop's [`LeaseTable`]; start and completion
 //! reports are committed through Raft, where `apply` fences them by token.
+//! One report writer per leadership commits them: the requests of every
+//! node's executor that arrive while one entry is being written go into the
+//! next entry together, so a busy cluster writes one report entry per commit
+//! rather than one per node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,14 +24,14 @@ use std::time::Duration;
 use openraft::Instant as _;
 use openraft::impls::ProgressResponder;
 use openraft::type_config::async_runtime::WatchReceiver as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ExecutionConfig;
 use crate::executor::protocol::{
-    ExecutorReply, ExecutorRequest, Heartbeat, REPORTS_PER_REQUEST_MAX,
+    ExecutorReply, ExecutorRequest, Heartbeat, REPORTS_PER_REQUEST_MAX, report_size_bytes,
 };
 use crate::platform::Clock;
 use crate::raft::network::PeerAcks;
@@ -42,6 +46,10 @@ type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;
 
 /// Heartbeats waiting for the loop; more are refused, not dropped silently.
 const HEARTBEAT_QUEUE_MAX: usize = 1_024;
+
+/// Executors' report requests waiting for the report writer; more wait for
+/// room, within the request's timeout.
+const REPORT_REQUESTS_QUEUED_MAX: usize = 256;
 
 /// The leader's latest view of its live executors, for submissions to carry
 /// ([`Command::SubmitAndPlace`]): the scheduling loop renews it every round
@@ -88,6 +96,7 @@ pub struct LeaderService {
 struct RunningLoop {
     leader_id: LeaderId,
     heartbeats: mpsc::Sender<(Heartbeat, Instant)>,
+    reports: mpsc::Sender<QueuedReports>,
     cancel: CancellationToken,
 }
 
@@ -181,7 +190,11 @@ impl LeaderService {
         };
         let span = info_span!("scheduling_loop", node_id = self.node_id);
         tokio::spawn(scheduling.run(heartbeat_rx, cancel.clone()).instrument(span));
-        *current = Some(RunningLoop { leader_id, heartbeats, cancel });
+        let (reports, report_rx) = mpsc::channel(REPORT_REQUESTS_QUEUED_MAX);
+        let span = info_span!("report_writer", node_id = self.node_id);
+        let writer = write_reports(self.clone(), leader_id, report_rx, cancel.clone());
+        tokio::spawn(writer.instrument(span));
+        *current = Some(RunningLoop { leader_id, heartbeats, reports, cancel });
     }
 
     /// Called when this node stops being the leader `leader_id`.
@@ -211,9 +224,9 @@ impl LeaderService {
     pub async fn handle(&self, request: ExecutorRequest) -> ExecutorReply {
         let leader = {
             let current = self.current.lock().expect("leader loop lock poisoned");
-            current.as_ref().map(|running| (running.leader_id, running.heartbeats.clone()))
+            current.as_ref().map(|running| (running.heartbeats.clone(), running.reports.clone()))
         };
-        let Some((leader_id, heartbeats)) = leader else {
+        let Some((heartbeats, report_queue)) = leader else {
             return self.not_leader();
         };
         match request {
@@ -243,28 +256,159 @@ impl LeaderService {
                 if let Err(refusal) = check_reports(&reports) {
                     return ExecutorReply::Unavailable(refusal);
                 }
-                let n_reports = reports.len();
-                let command = Command::Reports { reports };
-                match fenced_write(&self.raft, leader_id, command, self.request_timeout).await {
-                    Ok(Response::Reports(answers)) if answers.len() == n_reports => {
-                        let n_stale = answers
-                            .iter()
-                            .filter(|answer| {
-                                matches!(answer, Response::Rejected(rejection)
-                                    if rejection.kind == crate::scheduler::RejectionKind::Stale)
-                            })
-                            .count();
-                        if n_stale > 0 {
-                            info!(n_stale, n_reports, "refused reports from stale attempts");
-                        }
-                        ExecutorReply::Applied(Response::Reports(answers))
+                let (answer, answered) = oneshot::channel();
+                let queued = QueuedReports { reports, answer };
+                match tokio::time::timeout(self.request_timeout, report_queue.send(queued)).await {
+                    Ok(Ok(())) => {}
+                    // The writer stopped with this leadership.
+                    Ok(Err(_)) => return self.not_leader(),
+                    Err(_) => {
+                        return ExecutorReply::Unavailable(
+                            "the leader's report queue stayed full".into(),
+                        );
                     }
-                    Ok(other) => ExecutorReply::Unavailable(format!(
-                        "the leader answered {n_reports} reports with {other:?}"
-                    )),
-                    Err(WriteFailed::NotLeader) => self.not_leader(),
-                    Err(WriteFailed::Other(message)) => ExecutorReply::Unavailable(message),
                 }
+                match answered.await {
+                    Ok(Ok(answers)) => ExecutorReply::Applied(Response::Reports(answers)),
+                    Ok(Err(WriteFailed::Other(message))) => ExecutorReply::Unavailable(message),
+                    Ok(Err(WriteFailed::NotLeader)) | Err(_) => self.not_leader(),
+                }
+            }
+        }
+    }
+}
+
+/// One executor's request of reports, waiting for the report writer.
+struct QueuedReports {
+    reports: Vec<Command>,
+    answer: oneshot::Sender<Result<Vec<Response>, WriteFailed>>,
+}
+
+/// The requests the report writer commits as one entry.
+struct ReportBatch {
+    requests: Vec<QueuedReports>,
+    n_reports: usize,
+    size_bytes: usize,
+}
+
+impl ReportBatch {
+    fn new(first: QueuedReports) -> ReportBatch {
+        let n_reports = first.reports.len();
+        let size_bytes = first.reports.iter().map(report_size_bytes).sum();
+        ReportBatch { requests: vec![first], n_reports, size_bytes }
+    }
+
+    /// Adds `next` if the batch then holds at most `reports_max` reports of
+    /// at most `size_bytes_max`; gives it back if not. The first request is
+    /// always taken, whatever its size: it was checked on its own.
+    fn try_add(
+        &mut self,
+        next: QueuedReports,
+        reports_max: usize,
+        size_bytes_max: usize,
+    ) -> Result<(), QueuedReports> {
+        let size_bytes: usize = next.reports.iter().map(report_size_bytes).sum();
+        if self.n_reports + next.reports.len() > reports_max
+            || self.size_bytes + size_bytes > size_bytes_max
+        {
+            return Err(next);
+        }
+        self.n_reports += next.reports.len();
+        self.size_bytes += size_bytes;
+        self.requests.push(next);
+        Ok(())
+    }
+
+    /// The reports of every request in order, and who waits for how many
+    /// of their answers.
+    fn into_entry(self) -> (Vec<Command>, AnswersTo) {
+        let mut reports = Vec::with_capacity(self.n_reports);
+        let mut answers_to = Vec::with_capacity(self.requests.len());
+        for request in self.requests {
+            answers_to.push((request.reports.len(), request.answer));
+            reports.extend(request.reports);
+        }
+        (reports, answers_to)
+    }
+}
+
+/// Commits executors' reports while `leader_id` leads, one entry at a time,
+/// each holding every request that queued while the one before was written
+/// (within the batch limits). Each request gets its own reports' answers.
+async fn write_reports(
+    service: Arc<LeaderService>,
+    leader_id: LeaderId,
+    mut queue: mpsc::Receiver<QueuedReports>,
+    cancel: CancellationToken,
+) {
+    let size_bytes_max = service.config.report_batch_bytes_max;
+    let mut held_back: Option<QueuedReports> = None;
+    loop {
+        let first = match held_back.take() {
+            Some(first) => first,
+            None => tokio::select! {
+                _ = cancel.cancelled() => return,
+                first = queue.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+            },
+        };
+        let mut batch = ReportBatch::new(first);
+        while let Ok(next) = queue.try_recv() {
+            if let Err(next) = batch.try_add(next, REPORTS_PER_REQUEST_MAX, size_bytes_max) {
+                held_back = Some(next);
+                break;
+            }
+        }
+        let (reports, answers_to) = batch.into_entry();
+        let n_reports = reports.len();
+        let command = Command::Reports { reports };
+        let timeout = service.request_timeout;
+        let written = tokio::select! {
+            // The requests' answer channels close: their executors retry.
+            _ = cancel.cancelled() => return,
+            written = fenced_write(&service.raft, leader_id, command, timeout) => written,
+        };
+        let answers = match written {
+            Ok(Response::Reports(answers)) if answers.len() == n_reports => {
+                let n_stale = answers
+                    .iter()
+                    .filter(|answer| {
+                        matches!(answer, Response::Rejected(rejection)
+                            if rejection.kind == crate::scheduler::RejectionKind::Stale)
+                    })
+                    .count();
+                if n_stale > 0 {
+                    info!(n_stale, n_reports, "refused reports from stale attempts");
+                }
+                Ok(answers)
+            }
+            Ok(other) => Err(WriteFailed::Other(format!(
+                "the leader answered {n_reports} reports with {other:?}"
+            ))),
+            Err(failed) => Err(failed),
+        };
+        answer_each(answers, answers_to);
+    }
+}
+
+/// Who waits for how many of an entry's answers, in the entry's order.
+type AnswersTo = Vec<(usize, oneshot::Sender<Result<Vec<Response>, WriteFailed>>)>;
+
+/// Gives each request its own answers, `answers` being in the order of the
+/// requests' reports; or the same failure to each.
+fn answer_each(answers: Result<Vec<Response>, WriteFailed>, answers_to: AnswersTo) {
+    match answers {
+        Ok(answers) => {
+            let mut answers = answers.into_iter();
+            for (n, answer) in answers_to {
+                let _ = answer.send(Ok(answers.by_ref().take(n).collect()));
+            }
+        }
+        Err(failed) => {
+            for (_, answer) in answers_to {
+                let _ = answer.send(Err(failed.clone()));
             }
         }
     }
@@ -285,7 +429,7 @@ fn check_reports(reports: &[Command]) -> Result<(), String> {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum WriteFailed {
     NotLeader,
     Other(String),
@@ -499,6 +643,62 @@ mod tests {
         assert!(err.contains("1 to 1024 reports"), "{err}");
         let err = check_reports(&[start, Command::PromoteDue { now_ms: 1 }]).unwrap_err();
         assert!(err.contains("may not propose PromoteDue"), "{err}");
+    }
+
+    type Answered = oneshot::Receiver<Result<Vec<Response>, WriteFailed>>;
+
+    /// A request of start reports for the tasks `tasks`.
+    fn queued(tasks: std::ops::Range<u64>) -> (QueuedReports, Answered) {
+        let (answer, answered) = oneshot::channel();
+        let reports = tasks
+            .map(|task| Command::StartAttempt { now_ms: 1, task: TaskId(task), token: 1 })
+            .collect();
+        (QueuedReports { reports, answer }, answered)
+    }
+
+    fn recorded(task: u64) -> Response {
+        Response::Attempt(crate::scheduler::command::Recorded {
+            task: TaskId(task),
+            state: crate::scheduler::TaskState::Running,
+        })
+    }
+
+    /// Requests share an entry within the limits; each gets back exactly
+    /// the answers to its own reports, in order.
+    #[test]
+    fn report_requests_share_an_entry_and_each_gets_its_own_answers() {
+        let (first, mut first_answered) = queued(0..3);
+        let (second, mut second_answered) = queued(3..5);
+        let (too_many, _) = queued(5..9);
+        let mut batch = ReportBatch::new(first);
+        assert!(batch.try_add(second, 6, usize::MAX).is_ok());
+        let held_back = batch.try_add(too_many, 6, usize::MAX).unwrap_err();
+        assert_eq!(held_back.reports.len(), 4, "the request that does not fit is given back");
+        let (reports, answers_to) = batch.into_entry();
+        let tasks: Vec<u64> =
+            reports.iter().filter_map(Command::reported_attempt).map(|(task, _)| task.0).collect();
+        assert_eq!(tasks, [0, 1, 2, 3, 4]);
+        answer_each(Ok((0..5).map(recorded).collect()), answers_to);
+        assert_eq!(first_answered.try_recv().unwrap().unwrap(), [0, 1, 2].map(recorded));
+        assert_eq!(second_answered.try_recv().unwrap().unwrap(), [3, 4].map(recorded));
+    }
+
+    /// A request that would take a batch past its byte limit waits for the
+    /// next; a failed write fails every request of the entry alike.
+    #[test]
+    fn report_batches_keep_to_their_size_and_fail_together() {
+        let (first, mut first_answered) = queued(0..3);
+        let first_bytes: usize = first.reports.iter().map(report_size_bytes).sum();
+        let mut batch = ReportBatch::new(first);
+        let (next, mut next_answered) = queued(3..4);
+        let next = batch.try_add(next, 100, first_bytes).unwrap_err();
+        let next_bytes = report_size_bytes(&next.reports[0]);
+        assert!(batch.try_add(next, 100, first_bytes + next_bytes).is_ok());
+        let (_, answers_to) = batch.into_entry();
+        answer_each(Err(WriteFailed::Other("lost".into())), answers_to);
+        for answered in [&mut first_answered, &mut next_answered] {
+            assert!(matches!(answered.try_recv(), Ok(Err(WriteFailed::Other(m))) if m == "lost"));
+        }
     }
 
     /// The packet-loss overlap: openraft thought a majority acknowledged the

@@ -58,7 +58,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ExecutionConfig;
 use crate::executor::process::{AttemptEnv, RunRequest, StopReason, TaskRunner};
-use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat};
+use crate::executor::protocol::{ExecutorReply, ExecutorRequest, Heartbeat, report_size_bytes};
 use crate::executor::warden::WardenHandle;
 use crate::leader::LeaderService;
 use crate::platform::Clock;
@@ -117,15 +117,8 @@ struct PendingReport {
 }
 
 impl PendingReport {
-    /// About what it adds to a batch: its output tails, and the rest.
     fn size_bytes(&self) -> usize {
-        const FIXED_BYTES: usize = 128;
-        match &self.command {
-            Command::CompleteAttempt { report, .. } => {
-                FIXED_BYTES + report.stdout_tail.len() + report.stderr_tail.len()
-            }
-            _ => FIXED_BYTES,
-        }
+        report_size_bytes(&self.command)
     }
 }
 

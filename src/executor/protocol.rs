@@ -6,8 +6,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Command, NodeId, Response, TaskId};
 
-/// The most reports one request may carry; the leader refuses more.
+/// The most reports one request may carry; the leader refuses more. The
+/// leader also commits at most this many in one entry.
 pub const REPORTS_PER_REQUEST_MAX: usize = 1_024;
+
+/// About what a report adds to a batch of reports: its output tails, and
+/// the rest.
+pub fn report_size_bytes(report: &Command) -> usize {
+    const FIXED_BYTES: usize = 128;
+    match report {
+        Command::CompleteAttempt { report, .. } => {
+            FIXED_BYTES + report.stdout_tail.len() + report.stderr_tail.len()
+        }
+        _ => FIXED_BYTES,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecutorRequest {
