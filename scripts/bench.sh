@@ -233,7 +233,7 @@ exec_rate_pair() {  # exec_rate_pair PAIR
     { cat "$work/loadgen.err" >&2; exit 1; }
   echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("%7.0f spawns/s of true, %d at a time" % (r["items_per_s"], r["clients"]))' >&2
   echo "{\"scenario\":\"exec_rate\",\"system\":\"spawn\",\"pair\":$pair,\"result\":$out}" >> "$results"
-  run_taskraft_mode exec_rate taskraft "$pair" '"%7.0f tasks/s (%d tasks over %.1f s, on %d nodes)" % (r["items_per_s"], r["items"], r["seconds"], r["nodes"])' \
+  run_taskraft_mode exec_rate taskraft "$pair" '"%7.0f tasks/s (%d tasks over %.1f s, on %d nodes; CPU per task: nodes %.0f us, process %.0f us)" % (r["items_per_s"], r["items"], r["seconds"], r["nodes"], r["node_cpu_us_per_task"], r["task_cpu_us_per_task"])' \
     --exec "$exec_tasks" --batch 100 --clients 4
 }
 
@@ -423,6 +423,8 @@ if any(row["scenario"] == "exec_rate" for row in execution):
         "taskraft_tasks_per_s": median("exec_rate", "taskraft", "items_per_s"),
         "spawn_per_s": median("exec_rate", "spawn", "items_per_s"),
         "ratio": ratio_of("exec_rate", "taskraft", "spawn", "items_per_s"),
+        "node_cpu_us_per_task": median("exec_rate", "taskraft", "node_cpu_us_per_task"),
+        "task_cpu_us_per_task": median("exec_rate", "taskraft", "task_cpu_us_per_task"),
     }
 scale_metrics = {
     "mem_1m": ("resident memory growth per node, MiB", lambda r: r["fill"]["rss_growth_mib_per_node"]),
@@ -462,8 +464,8 @@ if "submit_to_start" in report["scenarios"]:
 if "exec_rate" in report["scenarios"]:
     entry = report["scenarios"]["exec_rate"]
     lines += ["", "Execution rate (queued no-op tasks, first start to last end) against the raw spawn rate of `true` with as many at a time as the cluster has slots:", "",
-              "| taskraft tasks/s | raw spawns/s | ratio (median of pairs) |", "|---|---|---|",
-              f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {fmt(entry['ratio'], '.2f')}× |"]
+              "| taskraft tasks/s | raw spawns/s | ratio (median of pairs) | nodes' CPU per task, µs | the task process's CPU, µs |", "|---|---|---|---|---|",
+              f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {fmt(entry['ratio'], '.2f')}× | {fmt(entry['node_cpu_us_per_task'], ',.0f')} | {fmt(entry['task_cpu_us_per_task'], ',.0f')} |"]
 if "scale_1m" in report["scenarios"]:
     entry = report["scenarios"]["scale_1m"]
     lines += ["", f"Scale ({fmt(entry['items'], ',')} pending tasks against as many etcd keys of the same payload):", "",

@@ -25,8 +25,8 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use crate::{
-    Args, OPEN_LOOP_IN_FLIGHT_MAX, REQUEST_TIMEOUT, Target, connect, leader_addr, task_spec,
-    tasks_client,
+    Args, OPEN_LOOP_IN_FLIGHT_MAX, REQUEST_TIMEOUT, Target, clock_ticks, connect, cpu_seconds,
+    leader_addr, reaped_children_cpu_seconds, task_spec, tasks_client,
 };
 
 /// The longest `--exec` waits for its tasks to end.
@@ -233,11 +233,32 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
     let ids = sent.into_iter().map(|(id, _)| id).collect();
     let found = read_back(&client, ids, deadline, has_started).await?;
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    // The same latencies by the node whose executor started the task: the
+    // leader's executor sees an assignment as the leader applies it, a
+    // follower's once it has learned of the commit.
+    let mut by_node = std::collections::BTreeMap::<u64, Histogram<u64>>::new();
     for task in &found.settled {
         let due_us = due_by_id[&task.id];
         let start_us = started_at_ms(task) * 1_000 + 500;
-        histogram.saturating_record(start_us.saturating_sub(due_us).max(1));
+        let latency_us = start_us.saturating_sub(due_us).max(1);
+        histogram.saturating_record(latency_us);
+        let node = task.attempts.last().map_or(0, |attempt| attempt.node_id);
+        if let std::collections::btree_map::Entry::Vacant(entry) = by_node.entry(node) {
+            entry.insert(Histogram::new_with_bounds(1, 600_000_000, 3)?);
+        }
+        by_node.get_mut(&node).expect("inserted above").saturating_record(latency_us);
     }
+    let by_node: serde_json::Map<String, serde_json::Value> = by_node
+        .iter()
+        .map(|(node, h)| {
+            let summary = serde_json::json!({
+                "items": h.len(),
+                "p50_us": h.value_at_quantile(0.50),
+                "p99_us": h.value_at_quantile(0.99),
+            });
+            (node.to_string(), summary)
+        })
+        .collect();
     let gave_up_us = unix_us();
     for id in &found.unsettled {
         histogram.saturating_record(gave_up_us.saturating_sub(due_by_id[id]).max(1));
@@ -263,6 +284,8 @@ pub async fn to_start(args: &Args) -> anyhow::Result<()> {
         "p99_us": histogram.value_at_quantile(0.99),
         "max_us": histogram.max(),
         "resolution_us": 1_000,
+        "leader": leader,
+        "by_executor_node": by_node,
     });
     println!("{result}");
     Ok(())
@@ -275,6 +298,13 @@ pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
     let leader = leader_addr(args.target, &args.endpoints).await?;
     let client = tasks_client(connect(&leader).await?);
     let spec = task_spec(0, false);
+    // The nodes' own CPU and their tasks' over the whole run, submissions
+    // included: what each task costs the node against what its process costs.
+    let ticks = clock_ticks();
+    let cpu = |read: fn(u32, f64) -> Option<f64>| {
+        args.server_pids.iter().filter_map(|pid| read(*pid, ticks)).sum::<f64>()
+    };
+    let (node_cpu_from, task_cpu_from) = (cpu(cpu_seconds), cpu(reaped_children_cpu_seconds));
     eprintln!("  submitting {n_tasks} no-op tasks in batches of {}", args.batch);
     let mut submissions = JoinSet::new();
     let permits = Arc::new(Semaphore::new(args.clients));
@@ -302,6 +332,8 @@ pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
     // measured on; one small listing now and then does not. The read-back
     // afterwards checks every task, outside the measured window.
     wait_until_none_unfinished(&client, deadline).await?;
+    let (node_cpu_s, task_cpu_s) =
+        (cpu(cpu_seconds) - node_cpu_from, cpu(reaped_children_cpu_seconds) - task_cpu_from);
     let found = read_back(&client, ids, deadline, has_ended).await?;
     if let Some(id) = found.unsettled.first() {
         bail!(
@@ -329,6 +361,8 @@ pub async fn exec(args: &Args, n_tasks: usize) -> anyhow::Result<()> {
         "seconds": seconds,
         "items_per_s": n_tasks as f64 / seconds,
         "nodes": nodes.len(),
+        "node_cpu_us_per_task": node_cpu_s * 1e6 / n_tasks as f64,
+        "task_cpu_us_per_task": task_cpu_s * 1e6 / n_tasks as f64,
     });
     println!("{result}");
     Ok(())

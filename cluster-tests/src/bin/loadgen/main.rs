@@ -250,6 +250,17 @@ fn cpu_seconds(pid: u32, clock_ticks: f64) -> Option<f64> {
     Some((utime + stime) / clock_ticks)
 }
 
+/// CPU seconds (user + system) of the children of `pid` that it has reaped:
+/// for a taskraft node, of the task processes that have ended.
+fn reaped_children_cpu_seconds(pid: u32, clock_ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    // cutime is field 16 and cstime 17 (1-based).
+    let cutime: f64 = fields.get(13)?.parse().ok()?;
+    let cstime: f64 = fields.get(14)?.parse().ok()?;
+    Some((cutime + cstime) / clock_ticks)
+}
+
 fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
