@@ -242,23 +242,27 @@ async fn leader_addr(target: Target, endpoints: &[String]) -> anyhow::Result<Str
 
 /// CPU seconds (user + system) that process `pid` has used.
 fn cpu_seconds(pid: u32, clock_ticks: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    // After the command: state is field 3, utime 14 and stime 15 (1-based).
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks)
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (1-based).
+    stat_user_and_system_seconds(pid, 14, clock_ticks)
 }
 
 /// CPU seconds (user + system) of the children of `pid` that it has reaped:
 /// for a taskraft node, of the task processes that have ended.
 fn reaped_children_cpu_seconds(pid: u32, clock_ticks: f64) -> Option<f64> {
+    // cutime and cstime are fields 16 and 17.
+    stat_user_and_system_seconds(pid, 16, clock_ticks)
+}
+
+/// The sum of the user time at field `user_field` (1-based) of
+/// /proc/PID/stat and the system time that follows it, in seconds.
+fn stat_user_and_system_seconds(pid: u32, user_field: usize, clock_ticks: f64) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) may hold spaces: count from the ')' that ends
+    // it, after which field 3 comes first.
     let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    // cutime is field 16 and cstime 17 (1-based).
-    let cutime: f64 = fields.get(13)?.parse().ok()?;
-    let cstime: f64 = fields.get(14)?.parse().ok()?;
-    Some((cutime + cstime) / clock_ticks)
+    let user: f64 = fields.get(user_field - 3)?.parse().ok()?;
+    let system: f64 = fields.get(user_field - 2)?.parse().ok()?;
+    Some((user + system) / clock_ticks)
 }
 
 fn clock_ticks() -> f64 {
