@@ -221,6 +221,20 @@ impl Tree {
         }
     }
 
+    /// The entry with the greatest key at or before `key`.
+    pub fn last_at_or_before(&self, key: &[u8]) -> io::Result<Option<KeyValue>> {
+        match self {
+            Tree::Sled(tree) => tree.range(..=key).next_back().transpose().map_err(sled_err),
+            Tree::Memory { handle, name } => {
+                Ok(handle.lock()?.live.get(&**name).and_then(|tree| {
+                    tree.range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+                        .next_back()
+                        .map(|(key, value)| (IVec::from(key.as_slice()), value.clone()))
+                }))
+            }
+        }
+    }
+
     /// The entry with the greatest key.
     pub fn last(&self) -> io::Result<Option<KeyValue>> {
         match self {

@@ -1,7 +1,9 @@
 //! The Raft log and Raft metadata in the key-value layer ([`super::kv`]:
 //! sled, or a simulated disk), with group commit.
 //!
-//! `append` writes entries to the `raft_log` tree at once, so they are
+//! The log tree holds one value per append, a run of consecutive entries
+//! keyed by the index of its first ([`super::log_run`] says why), so an
+//! append is one sled insert. `append` writes it at once, so its entries are
 //! readable on return, and hands openraft's completion callback to a single
 //! flusher loop. The loop drains every callback queued so far, calls
 //! `Db::flush` once (sled writes its whole page cache and [`super::durable`]
@@ -28,7 +30,12 @@
 //! a follower's core, and with it every answer to the leader, heartbeats
 //! included, for a second: the leader saw no majority and refused writes.
 //! openraft allows this: purged entries need not vanish at once, and none
-//! at or below the purge point is read again.
+//! at or below the purge point is read again. A run that holds the purge
+//! point stays whole until a later purge passes its end; reads skip the
+//! entries of it at or below the purge point.
+//!
+//! Stores of earlier versions kept one entry per key in the tree
+//! `raft_log`; `open` converts them (see [`convert_legacy_log`]).
 
 use std::fmt::Debug;
 use std::io;
@@ -44,10 +51,24 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::storage::kv::{Batch, Db, IVec, Tree};
+use crate::storage::log_run;
+
+/// The tree of runs of log entries.
+const LOG_TREE: &str = "raft_log_runs";
+/// The tree in which earlier versions kept one log entry per key.
+const LEGACY_LOG_TREE: &str = "raft_log";
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// Present once the entries of [`LEGACY_LOG_TREE`] are durable as runs.
+const KEY_LEGACY_LOG_COPIED: &[u8] = b"legacy_log_copied";
+
+/// The encoded bytes one run holds at most, unless one entry alone is
+/// larger. sled writes a value, or a tree page, larger than a quarter of a
+/// segment (about 128 KiB) to a file of its own, which costs a file create
+/// and an fsync of its own; a run stays well below that.
+const LOG_RUN_BYTES_MAX: usize = 32 * 1024;
 
 /// The Raft log store. Cheap to clone: clones share the trees and the flusher.
 #[derive(Clone)]
@@ -60,6 +81,9 @@ pub struct LogStore {
     /// disk, where purges delete inline to stay deterministic.
     purges_tx: Option<std::sync::mpsc::SyncSender<u64>>,
     appended: AppendedBytes,
+    /// The first index after the purge point (0 before any purge): reads
+    /// start there, whatever the runs still hold before it.
+    unpurged_from: Arc<AtomicU64>,
 }
 
 /// Entries one batch of a purge deletes. sled deletes about 100,000 log
@@ -90,8 +114,9 @@ impl LogStore {
     /// Opens the log trees of `db` and starts the flusher loop. At most
     /// `flush_queue_max` appends wait for a flush at once; more wait to queue.
     pub fn open(db: &Db, flush_queue_max: usize) -> io::Result<LogStore> {
-        let log = db.open_tree("raft_log")?;
+        let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree("raft_meta")?;
+        convert_legacy_log(db, &log, &meta)?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
         let purges_tx = match db {
             Db::Sled(_) => {
@@ -120,8 +145,10 @@ impl LogStore {
             flush_tx,
             purges_tx,
             appended: AppendedBytes::default(),
+            unpurged_from: Arc::default(),
         };
         if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
+            store.unpurged_from.store(purged.index() + 1, Ordering::Relaxed);
             let n_removed = remove_up_to(&store.log, purged.index())?;
             if n_removed > 0 {
                 info!(%purged, n_removed, "finished a purge a crash had interrupted");
@@ -130,7 +157,6 @@ impl LogStore {
         Ok(store)
     }
 
-    /// Deletes every entry with an index up to `index`; returns how many.
     /// A handle on the count of bytes appended, which outlives the store's
     /// move into openraft.
     pub fn appended_bytes(&self) -> AppendedBytes {
@@ -155,31 +181,135 @@ impl LogStore {
     fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
         match self.log.last()? {
             None => Ok(None),
-            Some((_, bytes)) => Ok(Some(decode_entry(&bytes)?.log_id)),
+            Some((key, run)) => {
+                let first = key_index(&key)?;
+                let entries = log_run::entries(&run)?;
+                let last = first + entries.len() as u64 - 1;
+                let bytes = entries.last().expect("log_run::entries refuses an empty run");
+                Ok(Some(decode_entry_at(last, bytes)?.log_id))
+            }
+        }
+    }
+
+    /// The index of the last entry stored, purged or not.
+    fn last_stored_index(&self) -> io::Result<Option<u64>> {
+        match self.log.last()? {
+            None => Ok(None),
+            Some((key, run)) => Ok(Some(key_index(&key)? + log_run::len(&run)? - 1)),
+        }
+    }
+
+    /// The first and last index of every run stored, in order.
+    #[cfg(test)]
+    pub(crate) fn stored_runs(&self) -> io::Result<Vec<(u64, u64)>> {
+        let mut runs = Vec::new();
+        for item in self.log.range(Bound::Unbounded, Bound::Unbounded)? {
+            let (key, run) = item?;
+            let first = key_index(&key)?;
+            runs.push((first, first + log_run::len(&run)? - 1));
+        }
+        Ok(runs)
+    }
+}
+
+/// Removes every run of `log` whose entries all have indexes up to `index`,
+/// about [`PURGE_CHUNK_ENTRIES`] entries at a time, oldest first, so no hole
+/// is ever left; returns how many entries. A run that holds `index` and
+/// entries after it stays. Only the headers of runs are read.
+fn remove_up_to(log: &Tree, index: u64) -> io::Result<u64> {
+    let mut n_removed = 0;
+    loop {
+        let mut batch = Batch::default();
+        let mut n_chunk = 0;
+        let mut more = false;
+        for item in log.range(Bound::Unbounded, Bound::Included(&index_key(index)))? {
+            let (key, run) = item?;
+            let first = key_index(&key)?;
+            let last = first + log_run::len(&run)? - 1;
+            if last > index {
+                break;
+            }
+            batch.remove(key);
+            n_chunk += last - first + 1;
+            if n_chunk >= PURGE_CHUNK_ENTRIES {
+                more = true;
+                break;
+            }
+        }
+        if n_chunk == 0 {
+            return Ok(n_removed);
+        }
+        log.apply_batch(batch)?;
+        n_removed += n_chunk;
+        if !more {
+            return Ok(n_removed);
         }
     }
 }
 
-/// Removes every entry of `log` up to `index`, [`PURGE_CHUNK_ENTRIES`] at a
-/// time, oldest first, so no hole is ever left; returns how many. Only the
-/// first entry is read, to learn where the log starts; the keys after it
-/// are computed (the log has no gaps), so no entry's value (a batch can be
-/// megabytes) is read just to be deleted.
-fn remove_up_to(log: &Tree, index: u64) -> io::Result<usize> {
-    let mut n_removed = 0;
+/// Removes every key of `tree`, [`PURGE_CHUNK_ENTRIES`] keys at a time.
+fn remove_all(tree: &Tree) -> io::Result<()> {
     loop {
-        let first = match log.range(Bound::Unbounded, Bound::Included(&index_key(index)))?.next() {
-            None => return Ok(n_removed),
-            Some(item) => key_index(&item?.0)?,
-        };
-        let last = index.min(first.saturating_add(PURGE_CHUNK_ENTRIES - 1));
         let mut batch = Batch::default();
-        for index in first..=last {
-            batch.remove(&index_key(index)[..]);
+        let mut n_keys = 0;
+        for item in
+            tree.range(Bound::Unbounded, Bound::Unbounded)?.take(PURGE_CHUNK_ENTRIES as usize)
+        {
+            batch.remove(item?.0);
+            n_keys += 1;
         }
-        log.apply_batch(batch)?;
-        n_removed += (last - first + 1) as usize;
+        if n_keys == 0 {
+            return Ok(());
+        }
+        tree.apply_batch(batch)?;
     }
+}
+
+/// Converts the log of a store of an earlier version, one entry per key in
+/// [`LEGACY_LOG_TREE`], into runs in `log`. The copy is made durable and
+/// recorded as done ([`KEY_LEGACY_LOG_COPIED`]) before the old tree is
+/// emptied, so a crash at any point leaves a store whose next open either
+/// copies again from the start or finishes emptying the old tree.
+fn convert_legacy_log(db: &Db, log: &Tree, meta: &Tree) -> io::Result<()> {
+    let legacy = db.open_tree(LEGACY_LOG_TREE)?;
+    if legacy.range(Bound::Unbounded, Bound::Unbounded)?.next().is_none() {
+        return Ok(());
+    }
+    if meta.get(KEY_LEGACY_LOG_COPIED)?.is_none() {
+        // Whatever an interrupted copy left.
+        remove_all(log)?;
+        let mut run: Vec<IVec> = Vec::new();
+        let mut run_first = 0;
+        let mut run_bytes = 0;
+        let mut n_entries = 0u64;
+        for item in legacy.range(Bound::Unbounded, Bound::Unbounded)? {
+            let (key, bytes) = item?;
+            let index = key_index(&key)?;
+            decode_entry_at(index, &bytes)?;
+            let follows = index == run_first + run.len() as u64;
+            if !run.is_empty() && (!follows || run_bytes + bytes.len() > LOG_RUN_BYTES_MAX) {
+                log.insert(&index_key(run_first), log_run::encode(&run))?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_first = index;
+                run_bytes = 0;
+            }
+            run_bytes += bytes.len();
+            run.push(bytes);
+            n_entries += 1;
+        }
+        if !run.is_empty() {
+            log.insert(&index_key(run_first), log_run::encode(&run))?;
+        }
+        db.flush_blocking()?;
+        meta.insert(KEY_LEGACY_LOG_COPIED, vec![1u8])?;
+        db.flush_blocking()?;
+        info!(n_entries, "copied the Raft log of an earlier version into runs");
+    }
+    remove_all(&legacy)?;
+    db.flush_blocking()?;
+    Ok(())
 }
 
 /// Deletes purged entries for [`LogStore::purge`], off the Raft core; a
@@ -259,8 +389,17 @@ fn key_index(key: &[u8]) -> io::Result<u64> {
     Ok(u64::from_be_bytes(key.try_into().map_err(|_| io::Error::other("bad log key"))?))
 }
 
-fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
-    codec::decode("Raft log entry", bytes).map_err(io::Error::other)
+/// Decodes the entry stored as the one with index `index`, and checks that
+/// it is.
+fn decode_entry_at(index: u64, bytes: &[u8]) -> io::Result<Entry> {
+    let entry: Entry = codec::decode("Raft log entry", bytes).map_err(io::Error::other)?;
+    if entry.log_id.index() != index {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the log entry stored as index {index} has index {}", entry.log_id.index()),
+        ));
+    }
+    Ok(entry)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -273,21 +412,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(index) => index.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let start = start.max(self.unpurged_from.load(Ordering::Relaxed));
+        // The run that holds `start` begins at or before it.
+        let from_key = match self.log.last_at_or_before(&index_key(start))? {
+            Some((key, run)) if key_index(&key)? + log_run::len(&run)? > start => key_index(&key)?,
+            _ => start,
+        };
         let mut entries = Vec::new();
-        for item in self.log.range(Bound::Included(&index_key(start)), Bound::Unbounded)? {
-            let (key, bytes) = item?;
-            let index = key_index(&key)?;
-            if !range.contains(&index) {
-                break;
+        let mut next_run_first = None;
+        for item in self.log.range(Bound::Included(&index_key(from_key)), Bound::Unbounded)? {
+            let (key, run) = item?;
+            let first = key_index(&key)?;
+            if next_run_first.is_some_and(|expected| expected != first) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the Raft log has a gap before index {first}"),
+                ));
             }
-            let entry = decode_entry(&bytes)?;
-            if entry.log_id.index() != index {
-                return Err(io::Error::other(format!(
-                    "log entry under key {index} has index {}",
-                    entry.log_id.index()
-                )));
+            let run = log_run::entries(&run)?;
+            for (offset, bytes) in run.iter().enumerate() {
+                let index = first + offset as u64;
+                if index < start {
+                    continue;
+                }
+                if !range.contains(&index) {
+                    return Ok(entries);
+                }
+                entries.push(decode_entry_at(index, bytes)?);
             }
-            entries.push(entry);
+            next_run_first = Some(first + run.len() as u64);
         }
         Ok(entries)
     }
@@ -339,17 +492,48 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = Batch::default();
+        let mut encoded = Vec::new();
+        let mut first_index = None;
         let mut n_bytes = 0u64;
         for entry in entries {
             if let EntryPayload::Membership(_) = &entry.payload {
                 info!(log_id = %entry.log_id, "appending a membership entry");
             }
+            let index = entry.log_id.index();
+            let first = *first_index.get_or_insert(index);
+            if index != first + encoded.len() as u64 {
+                return Err(io::Error::other(format!(
+                    "appended entries are not consecutive: index {index} after {first}"
+                )));
+            }
             let bytes = codec::encode(&entry);
             n_bytes += bytes.len() as u64;
-            batch.insert(&index_key(entry.log_id.index())[..], bytes);
+            encoded.push(bytes);
         }
-        self.log.apply_batch(batch)?;
+        if let Some(first) = first_index {
+            // openraft truncates a conflicting tail before it appends.
+            if let Some(last) = self.last_stored_index()?
+                && first <= last
+            {
+                return Err(io::Error::other(format!(
+                    "an append from index {first} overlaps the stored log, which ends at {last}"
+                )));
+            }
+            let runs = log_run::split(&encoded, LOG_RUN_BYTES_MAX);
+            if let [run] = runs[..] {
+                self.log.insert(&index_key(first), log_run::encode(run))?;
+            } else {
+                // Rare (appends of more than LOG_RUN_BYTES_MAX): a sled batch,
+                // all or nothing.
+                let mut batch = Batch::default();
+                let mut run_first = first;
+                for run in runs {
+                    batch.insert(&index_key(run_first)[..], log_run::encode(run));
+                    run_first += run.len() as u64;
+                }
+                self.log.apply_batch(batch)?;
+            }
+        }
         self.appended.add(n_bytes);
         if self.flush_tx.send(callback).await.is_err() {
             return Err(io::Error::other("the log flusher has stopped"));
@@ -359,7 +543,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |log_id| log_id.index() + 1);
-        // Delete from the tail backwards so no hole is ever left.
+        // Delete from the tail backwards so no hole is ever left: the runs
+        // that start at `from` or later, then the tail of the run before.
         let keys: Vec<IVec> = self
             .log
             .range(Bound::Included(&index_key(from)), Bound::Unbounded)?
@@ -367,6 +552,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect::<io::Result<_>>()?;
         for key in keys.into_iter().rev() {
             self.log.remove(&key)?;
+        }
+        if let Some(kept_last) = from.checked_sub(1)
+            && let Some((key, run)) = self.log.last_at_or_before(&index_key(kept_last))?
+        {
+            let first = key_index(&key)?;
+            let run = log_run::entries(&run)?;
+            let n_kept = (from - first) as usize;
+            if n_kept < run.len() {
+                self.log.insert(&key, log_run::encode(&run[..n_kept]))?;
+            }
         }
         Ok(())
     }
@@ -378,6 +573,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta.insert(KEY_LAST_PURGED, codec::encode(&log_id))?;
         self.db.flush().await?;
         let up_to = log_id.index();
+        self.unpurged_from.fetch_max(up_to + 1, Ordering::Relaxed);
         let inline = match &self.purges_tx {
             None => true,
             Some(purges_tx) => match purges_tx.try_send(up_to) {

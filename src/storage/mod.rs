@@ -9,6 +9,7 @@
 
 pub mod durable;
 pub mod kv;
+mod log_run;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

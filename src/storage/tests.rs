@@ -153,14 +153,118 @@ async fn a_purge_over_sled_deletes_its_entries_in_chunks_and_keeps_those_after_i
     let state = log_store.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id.map(|log_id| log_id.index()), Some(2_400));
     assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(2_500));
+    assert!(log_store.try_get_log_entries(1..=2_400).await.unwrap().is_empty());
+    // The runs wholly at or below the purge point go; the one that holds
+    // it stays whole until a later purge passes its end.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !log_store.try_get_log_entries(1..=2_400).await.unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the purged entries are still there");
+    loop {
+        let runs = log_store.stored_runs().unwrap();
+        let contiguous = runs.windows(2).all(|pair| pair[0].1 + 1 == pair[1].0);
+        let kept = runs[0].0 <= 2_401 && runs[runs.len() - 1].1 == 2_500 && contiguous;
+        assert!(kept, "runs {runs:?} lost entries after the purge");
+        if runs.iter().all(|&(_, last)| last > 2_400) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "purged runs are still there: {runs:?}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let kept = log_store.try_get_log_entries(2_401..=2_500).await.unwrap();
     assert_eq!(kept.first().map(|entry| entry.log_id.index()), Some(2_401));
     assert_eq!(kept.len(), 100);
+}
+
+fn indexes(entries: &[Entry]) -> Vec<u64> {
+    entries.iter().map(|entry| entry.log_id.index()).collect()
+}
+
+/// One append is one run, or several when its entries are large; reads,
+/// truncation in the middle of a run, and appends after it see entries,
+/// never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_read_truncated_and_appended_to_entry_by_entry() {
+    let dir = TempDir::new().unwrap();
+    let (mut log_store, _) = open_stores(dir.path()).unwrap();
+    append_and_wait(&mut log_store, (1..=10).map(|index| submit_entry(index, "true")).collect())
+        .await;
+    // Entries of about 10 KiB: four of them make more than one run.
+    let large = "x".repeat(10 * 1024);
+    append_and_wait(&mut log_store, (11..=14).map(|index| submit_entry(index, &large)).collect())
+        .await;
+    let runs = log_store.stored_runs().unwrap();
+    assert_eq!(runs[0], (1, 10));
+    assert!(runs.len() > 2, "four entries of 10 KiB made runs {runs:?}");
+    assert_eq!(
+        indexes(&log_store.try_get_log_entries(4..12).await.unwrap()),
+        (4..12).collect::<Vec<_>>()
+    );
+    assert_eq!(indexes(&log_store.try_get_log_entries(13..).await.unwrap()), vec![13, 14]);
+
+    log_store.truncate_after(Some(submit_entry(6, "true").log_id)).await.unwrap();
+    assert_eq!(log_store.stored_runs().unwrap(), vec![(1, 6)]);
+    let state = log_store.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(6));
+
+    let overlapping = vec![submit_entry(6, "false")];
+    let (tx, _rx) = TypeConfig::oneshot();
+    let refused = log_store.append(overlapping, IOFlushed::signal(tx)).await;
+    assert!(refused.unwrap_err().to_string().contains("overlaps"));
+
+    append_and_wait(&mut log_store, (7..=8).map(|index| submit_entry(index, "false")).collect())
+        .await;
+    let entries = log_store.try_get_log_entries(..).await.unwrap();
+    assert_eq!(indexes(&entries), (1..=8).collect::<Vec<_>>());
+    assert_eq!(entries[6], submit_entry(7, "false"));
+    assert_eq!(log_store.stored_runs().unwrap(), vec![(1, 6), (7, 8)]);
+}
+
+/// Stores of earlier versions kept one entry per key in `raft_log`. Opening
+/// one converts it, also after a crash in the middle of an earlier
+/// conversion, and empties the old tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_one_entry_per_key_is_converted_into_runs_on_open() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+        let legacy = db.open_tree("raft_log").unwrap();
+        for index in 1..=30 {
+            let entry = submit_entry(index, "true");
+            legacy.insert(&index.to_be_bytes(), crate::raft::codec::encode(&entry)).unwrap();
+        }
+        // What a conversion that crashed before it was done left behind.
+        let runs = db.open_tree("raft_log_runs").unwrap();
+        runs.insert(&1u64.to_be_bytes(), b"half a copy".to_vec()).unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (mut log_store, _) = open_stores_on(&db, dir.path()).unwrap();
+    let entries = log_store.try_get_log_entries(..).await.unwrap();
+    assert_eq!(entries, (1..=30).map(|index| submit_entry(index, "true")).collect::<Vec<_>>());
+    let state = log_store.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(30));
+    let legacy = db.open_tree("raft_log").unwrap();
+    assert!(
+        legacy
+            .range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+/// A run damaged on disk is an error from the read, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_run_is_a_read_error() {
+    let dir = TempDir::new().unwrap();
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (mut log_store, _) = open_stores_on(&db, dir.path()).unwrap();
+    append_and_wait(&mut log_store, (1..=3).map(|index| submit_entry(index, "true")).collect())
+        .await;
+    let runs = db.open_tree("raft_log_runs").unwrap();
+    let run = runs.get(&1u64.to_be_bytes()).unwrap().unwrap();
+    runs.insert(&1u64.to_be_bytes(), run[..run.len() - 1].to_vec()).unwrap();
+    let err = log_store.try_get_log_entries(1..4).await.unwrap_err();
+    assert!(err.to_string().contains("run of the Raft log"), "{err}");
+    assert!(log_store.get_log_state().await.is_err());
 }
 
 /// Earlier versions mirrored the state in the tree `sm`; the snapshot and
