@@ -250,6 +250,37 @@ async fn a_log_of_one_entry_per_key_is_converted_into_runs_on_open() {
     );
 }
 
+/// A conversion that crashed after its copy was durable and recorded, but
+/// before the old tree was empty, is finished on open from the copy: the
+/// old tree's entries are not copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_recorded_as_copied_only_empties_the_old_tree() {
+    let dir = TempDir::new().unwrap();
+    {
+        let (mut log_store, _) = open_stores(dir.path()).unwrap();
+        let entries = (1..=3).map(|index| submit_entry(index, "copied")).collect();
+        append_and_wait(&mut log_store, entries).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    {
+        let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+        let legacy = db.open_tree("raft_log").unwrap();
+        for index in 1..=3u64 {
+            let entry = submit_entry(index, "old tree");
+            legacy.insert(&index.to_be_bytes(), crate::raft::codec::encode(&entry)).unwrap();
+        }
+        db.open_tree("raft_meta").unwrap().insert(b"legacy_log_copied", vec![1u8]).unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (mut log_store, _) = open_stores_on(&db, dir.path()).unwrap();
+    let entries = log_store.try_get_log_entries(..).await.unwrap();
+    assert_eq!(entries, (1..=3).map(|index| submit_entry(index, "copied")).collect::<Vec<_>>());
+    let legacy = db.open_tree("raft_log").unwrap();
+    let mut left = legacy.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded).unwrap();
+    assert!(left.next().is_none());
+}
+
 /// A run damaged on disk is an error from the read, not a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_run_is_a_read_error() {
