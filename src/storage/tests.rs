@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::scheduler::{Command, TaskSpec};
-use crate::storage::kv::Db;
+use crate::storage::kv::{Db, Tree};
 use crate::storage::{EventLimits, LogStore, MemoryDisk, SnapshotFile, StateMachineStore, open_db};
 
 const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
@@ -177,6 +177,11 @@ fn indexes(entries: &[Entry]) -> Vec<u64> {
     entries.iter().map(|entry| entry.log_id.index()).collect()
 }
 
+/// Whether `tree` holds no entry at all.
+fn tree_is_empty(tree: &Tree) -> bool {
+    tree.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded).unwrap().next().is_none()
+}
+
 /// One append is one run, or several when its entries are large; reads,
 /// truncation in the middle of a run, and appends after it see entries,
 /// never runs.
@@ -240,14 +245,7 @@ async fn a_log_of_one_entry_per_key_is_converted_into_runs_on_open() {
     assert_eq!(entries, (1..=30).map(|index| submit_entry(index, "true")).collect::<Vec<_>>());
     let state = log_store.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id.map(|log_id| log_id.index()), Some(30));
-    let legacy = db.open_tree("raft_log").unwrap();
-    assert!(
-        legacy
-            .range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
-            .unwrap()
-            .next()
-            .is_none()
-    );
+    assert!(tree_is_empty(&db.open_tree("raft_log").unwrap()));
 }
 
 /// A conversion that crashed after its copy was durable and recorded, but
@@ -276,9 +274,7 @@ async fn a_conversion_recorded_as_copied_only_empties_the_old_tree() {
     let (mut log_store, _) = open_stores_on(&db, dir.path()).unwrap();
     let entries = log_store.try_get_log_entries(..).await.unwrap();
     assert_eq!(entries, (1..=3).map(|index| submit_entry(index, "copied")).collect::<Vec<_>>());
-    let legacy = db.open_tree("raft_log").unwrap();
-    let mut left = legacy.range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded).unwrap();
-    assert!(left.next().is_none());
+    assert!(tree_is_empty(&db.open_tree("raft_log").unwrap()));
 }
 
 /// A run damaged on disk is an error from the read, not a panic.
@@ -311,14 +307,7 @@ async fn opening_empties_the_state_mirror_of_an_earlier_version() {
     let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
     let (_, state_machine) = open_stores_on(&db, dir.path()).unwrap();
     assert_eq!(state_machine.read().state.n_tasks(), 0);
-    let mirror = db.open_tree("sm").unwrap();
-    assert!(
-        mirror
-            .range(std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)
-            .unwrap()
-            .next()
-            .is_none()
-    );
+    assert!(tree_is_empty(&db.open_tree("sm").unwrap()));
 }
 
 /// A follower that installs a snapshot ahead of its log purges past its last
