@@ -22,7 +22,8 @@ use crate::proto::peer_v1::raft_peer_server::RaftPeer;
 use crate::proto::peer_v1::{RaftMessage, SnapshotChunk};
 use crate::raft::codec;
 use crate::raft::{Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
-use crate::storage::SnapshotFile;
+use crate::storage::snapshot::PacedFile;
+use crate::storage::{SnapshotFile, kv};
 
 pub struct PeerService {
     raft: Raft,
@@ -168,7 +169,12 @@ impl RaftPeer for PeerService {
         let (vote, meta): (Vote, SnapshotMeta) = codec::decode("snapshot header", &first.header)
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let path = self.snapshot_dir.join(format!("{}.incoming", rand::random::<u64>()));
-        let mut file = std::fs::File::create(&path).map_err(|err| internal_io("create", &err))?;
+        let file = std::fs::File::create(&path).map_err(|err| internal_io("create", &err))?;
+        // Paced as the snapshots this node builds are (see `snapshot.rs`):
+        // a few hundred MiB left for one final fsync held up this node's
+        // log flushes, and with them its answers to the leader. The writes
+        // wait on the disk, so they run off the runtime's threads.
+        let mut file = PacedFile::new(file);
         let mut n_bytes: u64 = 0;
         let received = async {
             while let Some(chunk) = chunks.message().await? {
@@ -179,9 +185,16 @@ impl RaftPeer for PeerService {
                         self.snapshot_bytes_max
                     )));
                 }
-                file.write_all(&chunk.data).map_err(|err| internal_io("write", &err))?;
+                file = kv::blocking(move || {
+                    file.write_all(&chunk.data)?;
+                    Ok(file)
+                })
+                .await
+                .map_err(|err| internal_io("write", &err))?;
             }
-            file.sync_all().map_err(|err| internal_io("sync", &err))?;
+            kv::blocking(move || file.into_inner().sync_all())
+                .await
+                .map_err(|err| internal_io("sync", &err))?;
             Ok(())
         }
         .await;

@@ -14,6 +14,7 @@
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
 //! [`SnapshotMeta`], then the postcard-encoded body (meta and tasks).
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -53,17 +54,24 @@ const WRITEBACK_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 /// A file written from the start, whose pages go to disk as it grows: each
 /// time a chunk fills, writeback of that chunk starts and the chunk before
 /// it is waited for, so at most two chunks are dirty or in flight at once,
-/// and the encoder goes on while one is written.
-struct PacedFile<'a> {
-    file: &'a File,
+/// and the writer goes on while one is written. Snapshots we build and
+/// snapshots we receive from the leader are both written through one.
+/// Writes may block for as long as a chunk takes to reach the disk.
+pub struct PacedFile<F> {
+    file: F,
     written_bytes: u64,
     /// Where the chunk not yet handed to writeback starts.
     chunk_start: u64,
 }
 
-impl<'a> PacedFile<'a> {
-    fn new(file: &'a File) -> PacedFile<'a> {
+impl<F: Borrow<File>> PacedFile<F> {
+    /// Paces writes to `file`, which must be empty and written from its start.
+    pub fn new(file: F) -> PacedFile<F> {
         PacedFile { file, written_bytes: 0, chunk_start: 0 }
+    }
+
+    pub fn into_inner(self) -> F {
+        self.file
     }
 
     #[allow(unsafe_code, reason = "sync_file_range(2) on a file this writer holds open")]
@@ -71,7 +79,12 @@ impl<'a> PacedFile<'a> {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain system call on a descriptor that `self.file` keeps open.
         let rc = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), start as i64, n_bytes as i64, flags)
+            libc::sync_file_range(
+                self.file.borrow().as_raw_fd(),
+                start as i64,
+                n_bytes as i64,
+                flags,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -80,9 +93,10 @@ impl<'a> PacedFile<'a> {
     }
 }
 
-impl Write for PacedFile<'_> {
+impl<F: Borrow<File>> Write for PacedFile<F> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (&*self.file).write(buf)?;
+        let mut file: &File = self.file.borrow();
+        let n = file.write(buf)?;
         self.written_bytes += n as u64;
         if self.written_bytes - self.chunk_start >= WRITEBACK_CHUNK_BYTES {
             let chunk_bytes = self.written_bytes - self.chunk_start;
