@@ -169,6 +169,12 @@ pub struct ExecutionConfig {
     pub prefetch_window_ms: u64,
     /// Reports an executor holds for the leader; its attempts wait beyond.
     pub report_queue_max: usize,
+    /// Executors' report requests waiting on the leader for its report
+    /// writer; more wait for room, within their request's timeout.
+    pub leader_report_requests_queued_max: usize,
+    /// Heartbeats waiting on the leader for its scheduling loop; more are
+    /// refused, and the executor's next heartbeat tries again.
+    pub leader_heartbeats_queued_max: usize,
     /// Reports one executor sends in one request, committed as one entry.
     pub report_batch_max: usize,
     /// Output tails one such request carries, about (a report always fits).
@@ -192,6 +198,8 @@ impl Default for ExecutionConfig {
             prefetch_per_slot: 16,
             prefetch_window_ms: 50,
             report_queue_max: 4_096,
+            leader_report_requests_queued_max: 256,
+            leader_heartbeats_queued_max: 1_024,
             report_batch_max: 256,
             report_batch_bytes_max: 4 * 1024 * 1024,
             assign_batch_max: 256,
@@ -392,12 +400,14 @@ impl NodeConfig {
             );
         }
         if execution.report_queue_max == 0
+            || execution.leader_report_requests_queued_max == 0
+            || execution.leader_heartbeats_queued_max == 0
             || execution.assign_batch_max == 0
             || execution.purge_batch_max == 0
             || execution.purge_interval_ms == 0
         {
             return invalid(
-                "execution batch sizes and the purge interval must be at least 1".into(),
+                "execution queue and batch sizes and the purge interval must be at least 1".into(),
             );
         }
         self.limits.validate().map_err(|err| ConfigError::Invalid(err.0))?;
@@ -581,6 +591,26 @@ mod tests {
                 NodeConfig {
                     execution: ExecutionConfig {
                         prefetch_window_ms: 3_001,
+                        ..ExecutionConfig::default()
+                    },
+                    ..valid()
+                },
+            ),
+            (
+                "execution queue and batch sizes",
+                NodeConfig {
+                    execution: ExecutionConfig {
+                        leader_heartbeats_queued_max: 0,
+                        ..ExecutionConfig::default()
+                    },
+                    ..valid()
+                },
+            ),
+            (
+                "execution queue and batch sizes",
+                NodeConfig {
+                    execution: ExecutionConfig {
+                        leader_report_requests_queued_max: 0,
                         ..ExecutionConfig::default()
                     },
                     ..valid()

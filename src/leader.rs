@@ -44,13 +44,6 @@ use crate::storage::StateMachineStore;
 
 type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;
 
-/// Heartbeats waiting for the loop; more are refused, not dropped silently.
-const HEARTBEAT_QUEUE_MAX: usize = 1_024;
-
-/// Executors' report requests waiting for the report writer; more wait for
-/// room, within the request's timeout.
-const REPORT_REQUESTS_QUEUED_MAX: usize = 256;
-
 /// The leader's latest view of its live executors, for submissions to carry
 /// ([`Command::SubmitAndPlace`]): the scheduling loop renews it every round
 /// and clears it when it stops; the API reads it. A view is used for one
@@ -176,7 +169,7 @@ impl LeaderService {
         if let Some(previous) = current.take() {
             previous.cancel.cancel();
         }
-        let (heartbeats, heartbeat_rx) = mpsc::channel(HEARTBEAT_QUEUE_MAX);
+        let (heartbeats, heartbeat_rx) = mpsc::channel(self.config.leader_heartbeats_queued_max);
         let cancel = CancellationToken::new();
         info!(%leader_id, "starting the scheduling loop");
         let scheduling = SchedulingLoop {
@@ -190,7 +183,7 @@ impl LeaderService {
         };
         let span = info_span!("scheduling_loop", node_id = self.node_id);
         tokio::spawn(scheduling.run(heartbeat_rx, cancel.clone()).instrument(span));
-        let (reports, report_rx) = mpsc::channel(REPORT_REQUESTS_QUEUED_MAX);
+        let (reports, report_rx) = mpsc::channel(self.config.leader_report_requests_queued_max);
         let span = info_span!("report_writer", node_id = self.node_id);
         let writer = write_reports(self.clone(), leader_id, report_rx, cancel.clone());
         tokio::spawn(writer.instrument(span));
