@@ -22,7 +22,7 @@ use crate::proto::peer_v1::raft_peer_server::RaftPeer;
 use crate::proto::peer_v1::{RaftMessage, SnapshotChunk};
 use crate::raft::codec;
 use crate::raft::{Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
-use crate::storage::snapshot::PacedFile;
+use crate::storage::snapshot::{INCOMING_EXTENSION, PacedFile};
 use crate::storage::{SnapshotFile, kv};
 
 pub struct PeerService {
@@ -168,7 +168,8 @@ impl RaftPeer for PeerService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let (vote, meta): (Vote, SnapshotMeta) = codec::decode("snapshot header", &first.header)
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
-        let path = self.snapshot_dir.join(format!("{}.incoming", rand::random::<u64>()));
+        let path =
+            self.snapshot_dir.join(format!("{}.{INCOMING_EXTENSION}", rand::random::<u64>()));
         let file = std::fs::File::create(&path).map_err(|err| internal_io("create", &err))?;
         // Paced as the snapshots this node builds are (see `snapshot.rs`):
         // a few hundred MiB left for one final fsync held up this node's

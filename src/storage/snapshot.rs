@@ -30,6 +30,10 @@ const HEADER_BYTES: u64 = 8 + 4 + 8;
 /// The metadata of a snapshot is small; anything larger is a corrupt file.
 const META_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const CURRENT_FILE_NAME: &str = "current.snap";
+/// The extension of a snapshot file being written, renamed when complete.
+pub const TEMPORARY_EXTENSION: &str = "tmp";
+/// The extension of a snapshot file being received from the leader.
+pub const INCOMING_EXTENSION: &str = "incoming";
 
 /// A snapshot on disk, held open so that a newer snapshot renamed over its
 /// path cannot change what a reader of this one sees.
@@ -179,7 +183,7 @@ pub fn write(
     state: &FrozenState,
 ) -> io::Result<SnapshotFile> {
     let path = dir.join(name);
-    let tmp_path = dir.join(format!("{name}.tmp"));
+    let tmp_path = dir.join(format!("{name}.{TEMPORARY_EXTENSION}"));
     {
         let tmp = File::create(&tmp_path)?;
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, PacedFile::new(&tmp));

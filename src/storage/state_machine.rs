@@ -194,7 +194,9 @@ fn empty_legacy_mirror(db: &Db) -> io::Result<()> {
 fn remove_temporary_files(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|ext| ext == "tmp" || ext == "incoming") {
+        if path.extension().is_some_and(|ext| {
+            ext == snapshot::TEMPORARY_EXTENSION || ext == snapshot::INCOMING_EXTENSION
+        }) {
             warn!(path = %path.display(), "removing a leftover temporary snapshot file");
             std::fs::remove_file(&path)?;
         }
