@@ -33,13 +33,16 @@
 //! ([`resolve_program`]), so a program that does not exist is a clear
 //! `StartFailed` too.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::{Arc, OnceLock};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -57,8 +60,37 @@ const CHILD_STACK_BYTES: usize = 64 * 1024;
 pub struct LaunchSpec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    pub env: Vec<(OsString, OsString)>,
+    pub env: Vec<EnvVar>,
     pub working_dir: Option<PathBuf>,
+}
+
+/// One environment variable in the form `exec` takes, `NAME=VALUE`, checked
+/// when it is made. A clone shares it: the node's own variables are made
+/// once, when the node starts, and every task's environment refers to them
+/// rather than copying them for each start.
+#[derive(Debug, Clone)]
+pub struct EnvVar {
+    entry: Arc<CStr>,
+    name_bytes: usize,
+}
+
+impl EnvVar {
+    pub fn new(name: &OsStr, value: &OsStr) -> Result<EnvVar, LaunchError> {
+        let name = name.as_bytes();
+        if name.is_empty() || name.contains(&b'=') {
+            return Err(LaunchError::BadVariableName(String::from_utf8_lossy(name).into_owned()));
+        }
+        let mut entry = Vec::with_capacity(name.len() + 1 + value.len() + 1);
+        entry.extend_from_slice(name);
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        let entry = c_string(&entry, "an environment variable")?;
+        Ok(EnvVar { entry: entry.into(), name_bytes: name.len() })
+    }
+
+    pub fn name(&self) -> &[u8] {
+        &self.entry.to_bytes()[..self.name_bytes]
+    }
 }
 
 /// Why a program could not be started.
@@ -270,6 +302,17 @@ fn c_string(bytes: &[u8], what: &'static str) -> Result<CString, LaunchError> {
     CString::new(bytes).map_err(|_| LaunchError::NulByte { what })
 }
 
+/// `/dev/null`, opened once for every task's stdin (it closes on `exec`;
+/// the child's `dup2` onto its stdin keeps a copy open).
+fn dev_null() -> io::Result<RawFd> {
+    static DEV_NULL: OnceLock<File> = OnceLock::new();
+    if let Some(file) = DEV_NULL.get() {
+        return Ok(file.as_raw_fd());
+    }
+    let file = File::open("/dev/null")?;
+    Ok(DEV_NULL.get_or_init(|| file).as_raw_fd())
+}
+
 /// A pipe whose ends close on `exec`: (read, write).
 #[allow(unsafe_code, reason = "pipe2(2) fills an array of two descriptors")]
 fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -292,16 +335,6 @@ pub fn spawn(spec: &LaunchSpec) -> Result<LaunchedProcess, LaunchError> {
         .iter()
         .map(|arg| c_string(arg.as_bytes(), "an argument"))
         .collect::<Result<_, _>>()?;
-    let mut env = Vec::with_capacity(spec.env.len());
-    for (name, value) in &spec.env {
-        if name.is_empty() || name.as_bytes().contains(&b'=') {
-            return Err(LaunchError::BadVariableName(name.to_string_lossy().into_owned()));
-        }
-        let mut entry = name.as_bytes().to_vec();
-        entry.push(b'=');
-        entry.extend_from_slice(value.as_bytes());
-        env.push(c_string(&entry, "an environment variable")?);
-    }
     let working_dir = match &spec.working_dir {
         Some(dir) => Some(c_string(dir.as_os_str().as_bytes(), "the working directory")?),
         None => None,
@@ -309,8 +342,8 @@ pub fn spawn(spec: &LaunchSpec) -> Result<LaunchedProcess, LaunchError> {
     let argv: Vec<*const libc::c_char> =
         args.iter().map(|arg| arg.as_ptr()).chain([std::ptr::null()]).collect();
     let envp: Vec<*const libc::c_char> =
-        env.iter().map(|entry| entry.as_ptr()).chain([std::ptr::null()]).collect();
-    let stdin = std::fs::File::open("/dev/null").map_err(LaunchError::Prepare)?;
+        spec.env.iter().map(|var| var.entry.as_ptr()).chain([std::ptr::null()]).collect();
+    let stdin = dev_null().map_err(LaunchError::Prepare)?;
     let (stdout_read, stdout_write) = pipe_pair().map_err(LaunchError::Prepare)?;
     let (stderr_read, stderr_write) = pipe_pair().map_err(LaunchError::Prepare)?;
     let mut setup = ChildSetup {
@@ -318,14 +351,15 @@ pub fn spawn(spec: &LaunchSpec) -> Result<LaunchedProcess, LaunchError> {
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         working_dir: working_dir.as_ref().map_or(std::ptr::null(), |dir| dir.as_ptr()),
-        stdin: stdin.as_raw_fd(),
+        stdin,
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
         node_pid: std::process::id() as libc::pid_t,
         failed_step: 0,
         errno: 0,
     };
-    let mut stack = vec![0u128; CHILD_STACK_BYTES / 16];
+    // Left uninitialised: only the child writes it, before it reads it.
+    let mut stack: Box<[MaybeUninit<u128>]> = Box::new_uninit_slice(CHILD_STACK_BYTES / 16);
     let mut pidfd: libc::c_int = -1;
     // SAFETY: every pointer in `setup` points into values that outlive the
     // clone; the stack is ours alone and 16-byte aligned at its top; the
@@ -349,7 +383,7 @@ pub fn spawn(spec: &LaunchSpec) -> Result<LaunchedProcess, LaunchError> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         (pid, clone_error)
     };
-    drop((stdin, stdout_write, stderr_write));
+    drop((stdout_write, stderr_write));
     if pid < 0 {
         return Err(LaunchError::Clone(clone_error));
     }
@@ -528,8 +562,8 @@ mod tests {
             program: resolve_program("sh", None, None).unwrap(),
             args: ["sh", "-c", script, "zero"].map(OsString::from).to_vec(),
             env: vec![
-                ("X".into(), "from the task".into()),
-                ("PATH".into(), "/usr/bin:/bin".into()),
+                EnvVar::new("X".as_ref(), "from the task".as_ref()).unwrap(),
+                EnvVar::new("PATH".as_ref(), "/usr/bin:/bin".as_ref()).unwrap(),
             ],
             working_dir: None,
         }
@@ -618,8 +652,13 @@ mod tests {
         let mut spec = sh_spec("true");
         spec.args.push("a\0b".into());
         assert!(matches!(spawn(&spec), Err(LaunchError::NulByte { what: "an argument" })));
-        let mut spec = sh_spec("true");
-        spec.env.push(("A=B".into(), "c".into()));
-        assert!(matches!(spawn(&spec), Err(LaunchError::BadVariableName(name)) if name == "A=B"));
+        let refused = EnvVar::new("A=B".as_ref(), "c".as_ref());
+        assert!(matches!(refused, Err(LaunchError::BadVariableName(name)) if name == "A=B"));
+        let refused = EnvVar::new("".as_ref(), "c".as_ref());
+        assert!(matches!(refused, Err(LaunchError::BadVariableName(name)) if name.is_empty()));
+        let refused = EnvVar::new("A".as_ref(), "c\0d".as_ref());
+        assert!(matches!(refused, Err(LaunchError::NulByte { what: "an environment variable" })));
+        let accepted = EnvVar::new("A".as_ref(), "b=c".as_ref()).unwrap();
+        assert_eq!(accepted.name(), b"A");
     }
 }

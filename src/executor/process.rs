@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
 
-use crate::executor::launch::{self, LaunchSpec, LaunchedProcess, resolve_program};
+use crate::executor::launch::{self, EnvVar, LaunchSpec, LaunchedProcess, resolve_program};
 use crate::scheduler::{CommandSpec, Outcome};
 
 /// Why an attempt is being stopped from outside.
@@ -59,14 +59,29 @@ pub trait TaskRunner: Send + Sync + 'static {
 /// Runs each attempt as an operating-system process (see [`run`]).
 pub struct ProcessRunner {
     /// The node's environment when it started, which every task's inherits.
-    node_env: Arc<Vec<(OsString, OsString)>>,
+    node_env: Arc<Vec<EnvVar>>,
 }
 
 impl ProcessRunner {
     /// Tasks inherit the environment the node has now.
     pub fn production() -> ProcessRunner {
-        ProcessRunner { node_env: Arc::new(std::env::vars_os().collect()) }
+        ProcessRunner { node_env: Arc::new(node_env()) }
     }
+}
+
+/// The node's environment, in the form every task's starts from. A
+/// variable `exec` could not pass on (one with a NUL byte cannot come from
+/// the kernel, but the process may have set one) is left out.
+fn node_env() -> Vec<EnvVar> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| match EnvVar::new(&name, &value) {
+            Ok(var) => Some(var),
+            Err(err) => {
+                tracing::warn!(%err, "a variable of the node's environment is not passed to tasks");
+                None
+            }
+        })
+        .collect()
 }
 
 impl TaskRunner for ProcessRunner {
@@ -110,7 +125,7 @@ fn start_failed(message: String) -> ProcessResult {
 /// node's environment with the task's variables and then the attempt's
 /// over it, and the task's working directory.
 fn launch_spec(
-    node_env: &[(OsString, OsString)],
+    node_env: &[EnvVar],
     command: &CommandSpec,
     attempt: &AttemptEnv,
 ) -> Result<LaunchSpec, String> {
@@ -124,16 +139,21 @@ fn launch_spec(
     let program = resolve_program(&command.program, task_path, working_dir)
         .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
     let attempt_vars = attempt_vars(attempt);
-    let overridden = |name: &OsString| {
-        name.to_str()
-            .is_some_and(|name| command.env.contains_key(name) || attempt_vars.contains_key(name))
+    let overridden = |var: &EnvVar| {
+        std::str::from_utf8(var.name())
+            .is_ok_and(|name| command.env.contains_key(name) || attempt_vars.contains_key(name))
     };
-    let mut env: Vec<(OsString, OsString)> =
-        node_env.iter().filter(|(name, _)| !overridden(name)).cloned().collect();
-    let task_vars =
-        command.env.iter().filter(|(name, _)| !attempt_vars.contains_key(name.as_str()));
-    env.extend(task_vars.map(|(name, value)| (name.into(), value.into())));
-    env.extend(attempt_vars.iter().map(|(name, value)| ((*name).into(), value.into())));
+    let bad_variable = |err| format!("cannot run {:?}: {err}", command.program);
+    let mut env: Vec<EnvVar> = Vec::with_capacity(node_env.len() + command.env.len() + 4);
+    env.extend(node_env.iter().filter(|var| !overridden(var)).cloned());
+    for (name, value) in command.env.iter() {
+        if !attempt_vars.contains_key(name.as_str()) {
+            env.push(EnvVar::new(name.as_ref(), value.as_ref()).map_err(bad_variable)?);
+        }
+    }
+    for (name, value) in &attempt_vars {
+        env.push(EnvVar::new(name.as_ref(), value.as_ref()).map_err(bad_variable)?);
+    }
     let args = std::iter::once(&*command.program).chain(command.args.iter().map(|arg| &**arg));
     Ok(LaunchSpec {
         program,
@@ -145,7 +165,7 @@ fn launch_spec(
 
 /// Runs `command` until it exits, `timeout` passes, or `stop` fires.
 pub async fn run(
-    node_env: &[(OsString, OsString)],
+    node_env: &[EnvVar],
     command: &CommandSpec,
     attempt: &AttemptEnv,
     timeout: Duration,
@@ -245,10 +265,6 @@ mod tests {
             env: StringMap::default(),
             working_dir: None,
         }
-    }
-
-    fn node_env() -> Vec<(OsString, OsString)> {
-        std::env::vars_os().collect()
     }
 
     fn env() -> AttemptEnv {
