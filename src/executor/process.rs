@@ -285,6 +285,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_inherits_the_nodes_environment_under_its_own_and_the_attempts() {
+        let var = |name: &str, value: &str| EnvVar::new(name.as_ref(), value.as_ref()).unwrap();
+        let node = [
+            var("PATH", &std::env::var("PATH").unwrap()),
+            var("ONLY_THE_NODE", "node"),
+            var("SET_BY_BOTH", "node"),
+            var("TASKRAFT_NODE_ID", "node"),
+        ];
+        // `env` prints its environment as it got it, a name set twice twice.
+        let mut command = CommandSpec { program: "env".into(), ..sh("") };
+        command.args = Box::default();
+        command.env.insert("SET_BY_BOTH".into(), "task".into());
+        command.env.insert("TASKRAFT_TASK_ID".into(), "task".into());
+        let (_stop_tx, stop_rx) = oneshot::channel();
+        let result = run(&node, &command, &env(), Duration::from_secs(10), 4096, stop_rx).await;
+        assert_eq!(result.outcome, Outcome::Exited { code: 0 });
+        let mut printed: Vec<&str> = result.stdout_tail.lines().collect();
+        printed.retain(|line| !line.starts_with("PATH="));
+        printed.sort_unstable();
+        let expected = [
+            "ONLY_THE_NODE=node",
+            "SET_BY_BOTH=task",
+            "TASKRAFT_ATTEMPT=2",
+            "TASKRAFT_FENCING_TOKEN=1234",
+            "TASKRAFT_NODE_ID=3",
+            "TASKRAFT_TASK_ID=42",
+        ];
+        assert_eq!(printed, expected);
+    }
+
+    #[tokio::test]
     async fn output_keeps_only_its_tail() {
         let result = run_for(&sh("seq 1 1000"), 10_000).await;
         assert_eq!(result.stdout_tail.len(), 64);
