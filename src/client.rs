@@ -2,7 +2,8 @@
 //! follows the leader, used by the CLI and the tests.
 //!
 //! A call that fails with `UNAVAILABLE` (node down, no leader yet, not the
-//! leader) or passes its deadline is retried on the leader named in the error, else on the next
+//! leader), passes its deadline, or loses its connection (the node died under
+//! it) is retried on the leader named in the error, else on the next
 //! endpoint, with a short backoff, until the client's deadline. Every other
 //! status is final. Each attempt carries the per-call timeout.
 
@@ -157,13 +158,14 @@ impl Client {
 }
 
 /// Whether another node, or the same one a moment later, may answer. A
-/// deadline may have passed after a write committed, so callers retry writes
-/// only with an idempotency key (the CLI always sets one).
+/// deadline may have passed, or a connection broken, after a write
+/// committed, so callers retry writes only with an idempotency key (the CLI
+/// always sets one).
 fn is_retryable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    )
+    ) || crate::api::is_connection_failure(status)
 }
 
 /// A new idempotency key, `<prefix>-<unix ns>-<random>`, for a submission
@@ -181,4 +183,48 @@ pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
     request
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+    use super::{Client, request};
+    use crate::api::is_connection_failure;
+    use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
+
+    async fn check(client: &mut Client) -> Result<HealthCheckResponse, tonic::Status> {
+        client
+            .call(|channel, timeout| async move {
+                let message = HealthCheckRequest { service: String::new() };
+                Ok(HealthClient::new(channel).check(request(message, timeout)).await?.into_inner())
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_connection_broken_under_a_call_is_told_from_a_nodes_answer() -> anyhow::Result<()> {
+        let dying = node_that_dies_under_a_call().await?;
+        let mut client = Client::new(&[dying], Duration::ZERO, Duration::from_secs(5))?;
+        let err = check(&mut client).await.unwrap_err();
+        assert!(is_connection_failure(&err), "{err:?}");
+        // What a node sends back is never taken for a broken connection.
+        assert!(!is_connection_failure(&tonic::Status::unknown("transport error")));
+        assert!(!is_connection_failure(&tonic::Status::internal("h2 protocol error")));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_node_dies_under_it_goes_on_to_the_next_node() -> anyhow::Result<()> {
+        let endpoints = [node_that_dies_under_a_call().await?, node_that_answers().await?];
+        let mut client = Client::new(&endpoints, Duration::from_secs(5), Duration::from_secs(5))?;
+        let reply = check(&mut client).await?;
+        assert_eq!(reply.status, ServingStatus::Serving as i32);
+        assert_eq!(client.current_endpoint(), endpoints[1]);
+        Ok(())
+    }
 }

@@ -25,3 +25,5 @@ pub mod proto;
 pub mod raft;
 pub mod scheduler;
 pub mod storage;
+#[cfg(test)]
+mod test_nodes;

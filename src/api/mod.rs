@@ -16,6 +16,7 @@ pub mod error;
 pub mod tasks;
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -186,21 +187,7 @@ impl Context {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let channel = self.channel(api_addr)?;
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(timeout);
-        if let Ok(value) = self.node_id.to_string().parse() {
-            request.metadata_mut().insert(FORWARDED_KEY, value);
-        }
-        match tokio::time::timeout(timeout, call(channel, request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) if is_own_deadline(&status) => Err(ApiError::unavailable(format!(
-                "node {api_addr} did not answer within {timeout:?}"
-            ))),
-            Ok(Err(status)) => Err(ApiError::Forwarded(status)),
-            Err(_) => Err(ApiError::unavailable(format!(
-                "node {api_addr} did not answer within {timeout:?}"
-            ))),
-        }
+        forward_on(channel, api_addr, self.node_id, message, timeout, call).await
     }
 
     /// Refuses at once when this node leads but no majority has acknowledged
@@ -340,7 +327,108 @@ impl Context {
     }
 }
 
+/// Sends `message` to the node at `api_addr` over `channel` with `call`,
+/// marked as forwarded by `node_id` and bounded by `timeout`. The node's own
+/// answer is passed on as is; a call it never answered (the deadline passed,
+/// or the connection broke because it died) is `UNAVAILABLE`, which clients
+/// retry elsewhere.
+async fn forward_on<Req, Resp, F, Fut>(
+    channel: Channel,
+    api_addr: &str,
+    node_id: NodeId,
+    message: Req,
+    timeout: Duration,
+    call: F,
+) -> Result<Resp, ApiError>
+where
+    F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    if let Ok(value) = node_id.to_string().parse() {
+        request.metadata_mut().insert(FORWARDED_KEY, value);
+    }
+    match tokio::time::timeout(timeout, call(channel, request)).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) if is_own_deadline(&status) => {
+            Err(ApiError::unavailable(format!("node {api_addr} did not answer within {timeout:?}")))
+        }
+        Ok(Err(status)) if is_connection_failure(&status) => Err(ApiError::unavailable(format!(
+            "the connection to node {api_addr} broke under the call: {}",
+            status.message()
+        ))),
+        Ok(Err(status)) => Err(ApiError::Forwarded(status)),
+        Err(_) => {
+            Err(ApiError::unavailable(format!("node {api_addr} did not answer within {timeout:?}")))
+        }
+    }
+}
+
 /// Whether a status is tonic's report that the caller's own deadline passed.
 pub fn is_own_deadline(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired"
+}
+
+/// Whether a status is tonic's report that the connection broke under a call
+/// (the node died, or reset it), rather than an answer from the node. Tonic
+/// gives such a failure the code UNKNOWN ("transport error") or INTERNAL and
+/// keeps the transport error as the status's source; a status the node sent
+/// is decoded from its trailers and has no source.
+pub fn is_connection_failure(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(err) = source {
+        if err.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::transport::{Channel, Endpoint};
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+    use super::forward_on;
+    use crate::api::error::ApiError;
+    use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
+
+    async fn forward_check(api_addr: &str) -> Result<HealthCheckResponse, ApiError> {
+        let channel: Channel = Endpoint::from_shared(format!("http://{api_addr}"))
+            .expect("a test address is a valid URI")
+            .connect_lazy();
+        let message = HealthCheckRequest { service: "no.such.Service".into() };
+        forward_on(
+            channel,
+            api_addr,
+            2,
+            message,
+            Duration::from_secs(5),
+            |channel, request| async move { HealthClient::new(channel).check(request).await },
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_call_whose_node_dies_under_it_is_unavailable() -> anyhow::Result<()> {
+        let dying = node_that_dies_under_a_call().await?;
+        let status = tonic::Status::from(forward_check(&dying).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(&dying), "{status:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_call_passes_on_the_nodes_own_answer() -> anyhow::Result<()> {
+        let answering = node_that_answers().await?;
+        // The health service does not know the service asked about.
+        let status = tonic::Status::from(forward_check(&answering).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        Ok(())
+    }
 }
