@@ -151,5 +151,14 @@ pub async fn submit_batch(
         })
         .await?
         .into_inner();
-    Ok(reply.results.into_iter().map(|result| result.task.unwrap().id).collect())
+    reply
+        .results
+        .into_iter()
+        .enumerate()
+        .map(|(idx, result)| {
+            result.task.map(|task| task.id).ok_or_else(|| {
+                anyhow::anyhow!("result {idx} of the batch came back without a task")
+            })
+        })
+        .collect()
 }
