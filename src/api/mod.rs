@@ -187,7 +187,17 @@ impl Context {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let channel = self.channel(api_addr)?;
-        forward_on(channel, api_addr, self.node_id, message, timeout, call).await
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        if let Ok(value) = self.node_id.to_string().parse() {
+            request.metadata_mut().insert(FORWARDED_KEY, value);
+        }
+        let answer = tokio::time::timeout(timeout, call(channel, request)).await;
+        answer_of_forwarded(
+            api_addr,
+            timeout,
+            answer.map(|answer| answer.map(tonic::Response::into_inner)),
+        )
     }
 
     /// Refuses at once when this node leads but no majority has acknowledged
@@ -327,30 +337,17 @@ impl Context {
     }
 }
 
-/// Sends `message` to the node at `api_addr` over `channel` with `call`,
-/// marked as forwarded by `node_id` and bounded by `timeout`. The node's own
-/// answer is passed on as is; a call it never answered (the deadline passed,
-/// or the connection broke because it died) is `UNAVAILABLE`, which clients
-/// retry elsewhere.
-async fn forward_on<Req, Resp, F, Fut>(
-    channel: Channel,
+/// What a client gets for a call forwarded to the node at `api_addr` with
+/// a deadline of `timeout` (`Err` if it passed): the node's own answer as
+/// it is; a call it never answered (the deadline passed, or the connection
+/// broke because it died) is `UNAVAILABLE`, which clients retry elsewhere.
+fn answer_of_forwarded<Resp>(
     api_addr: &str,
-    node_id: NodeId,
-    message: Req,
     timeout: Duration,
-    call: F,
-) -> Result<Resp, ApiError>
-where
-    F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-{
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
-    if let Ok(value) = node_id.to_string().parse() {
-        request.metadata_mut().insert(FORWARDED_KEY, value);
-    }
-    match tokio::time::timeout(timeout, call(channel, request)).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
+    answer: Result<Result<Resp, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Result<Resp, ApiError> {
+    match answer {
+        Ok(Ok(response)) => Ok(response),
         Ok(Err(status)) if is_own_deadline(&status) => {
             Err(ApiError::unavailable(format!("node {api_addr} did not answer within {timeout:?}")))
         }
@@ -394,24 +391,25 @@ mod tests {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-    use super::forward_on;
+    use super::answer_of_forwarded;
     use crate::api::error::ApiError;
     use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
 
+    /// A health check forwarded to the node at `api_addr`, as a client gets it.
     async fn forward_check(api_addr: &str) -> Result<HealthCheckResponse, ApiError> {
         let channel: Channel = Endpoint::from_shared(format!("http://{api_addr}"))
             .expect("a test address is a valid URI")
             .connect_lazy();
+        let timeout = Duration::from_secs(5);
         let message = HealthCheckRequest { service: "no.such.Service".into() };
-        forward_on(
-            channel,
+        let mut client = HealthClient::new(channel);
+        let call = client.check(crate::client::request(message, timeout));
+        let answer = tokio::time::timeout(timeout, call).await;
+        answer_of_forwarded(
             api_addr,
-            2,
-            message,
-            Duration::from_secs(5),
-            |channel, request| async move { HealthClient::new(channel).check(request).await },
+            timeout,
+            answer.map(|answer| answer.map(tonic::Response::into_inner)),
         )
-        .await
     }
 
     #[tokio::test]

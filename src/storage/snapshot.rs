@@ -25,10 +25,10 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::raft::SnapshotMeta;
-use crate::raft::codec;
 use serde::{Deserialize, Serialize};
 
+use crate::raft::SnapshotMeta;
+use crate::raft::codec;
 use crate::scheduler::{Attempt, FrozenState, State, StateMeta, Task, TaskId, TaskSpec, TaskState};
 
 /// The magic of the format written: each task a [`TaskRecord`].
