@@ -29,8 +29,8 @@
 //! clone also returns a pidfd (`CLONE_PIDFD`, Linux 5.2), which the
 //! executor awaits for the exit.
 //!
-//! The executor resolves the program on `PATH` itself first
-//! ([`resolve_program`]), so a program that does not exist is a clear
+//! The executor finds the program on `PATH` itself first
+//! ([`super::programs`]), so a program that does not exist is a clear
 //! `StartFailed` too.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -40,7 +40,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, OnceLock};
 
@@ -440,126 +440,15 @@ fn step_name(step: libc::c_int) -> &'static str {
     }
 }
 
-/// Where `execvp` looks when the environment has no `PATH` (glibc's).
-const DEFAULT_PATH: &str = "/bin:/usr/bin";
-
-/// Finds `program` as `execvp` in the task's working directory would: a
-/// name with a slash as it is, any other on `PATH` (the task's own when its
-/// environment sets one, else the node's); relative paths, in either, from
-/// `working_dir` when the task has one. Returns an absolute path to an
-/// executable file.
-pub fn resolve_program(
-    program: &str,
-    task_path: Option<&str>,
-    working_dir: Option<&Path>,
-) -> Result<PathBuf, String> {
-    if program.is_empty() {
-        return Err("the program name is empty".into());
-    }
-    let absolute = |path: &Path| match working_dir {
-        Some(dir) if path.is_relative() => std::path::absolute(dir.join(path)),
-        _ => std::path::absolute(path),
-    };
-    if program.contains('/') {
-        let path = absolute(Path::new(program)).map_err(|err| err.to_string())?;
-        return check_executable(&path).map(|()| path).map_err(String::from);
-    }
-    // With no PATH at all, execvp searches glibc's default path.
-    let node_path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
-    let search = task_path.unwrap_or(&node_path);
-    let mut last_error = None;
-    for dir in search.split(':') {
-        let dir = if dir.is_empty() { "." } else { dir };
-        let candidate = absolute(&Path::new(dir).join(program)).map_err(|err| err.to_string())?;
-        match check_executable(&candidate) {
-            Ok(()) => return Ok(candidate),
-            Err(NotExecutable::Unusable(err)) => last_error = Some(err),
-            // One stat per directory: a task's program is looked up at every
-            // start, and most directories on PATH do not hold it.
-            Err(NotExecutable::Absent(_)) => {}
-        }
-    }
-    Err(last_error.unwrap_or_else(|| format!("not found on PATH ({search})")))
-}
-
-/// Why a path cannot be run.
-enum NotExecutable {
-    /// It cannot be looked at: missing, or behind a directory we may not search.
-    Absent(String),
-    /// It is there, but not an executable file.
-    Unusable(String),
-}
-
-impl From<NotExecutable> for String {
-    fn from(reason: NotExecutable) -> String {
-        match reason {
-            NotExecutable::Absent(reason) | NotExecutable::Unusable(reason) => reason,
-        }
-    }
-}
-
-fn check_executable(path: &Path) -> Result<(), NotExecutable> {
-    use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path).map_err(|err| NotExecutable::Absent(err.to_string()))?;
-    if !metadata.is_file() {
-        return Err(NotExecutable::Unusable(format!("{} is not a file", path.display())));
-    }
-    if metadata.permissions().mode() & 0o111 == 0 {
-        return Err(NotExecutable::Unusable(format!("{} is not executable", path.display())));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_program_is_found_on_the_tasks_path_or_the_nodes() {
-        let true_path = resolve_program("true", None, None).unwrap();
-        assert!(true_path.is_absolute() && true_path.ends_with("true"), "{true_path:?}");
-        let dir = tempfile::tempdir().unwrap();
-        assert!(
-            resolve_program("true", Some(dir.path().to_str().unwrap()), None)
-                .unwrap_err()
-                .contains("not found on PATH"),
-            "the task's PATH replaces the node's"
-        );
-        assert_eq!(resolve_program(true_path.to_str().unwrap(), None, None).unwrap(), true_path);
-    }
-
-    #[test]
-    fn what_cannot_run_is_refused_with_a_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, "not a program").unwrap();
-        let err = resolve_program(plain.to_str().unwrap(), None, None).unwrap_err();
-        assert!(err.contains("not executable"), "{err}");
-        let err = resolve_program(dir.path().to_str().unwrap(), None, None).unwrap_err();
-        assert!(err.contains("not a file"), "{err}");
-        assert!(resolve_program("", None, None).unwrap_err().contains("empty"));
-        let err = resolve_program("no-such-program-taskraft", None, None).unwrap_err();
-        assert!(err.contains("not found"), "{err}");
-    }
-
-    #[test]
-    fn a_relative_program_is_found_from_the_tasks_working_directory() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("run.sh");
-        std::fs::write(&script, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let found = resolve_program("./run.sh", None, Some(dir.path())).unwrap();
-        assert_eq!(found.canonicalize().unwrap(), script.canonicalize().unwrap());
-        // A relative PATH entry too, as execvp after the chdir would.
-        let found = resolve_program("run.sh", Some("."), Some(dir.path())).unwrap();
-        assert_eq!(found.canonicalize().unwrap(), script.canonicalize().unwrap());
-        assert!(resolve_program("./run.sh", None, None).is_err(), "not from the node's directory");
-    }
-
     fn sh_spec(script: &str) -> LaunchSpec {
         LaunchSpec {
-            program: resolve_program("sh", None, None).unwrap(),
+            program: crate::executor::programs::ProgramFinder::for_this_node()
+                .find("sh", None, None)
+                .unwrap(),
             args: ["sh", "-c", script, "zero"].map(OsString::from).to_vec(),
             env: vec![
                 EnvVar::new("X".as_ref(), "from the task".as_ref()).unwrap(),

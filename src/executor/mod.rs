@@ -38,11 +38,13 @@
 //! its [`warden`] kills its tasks when the lease it last reported runs out.
 //!
 //! - [`process`]: running one program with its timeout and output capture.
+//! - [`programs`]: finding the program a task names on `PATH`.
 //! - [`protocol`]: the messages between executors and the leader.
 //! - [`warden`]: the process that enforces the lease when the node cannot.
 
 pub mod launch;
 pub mod process;
+pub mod programs;
 pub mod protocol;
 pub mod warden;
 

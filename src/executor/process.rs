@@ -17,7 +17,8 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
 
-use crate::executor::launch::{self, EnvVar, LaunchSpec, LaunchedProcess, resolve_program};
+use crate::executor::launch::{self, EnvVar, LaunchSpec, LaunchedProcess};
+use crate::executor::programs::ProgramFinder;
 use crate::scheduler::{CommandSpec, Outcome};
 
 /// Why an attempt is being stopped from outside.
@@ -58,14 +59,28 @@ pub trait TaskRunner: Send + Sync + 'static {
 
 /// Runs each attempt as an operating-system process (see [`run`]).
 pub struct ProcessRunner {
-    /// The node's environment when it started, which every task's inherits.
-    node_env: Arc<Vec<EnvVar>>,
+    node: Arc<NodeDefaults>,
 }
 
 impl ProcessRunner {
     /// Tasks inherit the environment the node has now.
     pub fn production() -> ProcessRunner {
-        ProcessRunner { node_env: Arc::new(node_env()) }
+        ProcessRunner { node: Arc::new(NodeDefaults::now()) }
+    }
+}
+
+/// What every task of a node starts from: the node's environment when it
+/// started, which every task's inherits, and the finder of programs on the
+/// node's `PATH` of then.
+pub struct NodeDefaults {
+    env: Vec<EnvVar>,
+    programs: ProgramFinder,
+}
+
+impl NodeDefaults {
+    /// The node's environment as it is now.
+    pub fn now() -> NodeDefaults {
+        NodeDefaults { env: node_env(), programs: ProgramFinder::for_this_node() }
     }
 }
 
@@ -90,10 +105,10 @@ impl TaskRunner for ProcessRunner {
         request: RunRequest,
         stop: oneshot::Receiver<StopReason>,
     ) -> BoxFuture<'static, ProcessResult> {
-        let node_env = self.node_env.clone();
+        let node = self.node.clone();
         Box::pin(async move {
             run(
-                &node_env,
+                &node,
                 &request.command,
                 &request.env,
                 request.timeout,
@@ -125,7 +140,7 @@ fn start_failed(message: String) -> ProcessResult {
 /// node's environment with the task's variables and then the attempt's
 /// over it, and the task's working directory.
 fn launch_spec(
-    node_env: &[EnvVar],
+    node: &NodeDefaults,
     command: &CommandSpec,
     attempt: &AttemptEnv,
 ) -> Result<LaunchSpec, String> {
@@ -136,7 +151,9 @@ fn launch_spec(
         return Err(format!("the working directory {dir:?} is not a directory"));
     }
     let task_path = command.env.get("PATH").map(String::as_str);
-    let program = resolve_program(&command.program, task_path, working_dir)
+    let program = node
+        .programs
+        .find(&command.program, task_path, working_dir)
         .map_err(|reason| format!("cannot run {:?}: {reason}", command.program))?;
     let attempt_vars = attempt_vars(attempt);
     let overridden = |var: &EnvVar| {
@@ -144,8 +161,8 @@ fn launch_spec(
             .is_ok_and(|name| command.env.contains_key(name) || attempt_vars.contains_key(name))
     };
     let bad_variable = |err| format!("cannot run {:?}: {err}", command.program);
-    let mut env: Vec<EnvVar> = Vec::with_capacity(node_env.len() + command.env.len() + 4);
-    env.extend(node_env.iter().filter(|var| !overridden(var)).cloned());
+    let mut env: Vec<EnvVar> = Vec::with_capacity(node.env.len() + command.env.len() + 4);
+    env.extend(node.env.iter().filter(|var| !overridden(var)).cloned());
     for (name, value) in command.env.iter() {
         if !attempt_vars.contains_key(name.as_str()) {
             env.push(EnvVar::new(name.as_ref(), value.as_ref()).map_err(bad_variable)?);
@@ -165,14 +182,14 @@ fn launch_spec(
 
 /// Runs `command` until it exits, `timeout` passes, or `stop` fires.
 pub async fn run(
-    node_env: &[EnvVar],
+    node: &NodeDefaults,
     command: &CommandSpec,
     attempt: &AttemptEnv,
     timeout: Duration,
     output_tail_bytes_max: usize,
     stop: oneshot::Receiver<StopReason>,
 ) -> ProcessResult {
-    let spec = match launch_spec(node_env, command, attempt) {
+    let spec = match launch_spec(node, command, attempt) {
         Ok(spec) => spec,
         Err(message) => return start_failed(message),
     };
@@ -273,7 +290,8 @@ mod tests {
 
     async fn run_for(command: &CommandSpec, timeout_ms: u64) -> ProcessResult {
         let (_stop_tx, stop_rx) = oneshot::channel();
-        run(&node_env(), command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx).await
+        run(&NodeDefaults::now(), command, &env(), Duration::from_millis(timeout_ms), 64, stop_rx)
+            .await
     }
 
     #[tokio::test]
@@ -287,12 +305,15 @@ mod tests {
     #[tokio::test]
     async fn a_task_inherits_the_nodes_environment_under_its_own_and_the_attempts() {
         let var = |name: &str, value: &str| EnvVar::new(name.as_ref(), value.as_ref()).unwrap();
-        let node = [
-            var("PATH", &std::env::var("PATH").unwrap()),
-            var("ONLY_THE_NODE", "node"),
-            var("SET_BY_BOTH", "node"),
-            var("TASKRAFT_NODE_ID", "node"),
-        ];
+        let node = NodeDefaults {
+            env: vec![
+                var("PATH", &std::env::var("PATH").unwrap()),
+                var("ONLY_THE_NODE", "node"),
+                var("SET_BY_BOTH", "node"),
+                var("TASKRAFT_NODE_ID", "node"),
+            ],
+            programs: ProgramFinder::for_this_node(),
+        };
         // `env` prints its environment as it got it, a name set twice twice.
         let mut command = CommandSpec { program: "env".into(), ..sh("") };
         command.args = Box::default();
@@ -355,7 +376,8 @@ mod tests {
     async fn a_stop_kills_the_process_and_says_why() {
         let (stop_tx, stop_rx) = oneshot::channel();
         let running = tokio::spawn(async move {
-            run(&node_env(), &sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx).await
+            run(&NodeDefaults::now(), &sh("sleep 30"), &env(), Duration::from_secs(60), 64, stop_rx)
+                .await
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_tx.send(StopReason::Cancelled).unwrap();
