@@ -80,6 +80,11 @@ pub struct RaftTimings {
     pub snapshot_after_log_bytes: u64,
     /// Log entries kept behind a snapshot for followers that lag a little.
     pub snapshot_keep_entries: u64,
+    /// The most bytes of log entries kept behind a snapshot, whatever
+    /// `snapshot_keep_entries` says: the kept entries are memory (sled
+    /// caches the log), and a batch entry can hold 1,000 tasks. A follower
+    /// further behind gets the snapshot.
+    pub snapshot_keep_bytes_max: u64,
     /// The longest one snapshot transfer may take.
     pub snapshot_send_timeout_ms: u64,
     /// The longest a follower may take to answer an AppendEntries that
@@ -113,6 +118,7 @@ impl Default for RaftTimings {
             snapshot_after_entries: 100_000,
             snapshot_after_log_bytes: 64 * 1024 * 1024,
             snapshot_keep_entries: 1_000,
+            snapshot_keep_bytes_max: 16 * 1024 * 1024,
             snapshot_send_timeout_ms: 60_000,
             append_timeout_ms: 5_000,
             quorum_silence_ms_max: 1_000,

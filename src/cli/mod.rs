@@ -139,6 +139,9 @@ struct NodeArgs {
     /// Log entries kept behind a snapshot.
     #[arg(long, env = "TASKRAFT_SNAPSHOT_KEEP_ENTRIES")]
     snapshot_keep_entries: Option<u64>,
+    /// The most bytes of log entries kept behind a snapshot.
+    #[arg(long, env = "TASKRAFT_SNAPSHOT_KEEP_BYTES_MAX")]
+    snapshot_keep_bytes_max: Option<u64>,
     /// Tasks not yet finished, across all queues.
     #[arg(long, env = "TASKRAFT_QUEUED_TASKS_MAX")]
     queued_tasks_max: Option<u64>,
@@ -358,6 +361,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.raft.snapshot_after_entries, args.snapshot_after_entries);
     set!(config.raft.snapshot_after_log_bytes, args.snapshot_after_log_bytes);
     set!(config.raft.snapshot_keep_entries, args.snapshot_keep_entries);
+    set!(config.raft.snapshot_keep_bytes_max, args.snapshot_keep_bytes_max);
     set!(config.limits.queued_tasks_max, args.queued_tasks_max);
     set!(config.execution.lease_ms, args.lease_ms);
     set!(config.execution.retention_ms, args.retention_ms);

@@ -136,6 +136,15 @@ impl Iterator for RangeIter {
     }
 }
 
+impl DoubleEndedIterator for RangeIter {
+    fn next_back(&mut self) -> Option<io::Result<KeyValue>> {
+        match self {
+            RangeIter::Sled(iter) => iter.next_back().map(|item| item.map_err(sled_err)),
+            RangeIter::Memory(iter) => iter.next_back().map(Ok),
+        }
+    }
+}
+
 impl Tree {
     pub fn get(&self, key: &[u8]) -> io::Result<Option<IVec>> {
         match self {

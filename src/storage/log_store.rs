@@ -201,6 +201,31 @@ impl LogStore {
         }
     }
 
+    /// The index up to which to purge so that the entries kept at or
+    /// before `upto` (the last index a snapshot holds) take at most
+    /// `keep_bytes`, counted in whole runs back from `upto`; `None` if they
+    /// take no more. A run that reaches past `upto` counts whole: it stays
+    /// until a later purge passes its end.
+    pub fn purge_point_keeping_bytes(&self, upto: u64, keep_bytes: u64) -> io::Result<Option<u64>> {
+        let end = index_key(upto);
+        let mut kept_bytes = 0u64;
+        for item in self.log.range(Bound::Unbounded, Bound::Included(&end))?.rev() {
+            let (key, run) = item?;
+            kept_bytes = kept_bytes.saturating_add(run.len() as u64);
+            if kept_bytes > keep_bytes {
+                let last = key_index(&key)? + log_run::len(&run)? - 1;
+                return Ok(Some(last.min(upto)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The bytes of the run whose first entry has index `first`.
+    #[cfg(test)]
+    pub(crate) fn run_bytes(&self, first: u64) -> io::Result<Option<u64>> {
+        Ok(self.log.get(&index_key(first))?.map(|run| run.len() as u64))
+    }
+
     /// The first and last index of every run stored, in order.
     #[cfg(test)]
     pub(crate) fn stored_runs(&self) -> io::Result<Vec<(u64, u64)>> {

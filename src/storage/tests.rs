@@ -393,3 +393,35 @@ async fn watchers_resume_from_history_or_from_the_state() {
     assert!(state_machine.subscribe(100).backlog.is_empty());
     assert!(state_machine.subscribe(0).backlog.is_empty());
 }
+
+/// The purge point that keeps at most so many bytes behind a snapshot
+/// counts whole runs back from the snapshot's last index, and purges the
+/// run that would go over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_kept_behind_a_snapshot_is_bounded_in_bytes_by_whole_runs() {
+    let dir = TempDir::new().unwrap();
+    let (mut log_store, _state_machine) = open_stores(dir.path()).unwrap();
+    // Four appends, each one run: 1..=10, 11..=20, 21..=30, 31..=40.
+    for first in [1, 11, 21, 31] {
+        let entries: Vec<Entry> =
+            (first..first + 10).map(|index| submit_entry(index, "true")).collect();
+        append_and_wait(&mut log_store, entries).await;
+    }
+    let runs = log_store.stored_runs().unwrap();
+    assert_eq!(runs, vec![(1, 10), (11, 20), (21, 30), (31, 40)]);
+    let run_bytes = log_store.run_bytes(1).unwrap().unwrap();
+    for first in [11, 21, 31] {
+        assert_eq!(log_store.run_bytes(first).unwrap(), Some(run_bytes), "runs of one size");
+    }
+
+    // A snapshot up to 30: the runs at or before it are 1..=30.
+    let point = |keep_bytes| log_store.purge_point_keeping_bytes(30, keep_bytes).unwrap();
+    assert_eq!(point(3 * run_bytes), None, "all three runs fit");
+    assert_eq!(point(3 * run_bytes - 1), Some(10), "the oldest run goes");
+    assert_eq!(point(2 * run_bytes), Some(10));
+    assert_eq!(point(2 * run_bytes - 1), Some(20));
+    assert_eq!(point(0), Some(30), "nothing kept");
+    // A snapshot within a run: that run counts whole, and is not purged past the snapshot.
+    assert_eq!(log_store.purge_point_keeping_bytes(25, 0).unwrap(), Some(25));
+    assert_eq!(log_store.purge_point_keeping_bytes(25, run_bytes).unwrap(), Some(20));
+}

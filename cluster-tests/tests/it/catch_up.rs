@@ -1,6 +1,7 @@
 //! A node that was down while the leader snapshotted and purged its log
 //! catches up through a snapshot; a node stopped with SIGTERM exits cleanly;
-//! a log that grows by bytes is snapshotted, and a killed node restores from it.
+//! a log that grows by bytes is snapshotted and purged by its bytes, and a killed
+//! node restores from it.
 
 use std::time::Duration;
 
@@ -68,14 +69,25 @@ const TASKS_PER_BIG_BATCH: usize = 100;
 const BIG_ARG_BYTES: usize = 4 * 1024;
 
 /// A log that grows by bytes rather than entries is snapshotted on every
-/// node, and a follower killed with -9 comes back from its snapshot plus
-/// the log after it (the state machine is memory only).
+/// node, and purged behind the snapshot by its bytes (`--snapshot-keep-bytes-max`)
+/// where the entries' count alone (1,000 kept) would purge nothing; a follower
+/// killed with -9 comes back from its snapshot plus the log after it (the
+/// state machine is memory only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_log_past_its_byte_threshold_is_snapshotted_and_a_killed_node_restores_from_it()
+async fn a_log_past_its_byte_threshold_is_snapshotted_and_purged_and_a_killed_node_restores_from_it()
 -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(
         3,
-        &["--snapshot-after-entries", "1000000", "--snapshot-after-log-bytes", "1048576"],
+        &[
+            "--snapshot-after-entries",
+            "1000000",
+            "--snapshot-after-log-bytes",
+            "1048576",
+            "--snapshot-keep-entries",
+            "1000",
+            "--snapshot-keep-bytes-max",
+            "0",
+        ],
     )
     .await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
@@ -91,10 +103,13 @@ async fn a_log_past_its_byte_threshold_is_snapshotted_and_a_killed_node_restores
     for id in 1..=3 {
         loop {
             let info = cluster.local_status(id).await?;
-            if info.snapshot_index > 0 {
+            if info.snapshot_index > 0 && info.purged_index > 0 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "node {id} built no snapshot: {info:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {id} built no snapshot, or purged no entry behind it: {info:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
