@@ -115,7 +115,7 @@ impl ProgramFinder {
 }
 
 /// The node's `PATH`, or the default `execvp` searches without one.
-pub fn node_search_path() -> String {
+fn node_search_path() -> String {
     std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned())
 }
 
@@ -123,7 +123,7 @@ pub fn node_search_path() -> String {
 /// name with a slash as it is, any other in the directories of
 /// `search_path`; relative paths, in either, from `working_dir` when the
 /// task has one. Returns an absolute path to an executable file.
-pub fn resolve_program(
+fn resolve_program(
     program: &str,
     search_path: &str,
     working_dir: Option<&Path>,
