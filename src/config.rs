@@ -27,6 +27,9 @@ pub enum ConfigError {
 /// memory on the node and work another node cannot take.
 pub const PREFETCH_PER_SLOT_MAX: u32 = 64;
 
+/// The most `worker_threads` may be.
+pub const WORKER_THREADS_MAX: u32 = 1_024;
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -44,6 +47,13 @@ pub struct NodeConfig {
     pub initial_cluster: String,
     /// Executor slots of this node (used by the scheduler); 0 means the number of CPUs.
     pub slots: u32,
+    /// Worker threads of this node's async runtime; 0 means the number of
+    /// CPUs. Nodes that share a machine do better with their share of its
+    /// CPUs: each idle worker is parked and woken again for every message,
+    /// and three nodes of two workers each on two CPUs spent about a fifth
+    /// of a no-op task's node CPU doing that (`scripts/cluster.sh` gives
+    /// its nodes their share). At most [`WORKER_THREADS_MAX`].
+    pub worker_threads: u32,
     /// Labels of this node, which tasks may require.
     pub labels: BTreeMap<String, String>,
     pub raft: RaftTimings,
@@ -288,6 +298,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("data"),
             initial_cluster: String::new(),
             slots: 0,
+            worker_threads: 0,
             labels: BTreeMap::new(),
             raft: RaftTimings::default(),
             execution: ExecutionConfig::default(),
@@ -330,6 +341,9 @@ impl NodeConfig {
         }
         if !members.is_empty() && !members.contains_key(&self.node_id) {
             return invalid(format!("initial_cluster does not name this node ({})", self.node_id));
+        }
+        if self.worker_threads > WORKER_THREADS_MAX {
+            return invalid(format!("worker_threads must be at most {WORKER_THREADS_MAX}"));
         }
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0
@@ -472,8 +486,21 @@ impl NodeConfig {
         if self.slots > 0 {
             return self.slots;
         }
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+        cpus()
     }
+
+    /// The worker threads the node's async runtime gets.
+    pub fn runtime_worker_threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads as usize;
+        }
+        cpus() as usize
+    }
+}
+
+/// The CPUs this process may use.
+fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 /// Parses `1=127.0.0.1:7001/127.0.0.1:7101,2=...` into members.
@@ -547,6 +574,10 @@ mod tests {
                 },
             ),
             ("gives node 1", NodeConfig { api_addr: "127.0.0.1:9999".into(), ..valid() }),
+            (
+                "worker_threads must be at most",
+                NodeConfig { worker_threads: WORKER_THREADS_MAX + 1, ..valid() },
+            ),
             (
                 "a quarter of election",
                 NodeConfig {
@@ -656,6 +687,9 @@ mod tests {
         assert_eq!((config.node_id, config.slots, config.raft.heartbeat_interval_ms), (2, 3, 50));
         assert_eq!(config.limits.args_max, 8);
         assert_eq!(config.raft.election_timeout_ms, RaftTimings::default().election_timeout_ms);
+        assert_eq!(config.runtime_worker_threads(), cpus() as usize);
+        std::fs::write(&path, "node_id = 2\nworker_threads = 1\n").unwrap();
+        assert_eq!(NodeConfig::from_file(&path).unwrap().runtime_worker_threads(), 1);
         std::fs::write(&path, "node_id = 2\nslotz = 3\n").unwrap();
         let err = NodeConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("slotz"), "{err}");

@@ -16,19 +16,28 @@ fn main() -> ExitCode {
     if first_arg.as_ref().is_some_and(|arg| arg == taskraft::executor::warden::WARDEN_ARG) {
         return taskraft::executor::warden::run();
     }
-    let args = cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let job = match cli::prepare(cli::Cli::parse()) {
+        Ok(job) => job,
+        Err(failure) => return report(failure),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = job.runtime_worker_threads() {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    match runtime.block_on(cli::run(job)) {
         Ok(code) => code,
-        Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
-            ExitCode::from(failure.exit_code)
-        }
+        Err(failure) => report(failure),
     }
+}
+
+fn report(failure: cli::Failure) -> ExitCode {
+    eprintln!("error: {:#}", failure.error);
+    ExitCode::from(failure.exit_code)
 }

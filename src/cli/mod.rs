@@ -122,6 +122,9 @@ struct NodeArgs {
     /// Executor slots (0: the number of CPUs).
     #[arg(long, env = "TASKRAFT_SLOTS")]
     slots: Option<u32>,
+    /// Worker threads of the node's async runtime (0: the number of CPUs).
+    #[arg(long, env = "TASKRAFT_WORKER_THREADS")]
+    worker_threads: Option<u32>,
     /// A label of this node, KEY=VALUE; repeatable.
     #[arg(long = "label", env = "TASKRAFT_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
@@ -273,10 +276,39 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
-    if let Command::Node(args) = cli.command {
-        return run_node(*args).await;
+/// What the binary was asked to do, with a node's configuration resolved
+/// before the async runtime starts, since it sizes the runtime.
+pub enum Job {
+    Node(Box<NodeConfig>),
+    Client(Box<Cli>),
+}
+
+impl Job {
+    /// The worker threads the async runtime gets; `None`: tokio's default.
+    pub fn runtime_worker_threads(&self) -> Option<usize> {
+        match self {
+            Job::Node(config) => Some(config.runtime_worker_threads()),
+            Job::Client(_) => None,
+        }
     }
+}
+
+/// Resolves a node's configuration, or passes a client command on.
+pub fn prepare(cli: Cli) -> Result<Job, Failure> {
+    match cli.command {
+        Command::Node(args) => {
+            init_logging("info");
+            Ok(Job::Node(Box::new(node_config(*args)?)))
+        }
+        _ => Ok(Job::Client(Box::new(cli))),
+    }
+}
+
+pub async fn run(job: Job) -> Result<ExitCode, Failure> {
+    let cli = match job {
+        Job::Node(config) => return run_node(*config).await,
+        Job::Client(cli) => *cli,
+    };
     init_logging("warn");
     // A snapshot of a large state takes a while: it gets the whole --timeout.
     let attempt_timeout = match cli.command {
@@ -337,8 +369,8 @@ fn cluster_client(channel: tonic::transport::Channel) -> ClusterClient<tonic::tr
     ClusterClient::new(channel).max_decoding_message_size(MESSAGE_BYTES_MAX)
 }
 
-async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
-    init_logging("info");
+/// A node's configuration: defaults, then its file, then variables and flags.
+fn node_config(args: NodeArgs) -> Result<NodeConfig, Failure> {
     let mut config = match &args.config {
         Some(path) => NodeConfig::from_file(path).map_err(|err| usage(err.to_string()))?,
         None => NodeConfig::default(),
@@ -356,6 +388,7 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
     set!(config.data_dir, args.data_dir);
     set!(config.initial_cluster, args.initial_cluster);
     set!(config.slots, args.slots);
+    set!(config.worker_threads, args.worker_threads);
     set!(config.raft.heartbeat_interval_ms, args.heartbeat_interval_ms);
     set!(config.raft.election_timeout_ms, args.election_timeout_ms);
     set!(config.raft.snapshot_after_entries, args.snapshot_after_entries);
@@ -373,6 +406,10 @@ async fn run_node(args: NodeArgs) -> Result<ExitCode, Failure> {
         config.labels.insert(key, value);
     }
     config.validate().map_err(|err| usage(err.to_string()))?;
+    Ok(config)
+}
+
+async fn run_node(config: NodeConfig) -> Result<ExitCode, Failure> {
     taskraft::node::run(config, shutdown_signal()).await.context("the node failed")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -114,6 +114,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         (vec!["cancel", "999"], 4, "does not exist"),
         (vec!["cluster", "remove-node", "42"], 4, "not a member"),
         (vec!["cluster", "transfer-leader", "42"], 2, "not a voter"),
+        // A node refuses a bad configuration before it starts anything.
+        (
+            vec!["node", "--id", "9", "--worker-threads", "5000"],
+            2,
+            "worker_threads must be at most",
+        ),
     ];
     for (args, code, text) in cli_cases {
         let (exit_code, _, stderr) = cli(&cluster, &args)?;
