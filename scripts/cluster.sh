@@ -16,9 +16,6 @@
 # API on port $TASKRAFT_API_PORT_BASE+N (7000+N) and Raft on
 # $TASKRAFT_RAFT_PORT_BASE+N (7100+N). The script signals only the processes
 # whose PIDs it recorded, after checking that each PID is still that node.
-# The nodes share this machine, so each gets its share of the CPUs as worker
-# threads of its runtime ($TASKRAFT_WORKER_THREADS, or --worker-threads in
-# $TASKRAFT_NODE_ARGS, overrides it).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,8 +24,6 @@ bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
 api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
 raft_port_base=${TASKRAFT_RAFT_PORT_BASE:-7100}
 nodes=(1 2 3)
-worker_threads=${TASKRAFT_WORKER_THREADS:-$(( $(nproc) / ${#nodes[@]} ))}
-[ "$worker_threads" -ge 1 ] || worker_threads=1
 
 api_addr() { echo "127.0.0.1:$((api_port_base + $1))"; }
 raft_addr() { echo "127.0.0.1:$((raft_port_base + $1))"; }
@@ -107,7 +102,7 @@ start_node() {
   fi
   wait_ports_free "$n"
   mkdir -p "$dir"
-  TASKRAFT_WORKER_THREADS=$worker_threads "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
+  "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
     --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
     >> "$dir/node.log" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$n")"

@@ -24,9 +24,6 @@ image=taskraft:local
 project=taskraft
 endpoints=172.28.56.11:7001,172.28.56.12:7001,172.28.56.13:7001
 export TASKRAFT_ENDPOINTS=$endpoints
-# The three containers share this machine: each node's runtime gets a third
-# of its CPUs, at least one (docker-compose.yml passes this on).
-export TASKRAFT_WORKER_THREADS=${TASKRAFT_WORKER_THREADS:-$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))}
 compose() { docker-compose -p "$project" -f "$docker_dir/docker-compose.yml" "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 die() { echo "docker.sh: $*" >&2; exit 1; }

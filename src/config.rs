@@ -48,11 +48,14 @@ pub struct NodeConfig {
     /// Executor slots of this node (used by the scheduler); 0 means the number of CPUs.
     pub slots: u32,
     /// Worker threads of this node's async runtime; 0 means the number of
-    /// CPUs. Nodes that share a machine do better with their share of its
-    /// CPUs: each idle worker is parked and woken again for every message,
-    /// and three nodes of two workers each on two CPUs spent about a fifth
-    /// of a no-op task's node CPU doing that (`scripts/cluster.sh` gives
-    /// its nodes their share). At most [`WORKER_THREADS_MAX`].
+    /// CPUs. Nodes that share a machine may do better with fewer: an idle
+    /// worker is parked and woken again for each message, which for three
+    /// nodes of two workers each on two CPUs was about a fifth of a no-op
+    /// task's node CPU. One worker each ran no-op tasks 3 to 9 % faster
+    /// there, but committed single submissions at 64 clients 6 to 11 %
+    /// slower against etcd in the same runs (the leader's work no longer
+    /// spreads over two threads), so the default stays. At most
+    /// [`WORKER_THREADS_MAX`].
     pub worker_threads: u32,
     /// Labels of this node, which tasks may require.
     pub labels: BTreeMap<String, String>,
