@@ -114,9 +114,24 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         (vec!["cancel", "999"], 4, "does not exist"),
         (vec!["cluster", "remove-node", "42"], 4, "not a member"),
         (vec!["cluster", "transfer-leader", "42"], 2, "not a voter"),
-        // A node refuses a bad configuration before it starts anything.
+        // A node refuses a bad configuration before it starts anything. Its
+        // address is one no interface here has, so a node that went on
+        // anyway would fail to open its data or to listen (exit 1), not
+        // run on.
         (
-            vec!["node", "--id", "9", "--worker-threads", "5000"],
+            vec![
+                "node",
+                "--id",
+                "9",
+                "--api-addr",
+                "192.0.2.9:7001",
+                "--raft-addr",
+                "192.0.2.9:7101",
+                "--data-dir",
+                "/dev/null/taskraft-bad-input",
+                "--worker-threads",
+                "5000",
+            ],
             2,
             "worker_threads must be at most",
         ),
