@@ -186,6 +186,14 @@ pub struct ExecutionConfig {
     /// attempt ends an executor queues nothing. 0 queues
     /// `prefetch_per_slot` per slot whatever the tasks.
     pub prefetch_window_ms: u64,
+    /// How long a program runs before its executor records its start
+    /// (RUNNING) through the leader. A program that ends sooner is recorded
+    /// once, by its completion, which carries its start time: a short task
+    /// costs one report instead of two. Until then the task shows ASSIGNED.
+    /// Nothing else depends on the start record (an ASSIGNED attempt is
+    /// fenced, re-run and cancelled like a RUNNING one). 0 records every
+    /// start at once.
+    pub start_report_delay_ms: u64,
     /// Reports an executor holds for the leader; its attempts wait beyond.
     pub report_queue_max: usize,
     /// Executors' report requests waiting on the leader for its report
@@ -216,6 +224,7 @@ impl Default for ExecutionConfig {
             output_tail_bytes_max: 64 * 1024,
             prefetch_per_slot: 16,
             prefetch_window_ms: 50,
+            start_report_delay_ms: 100,
             report_queue_max: 4_096,
             leader_report_requests_queued_max: 256,
             leader_heartbeats_queued_max: 1_024,
@@ -407,6 +416,9 @@ impl NodeConfig {
         }
         if execution.prefetch_window_ms > execution.lease_ms {
             return invalid("execution.prefetch_window_ms must be at most lease_ms".into());
+        }
+        if execution.start_report_delay_ms > execution.lease_ms {
+            return invalid("execution.start_report_delay_ms must be at most lease_ms".into());
         }
         if execution.report_batch_max == 0
             || execution.report_batch_max > crate::executor::protocol::REPORTS_PER_REQUEST_MAX
@@ -631,6 +643,16 @@ mod tests {
                 NodeConfig {
                     execution: ExecutionConfig {
                         prefetch_window_ms: 3_001,
+                        ..ExecutionConfig::default()
+                    },
+                    ..valid()
+                },
+            ),
+            (
+                "start_report_delay_ms must be at most lease_ms",
+                NodeConfig {
+                    execution: ExecutionConfig {
+                        start_report_delay_ms: 3_001,
                         ..ExecutionConfig::default()
                     },
                     ..valid()

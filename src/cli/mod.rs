@@ -164,6 +164,10 @@ struct NodeArgs {
     /// by its recent attempts (0: always prefetch-per-slot per slot).
     #[arg(long, env = "TASKRAFT_PREFETCH_WINDOW_MS")]
     prefetch_window_ms: Option<u64>,
+    /// How long a program runs before its start is recorded (RUNNING); a
+    /// shorter one is recorded once, when it ends (0: every start at once).
+    #[arg(long, env = "TASKRAFT_START_REPORT_DELAY_MS")]
+    start_report_delay_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -401,6 +405,7 @@ fn node_config(args: NodeArgs) -> Result<NodeConfig, Failure> {
     set!(config.execution.purge_interval_ms, args.purge_interval_ms);
     set!(config.execution.prefetch_per_slot, args.prefetch_per_slot);
     set!(config.execution.prefetch_window_ms, args.prefetch_window_ms);
+    set!(config.execution.start_report_delay_ms, args.start_report_delay_ms);
     for label in &args.labels {
         let (key, value) = split_pair(label, "label").map_err(usage)?;
         config.labels.insert(key, value);

@@ -22,9 +22,10 @@
 //! node, and until then it may not (see `ARCHITECTURE.md`). So an attempt
 //! assigned while the present lease held has its start recorded through the
 //! leader while the program runs, not before it, and a Raft commit is not
-//! on the path to its start; a program that ends before its start record
-//! commits needs no separate record, because its completion carries the
-//! start time. An attempt assigned before the present lease began (this
+//! on the path to its start. Its start is recorded once the program has
+//! run for `execution.start_report_delay_ms`: a program that ends sooner,
+//! or before its start record commits, needs no separate record, because
+//! its completion carries the start time. An attempt assigned before the present lease began (this
 //! node was down or cut off, and is applying its backlog) may have been
 //! judged lost in the gap: its start is committed before its program runs,
 //! and a refusal means it does not run. The completion is reported after
@@ -538,8 +539,13 @@ impl Executor {
             output_tail_bytes_max: self.config.output_tail_bytes_max,
         };
         let run = self.runner.run(request, stop);
-        let start_record =
-            self.report(Command::StartAttempt { now_ms: started_at_ms, task: task.id, token });
+        // A program that ends within the delay is recorded once, by its
+        // completion: short tasks cost one report, not two.
+        let start_report_delay = Duration::from_millis(self.config.start_report_delay_ms);
+        let start_record = async {
+            tokio::time::sleep(start_report_delay).await;
+            self.report(Command::StartAttempt { now_ms: started_at_ms, task: task.id, token }).await
+        };
         tokio::pin!(run, start_record);
         let mut start_recorded = start_recorded_first;
         let result = loop {
@@ -559,7 +565,8 @@ impl Executor {
             }
         };
         // A program that ended first needs no start record: dropping it
-        // stops its retries, and its completion carries `started_at_ms`.
+        // cancels its delay or stops its retries, and the completion
+        // carries `started_at_ms`.
         drop(slot);
         let outcome = match result.outcome {
             // The warden killed it because the lease ran out while this node

@@ -134,6 +134,76 @@ async fn a_task_submitted_to_an_idle_cluster_is_assigned_by_its_own_entry() -> a
     Ok(())
 }
 
+/// A program that ends within `start_report_delay_ms` (100 ms) is recorded
+/// once, by its completion, which carries its start time: the task goes
+/// from ASSIGNED to SUCCEEDED without a RUNNING in between. One that runs
+/// longer shows RUNNING while it runs. On an idle cluster a start recorded
+/// at once would commit before a no-op's end, so each short task here would
+/// show RUNNING without the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_task_is_recorded_once_and_a_long_one_shows_running() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
+
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.client()?;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(2).api_addr))?
+            .connect()
+            .await?;
+    let request = pb::WatchTasksRequest { task_id: String::new(), after_revision: 0 };
+    let mut stream = TasksClient::new(channel).watch_tasks(request).await?.into_inner();
+    let mut short_ids = Vec::new();
+    for _ in 0..5 {
+        let answer = submit(&mut client, cluster_tests::spec("true", &[], None)).await?;
+        let id = answer.task.map(|task| task.id).unwrap_or_default();
+        wait_until_all_finished(&mut client, std::slice::from_ref(&id), Duration::from_secs(20))
+            .await?;
+        short_ids.push(id);
+    }
+    let answer = submit(&mut client, cluster_tests::spec("sleep", &["1"], None)).await?;
+    let long_id = answer.task.map(|task| task.id).unwrap_or_default();
+    let finished = wait_until_all_finished(
+        &mut client,
+        std::slice::from_ref(&long_id),
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(finished[0].state, pb::TaskState::Succeeded as i32, "task {long_id}");
+
+    let mut states: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    let mut finals: BTreeMap<String, pb::Task> = BTreeMap::new();
+    while finals.len() < short_ids.len() + 1 {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the watch ended early"))??;
+        let task = event.task.unwrap_or_default();
+        states.entry(task.id.clone()).or_default().push(task.state);
+        if task.state == pb::TaskState::Succeeded as i32 {
+            finals.insert(task.id.clone(), task);
+        }
+    }
+    for id in &short_ids {
+        let seen = &states[id];
+        assert!(
+            !seen.contains(&(pb::TaskState::Running as i32)),
+            "short task {id} went through RUNNING: {seen:?}"
+        );
+        let attempt = &finals[id].attempts[0];
+        assert!(
+            attempt.started_at_unix_ms > 0
+                && attempt.started_at_unix_ms <= attempt.ended_at_unix_ms,
+            "short task {id} has its start time from its completion: {attempt:?}"
+        );
+    }
+    assert!(
+        states[&long_id].contains(&(pb::TaskState::Running as i32)),
+        "the long task showed RUNNING while it ran: {:?}",
+        states[&long_id]
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, &[]).await?;
