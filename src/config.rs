@@ -719,4 +719,16 @@ mod tests {
         let err = NodeConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("slotz"), "{err}");
     }
+
+    /// The README's example file names only keys that exist, with values
+    /// that pass validation, and its execution values are the defaults.
+    #[test]
+    fn the_readmes_example_file_is_a_valid_config() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").expect("the README has a TOML example") + 8;
+        let len = readme[start..].find("```").expect("the TOML example ends");
+        let config: NodeConfig = toml::from_str(&readme[start..start + len]).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.execution, ExecutionConfig::default());
+    }
 }
