@@ -63,7 +63,7 @@ impl ProgramFinder {
         ProgramFinder { node_path, remember_for, found: Mutex::new(HashMap::new()) }
     }
 
-    /// The program `program` names, as [`resolve_program`] finds it with
+    /// The program `program` names, as `resolve_program` finds it with
     /// the task's `PATH` or else the node's; a name found on `PATH` within
     /// the last [`FOUND_REMEMBERED_MS`] is checked where it was found.
     pub fn find(

@@ -2,7 +2,7 @@
 //! sled, or a simulated disk), with group commit.
 //!
 //! The log tree holds one value per append, a run of consecutive entries
-//! keyed by the index of its first ([`super::log_run`] says why), so an
+//! keyed by the index of its first (`log_run` says why), so an
 //! append is one sled insert. `append` writes it at once, so its entries are
 //! readable on return, and hands openraft's completion callback to a single
 //! flusher loop. The loop drains every callback queued so far, calls
@@ -25,7 +25,7 @@
 //! last log id is the later of the last entry and the purge point.
 //!
 //! Over sled the deletion itself is a thread's own, in chunks of
-//! [`PURGE_CHUNK_ENTRIES`]: openraft waits for `purge` in the Raft core, and
+//! `PURGE_CHUNK_ENTRIES`: openraft waits for `purge` in the Raft core, and
 //! deleting 100,000 entries at once (a snapshot every 100,000 entries) held
 //! a follower's core, and with it every answer to the leader, heartbeats
 //! included, for a second: the leader saw no majority and refused writes.
@@ -35,7 +35,7 @@
 //! entries of it at or below the purge point.
 //!
 //! Stores of earlier versions kept one entry per key in the tree
-//! `raft_log`; `open` converts them (see [`convert_legacy_log`]).
+//! `raft_log`; `open` converts them (see `convert_legacy_log`).
 
 use std::fmt::Debug;
 use std::io;

@@ -2,7 +2,7 @@
 //! (temporary file, fsync, rename, fsync of the directory) and checked by a
 //! CRC when read back.
 //!
-//! A snapshot is written out as it is encoded, [`WRITEBACK_CHUNK_BYTES`] at
+//! A snapshot is written out as it is encoded, `WRITEBACK_CHUNK_BYTES` at
 //! a time ([`PacedFile`]). On ext4 (data=ordered) an `fdatasync` of the Raft
 //! log commits the file system's journal, and a commit first writes every
 //! dirty page of files whose blocks the journal already allocated: with a
@@ -13,7 +13,7 @@
 //! Layout: the magic `TRSNAP02`, a little-endian CRC-32 of everything after
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
 //! [`SnapshotMeta`], then the postcard-encoded body (meta and tasks). Each
-//! task is a [`TaskRecord`], its run-at and update times relative to its
+//! task is a `TaskRecord`, its run-at and update times relative to its
 //! creation: absolute, each took 6 bytes, about 4 % of a pending task of
 //! 256 bytes. Files of the format before (`TRSNAP01`, each task as a
 //! [`Task`]) are still read; a node of that version cannot read this one.
