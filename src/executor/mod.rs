@@ -543,7 +543,9 @@ impl Executor {
         // completion: short tasks cost one report, not two.
         let start_report_delay = Duration::from_millis(self.config.start_report_delay_ms);
         let start_record = async {
-            tokio::time::sleep(start_report_delay).await;
+            if !start_report_delay.is_zero() {
+                tokio::time::sleep(start_report_delay).await;
+            }
             self.report(Command::StartAttempt { now_ms: started_at_ms, task: task.id, token }).await
         };
         tokio::pin!(run, start_record);
