@@ -25,12 +25,13 @@
 //! on the path to its start. Its start is recorded once the program has
 //! run for `execution.start_report_delay_ms`: a program that ends sooner,
 //! or before its start record commits, needs no separate record, because
-//! its completion carries the start time. An attempt assigned before the present lease began (this
-//! node was down or cut off, and is applying its backlog) may have been
-//! judged lost in the gap: its start is committed before its program runs,
-//! and a refusal means it does not run. The completion is reported after
-//! the program ends, and every report is retried until it commits or is
-//! refused (for example as stale), so a lost answer never loses a result.
+//! its completion carries the start time. An attempt assigned before the
+//! present lease began (this node was down or cut off, and is applying its
+//! backlog) may have been judged lost in the gap: its start is committed
+//! before its program runs, and a refusal means it does not run. The
+//! completion is reported after the program ends, and every report is
+//! retried until it commits or is refused (for example as stale), so a lost
+//! answer never loses a result.
 //! Attempts that were active on this node when it (re)started cannot be
 //! running anymore (their processes died with the node), so they are
 //! reported lost at once rather than after a lease period.
