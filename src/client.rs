@@ -161,7 +161,7 @@ impl Client {
 /// deadline may have passed, or a connection broken, after a write
 /// committed, so callers retry writes only with an idempotency key (the CLI
 /// always sets one).
-fn is_retryable(status: &tonic::Status) -> bool {
+pub fn is_retryable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled

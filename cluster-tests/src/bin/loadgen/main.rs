@@ -58,7 +58,7 @@ enum Target {
     Etcd,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(about = "Drives taskraft or etcd with the same load; prints one JSON line")]
 struct Args {
     #[arg(long, value_enum)]

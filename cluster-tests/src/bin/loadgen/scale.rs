@@ -4,7 +4,14 @@
 //! - `--fill N`: writes N items as fast as `--clients` batches of `--batch`
 //!   allow (taskraft: tasks a day ahead in `SubmitTasks`; etcd: keys in a
 //!   `Txn` of puts), then one marker write after all of them. Reports the
-//!   servers' resident memory before and after, and the marker.
+//!   servers' resident memory before and after, and the marker. A batch the
+//!   cluster refuses (a leader stepped down, an election is under way) is
+//!   sent again to the leader found anew, for up to `FILL_RETRY_FOR`;
+//!   retries are counted in the report, those whose first try may have
+//!   committed after all (a passed deadline, a broken connection, a write
+//!   the node says may still commit) apart from those it refused outright.
+//!   Such a batch of tasks may then be in the state twice (etcd puts the
+//!   same keys again).
 //! - `--snapshot`: has the leader build a snapshot (taskraft: `Snapshot`;
 //!   etcd: the `Snapshot` stream, read to its end) and reports its size and
 //!   the time it took.
@@ -36,6 +43,11 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_INTERVAL: Duration = Duration::from_millis(10);
 /// The most puts etcd takes in one Txn (its --max-txn-ops default).
 const ETCD_TXN_OPS_MAX: usize = 128;
+/// How long the fill keeps sending a refused batch again, through
+/// elections, before it gives up.
+const FILL_RETRY_FOR: Duration = Duration::from_secs(60);
+/// The pause before a refused batch is sent again.
+const FILL_RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -90,6 +102,82 @@ async fn write_batch(
     Ok(())
 }
 
+/// Where the fill writes: the leader it last found and connections to it.
+/// `epoch` counts the times it was found, so that of many writes refused by
+/// one leader change only the first looks for the new leader.
+struct FillRoute {
+    addr: String,
+    channels: Vec<Channel>,
+    epoch: u64,
+}
+
+impl FillRoute {
+    async fn to_leader(args: &Args) -> anyhow::Result<FillRoute> {
+        let addr = leader_addr(args.target, &args.endpoints).await?;
+        let mut channels = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            channels.push(connect(&addr).await?);
+        }
+        Ok(FillRoute { addr, channels, epoch: 0 })
+    }
+}
+
+/// Batches the fill sent again, by what the first try's failure said.
+#[derive(Default)]
+struct FillRetries {
+    /// The cluster refused the write: it did not commit.
+    refused: AtomicU64,
+    /// The write may have committed before the failure.
+    uncertain: AtomicU64,
+}
+
+/// Whether a failed write may have committed: the node says so, its
+/// deadline passed, or the connection broke under it.
+fn may_have_committed(status: &tonic::Status) -> bool {
+    status.code() != tonic::Code::Unavailable
+        || status.message().contains("may still commit")
+        || taskraft::api::is_connection_failure(status)
+}
+
+/// [`write_batch`], sent again to the leader found anew while the cluster
+/// refuses it for a reason that passes (see the module docs).
+async fn write_batch_retrying(
+    args: &Args,
+    route: &tokio::sync::Mutex<FillRoute>,
+    retries: &FillRetries,
+    first: u64,
+    n: usize,
+) -> anyhow::Result<()> {
+    let give_up_at = Instant::now() + FILL_RETRY_FOR;
+    let batch_number = first / args.batch.max(1) as u64;
+    loop {
+        let (channel, epoch) = {
+            let route = route.lock().await;
+            (route.channels[batch_number as usize % route.channels.len()].clone(), route.epoch)
+        };
+        let err = match write_batch(args.target, channel, args.payload_bytes, first, n).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        let Some(status) = err.downcast_ref::<tonic::Status>() else { return Err(err) };
+        if !taskraft::client::is_retryable(status) || Instant::now() >= give_up_at {
+            return Err(err);
+        }
+        let counter =
+            if may_have_committed(status) { &retries.uncertain } else { &retries.refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+        eprintln!("  items {first}.. sent again: {:?}: {}", status.code(), status.message());
+        tokio::time::sleep(FILL_RETRY_BACKOFF).await;
+        let mut route = route.lock().await;
+        if route.epoch == epoch {
+            match FillRoute::to_leader(args).await {
+                Ok(found) => *route = FillRoute { epoch: epoch + 1, ..found },
+                Err(err) => eprintln!("  no leader yet: {err:#}"),
+            }
+        }
+    }
+}
+
 /// One write after everything before it: a task id or an etcd key.
 async fn marker_write(
     target: Target,
@@ -127,11 +215,8 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
         Target::Taskraft => args.batch,
         Target::Etcd => args.batch.min(ETCD_TXN_OPS_MAX),
     };
-    let leader = leader_addr(args.target, &args.endpoints).await?;
-    let mut channels = Vec::new();
-    for _ in 0..args.connections {
-        channels.push(connect(&leader).await?);
-    }
+    let route = Arc::new(tokio::sync::Mutex::new(FillRoute::to_leader(args).await?));
+    let retries = Arc::new(FillRetries::default());
     let rss_before: Vec<Option<u64>> = args.server_pids.iter().map(|pid| rss_kib(*pid)).collect();
     let started = Instant::now();
     let n_written = Arc::new(AtomicU64::new(0));
@@ -142,10 +227,10 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
     while first < n_items {
         let n = (batch as u64).min(n_items - first) as usize;
         let permit = permits.clone().acquire_owned().await?;
-        let channel = channels[(first / batch as u64) as usize % channels.len()].clone();
-        let (target, payload_bytes, counter) = (args.target, args.payload_bytes, n_written.clone());
+        let (args, route, retries, counter) =
+            (args.clone(), route.clone(), retries.clone(), n_written.clone());
         writes.spawn(async move {
-            let written = write_batch(target, channel, payload_bytes, first, n).await;
+            let written = write_batch_retrying(&args, &route, &retries, first, n).await;
             if written.is_ok() {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -169,7 +254,11 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
         done??;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let marker = marker_write(args.target, channels[0].clone(), REQUEST_TIMEOUT).await?;
+    let (leader, channel) = {
+        let route = route.lock().await;
+        (route.addr.clone(), route.channels[0].clone())
+    };
+    let marker = marker_write(args.target, channel, REQUEST_TIMEOUT).await?;
     // Let background work (apply, compaction) settle before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after: Vec<Option<u64>> = args.server_pids.iter().map(|pid| rss_kib(*pid)).collect();
@@ -189,6 +278,8 @@ pub async fn fill(args: &Args, n_items: u64) -> anyhow::Result<()> {
         "seconds": seconds,
         "items_per_s": n_items as f64 / seconds,
         "marker": marker,
+        "retried_refused": retries.refused.load(Ordering::Relaxed),
+        "retried_uncertain": retries.uncertain.load(Ordering::Relaxed),
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
         "rss_growth_mib_per_node": if growths.is_empty() { 0.0 } else { growths.iter().sum::<f64>() / growths.len() as f64 },
