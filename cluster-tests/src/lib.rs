@@ -348,6 +348,16 @@ impl TestCluster {
         status.nodes.into_iter().next().ok_or_else(|| anyhow!("node {id} sent an empty status"))
     }
 
+    /// A connection to node `id`'s client API.
+    pub async fn api_channel(&self, id: u64) -> anyhow::Result<Channel> {
+        connect_channel(&self.node(id).api_addr).await
+    }
+
+    /// A connection to node `id`'s peer (Raft) port.
+    pub async fn raft_channel(&self, id: u64) -> anyhow::Result<Channel> {
+        connect_channel(&self.node(id).raft_addr).await
+    }
+
     /// Sends an executor request to node `id`'s peer port, as an executor would.
     pub async fn executor_request(
         &self,
@@ -355,8 +365,7 @@ impl TestCluster {
         request: &taskraft::executor::protocol::ExecutorRequest,
     ) -> anyhow::Result<taskraft::executor::protocol::ExecutorReply> {
         use taskraft::proto::peer_v1::{RaftMessage, raft_peer_client::RaftPeerClient};
-        let channel =
-            Channel::from_shared(format!("http://{}", self.node(id).raft_addr))?.connect().await?;
+        let channel = self.raft_channel(id).await?;
         let message = RaftMessage { data: taskraft::raft::codec::encode(request) };
         let reply = RaftPeerClient::new(channel).executor(message).await?.into_inner();
         Ok(taskraft::raft::codec::decode("executor reply", &reply.data)?)
@@ -417,6 +426,17 @@ impl TestCluster {
 }
 
 /// How many distinct lines of each node's log a failing test prints.
+/// How long a test waits for a connection to a node it expects to be up.
+const CHANNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to a node's address `host:port`.
+async fn connect_channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CHANNEL_CONNECT_TIMEOUT)
+        .connect()
+        .await?)
+}
+
 const LOG_TAIL_LINES_MAX: usize = 40;
 
 /// The last `lines_max` distinct lines of `log`, oldest first: lines that

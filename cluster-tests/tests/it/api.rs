@@ -10,10 +10,6 @@ use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 use tonic::transport::Channel;
 
-async fn channel(cluster: &TestCluster, id: u64) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{}", cluster.node(id).api_addr))?.connect().await?)
-}
-
 async fn watch(
     channel: Channel,
     task_id: &str,
@@ -35,7 +31,7 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
     let cluster = TestCluster::start(3, &[]).await?;
 
     // A live watch on node 2 sees submissions made through node 3.
-    let live = tokio::spawn(watch(channel(&cluster, 2).await?, "", 0, 10));
+    let live = tokio::spawn(watch(cluster.api_channel(2).await?, "", 0, 10));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut client = cluster.node_client(3, Duration::from_secs(10))?;
     let mut submitted = Vec::new();
@@ -55,11 +51,11 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
     assert!(events.windows(2).all(|pair| pair[0].revision < pair[1].revision));
 
     // Resuming after the fifth event replays the other five.
-    let resumed = watch(channel(&cluster, 1).await?, "", events[4].revision, 5).await?;
+    let resumed = watch(cluster.api_channel(1).await?, "", events[4].revision, 5).await?;
     assert_eq!(resumed, events[5..].to_vec());
     // A watch of one task sees only that task.
     let one =
-        watch(channel(&cluster, 3).await?, &submitted[3].id, events[0].revision - 1, 1).await?;
+        watch(cluster.api_channel(3).await?, &submitted[3].id, events[0].revision - 1, 1).await?;
     assert_eq!(one[0].task.as_ref().unwrap().id, submitted[3].id);
 
     // Lists filter by state and queue, and page.
@@ -75,7 +71,7 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
             stale: false,
         };
         let page =
-            TasksClient::new(channel(&cluster, 2).await?).list_tasks(request).await?.into_inner();
+            TasksClient::new(cluster.api_channel(2).await?).list_tasks(request).await?.into_inner();
         pages += 1;
         for task in page.tasks {
             listed.insert(task.id.clone(), task);
@@ -127,7 +123,7 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
 
     // Standard gRPC health and reflection, for generic clients such as grpcurl.
     let mut health =
-        tonic_health::pb::health_client::HealthClient::new(channel(&cluster, 1).await?);
+        tonic_health::pb::health_client::HealthClient::new(cluster.api_channel(1).await?);
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest { service: "taskraft.v1.Tasks".into() })
         .await?
@@ -144,7 +140,7 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = ServerReflectionClient::new(channel(&cluster, 1).await?)
+    let mut replies = ServerReflectionClient::new(cluster.api_channel(1).await?)
         .server_reflection_info(tokio_stream::iter(vec![request]))
         .await?
         .into_inner();
@@ -182,7 +178,7 @@ async fn an_operator_snapshot_covers_everything_applied() -> anyhow::Result<()> 
     let before = cluster.local_status(follower).await?;
     assert!(before.snapshot_index < before.applied_index, "no snapshot yet: {before:?}");
 
-    let reply = ClusterClient::new(channel(&cluster, follower).await?)
+    let reply = ClusterClient::new(cluster.api_channel(follower).await?)
         .snapshot(pb::SnapshotRequest {})
         .await?
         .into_inner();

@@ -75,12 +75,7 @@ async fn peer_errors(cluster: &TestCluster) -> anyhow::Result<()> {
     use taskraft::proto::peer_v1::{RaftMessage, raft_peer_client::RaftPeerClient};
     let leader = cluster.wait_for_leader(std::time::Duration::from_secs(10)).await?;
     let follower = if leader == 1 { 2 } else { 1 };
-    let channel = tonic::transport::Channel::from_shared(format!(
-        "http://{}",
-        cluster.node(follower).raft_addr
-    ))?
-    .connect()
-    .await?;
+    let channel = cluster.raft_channel(follower).await?;
     let garbage = RaftMessage { data: vec![0xff; 7] };
     let mut request = tonic::Request::new(futures::stream::iter([garbage]));
     request.set_timeout(std::time::Duration::from_secs(5));

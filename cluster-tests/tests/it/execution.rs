@@ -147,10 +147,7 @@ async fn a_short_task_is_recorded_once_and_a_long_one_shows_running() -> anyhow:
 
     let cluster = TestCluster::start(3, &[]).await?;
     let mut client = cluster.client()?;
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(2).api_addr))?
-            .connect()
-            .await?;
+    let channel = cluster.api_channel(2).await?;
     let request = pb::WatchTasksRequest { task_id: String::new(), after_revision: 0 };
     let mut stream = TasksClient::new(channel).watch_tasks(request).await?.into_inner();
     let mut short_ids = Vec::new();
