@@ -24,13 +24,17 @@
 //! last entry (a follower installing a snapshot ahead of its log), so the
 //! last log id is the later of the last entry and the purge point.
 //!
-//! Over sled the deletion itself is a thread's own, in chunks of
-//! `PURGE_CHUNK_ENTRIES`: openraft waits for `purge` in the Raft core, and
-//! deleting 100,000 entries at once (a snapshot every 100,000 entries) held
-//! a follower's core, and with it every answer to the leader, heartbeats
-//! included, for a second: the leader saw no majority and refused writes.
-//! openraft allows this: purged entries need not vanish at once, and none
-//! at or below the purge point is read again. A run that holds the purge
+//! Over sled the deletion itself is a thread's own, one run at a time:
+//! openraft waits for `purge` in the Raft core, and deleting 100,000 entries
+//! at once (a snapshot every 100,000 entries) held a follower's core, and
+//! with it every answer to the leader, heartbeats included, for a second:
+//! the leader saw no majority and refused writes. One run at a time and not
+//! in sled batches, because a sled batch holds sled's process-wide write
+//! lock, which stops every read and write of every tree until it ends: a
+//! batch removing 621 runs of big entries held it for 920 ms on a leader in
+//! the middle of a fill, the leader appended and sent nothing, and its
+//! followers elected another. openraft allows this: purged entries need not
+//! vanish at once, and none at or below the purge point is read again. A run that holds the purge
 //! point stays whole until a later purge passes its end; reads skip the
 //! entries of it at or below the purge point.
 //!
@@ -88,9 +92,9 @@ pub struct LogStore {
     unpurged_from: Arc<AtomicU64>,
 }
 
-/// Entries one batch of a purge deletes. sled deletes about 100,000 log
-/// entries a second, so a chunk takes about 10 ms of the log tree at a time.
-const PURGE_CHUNK_ENTRIES: u64 = 1_000;
+/// Keys one batch of [`remove_all`] deletes, at open, before anything else
+/// reads or writes.
+const REMOVE_ALL_CHUNK_KEYS: usize = 1_000;
 
 /// Purge points that may wait for the remover thread. One that finds the
 /// queue full is left to the next purge, which deletes from the first entry
@@ -240,48 +244,30 @@ impl LogStore {
 }
 
 /// Removes every run of `log` whose entries all have indexes up to `index`,
-/// about [`PURGE_CHUNK_ENTRIES`] entries at a time, oldest first, so no hole
-/// is ever left; returns how many entries. A run that holds `index` and
-/// entries after it stays. Only the headers of runs are read.
+/// one run at a time (not in a batch: see the module docs), oldest first, so
+/// no hole is ever left; returns how many entries. A run that holds `index`
+/// and entries after it stays.
 fn remove_up_to(log: &Tree, index: u64) -> io::Result<u64> {
     let mut n_removed = 0;
-    loop {
-        let mut batch = Batch::default();
-        let mut n_chunk = 0;
-        let mut more = false;
-        for item in log.range(Bound::Unbounded, Bound::Included(&index_key(index)))? {
-            let (key, run) = item?;
-            let first = key_index(&key)?;
-            let last = first + log_run::len(&run)? - 1;
-            if last > index {
-                break;
-            }
-            batch.remove(key);
-            n_chunk += last - first + 1;
-            if n_chunk >= PURGE_CHUNK_ENTRIES {
-                more = true;
-                break;
-            }
+    for item in log.range(Bound::Unbounded, Bound::Included(&index_key(index)))? {
+        let (key, run) = item?;
+        let first = key_index(&key)?;
+        let last = first + log_run::len(&run)? - 1;
+        if last > index {
+            break;
         }
-        if n_chunk == 0 {
-            return Ok(n_removed);
-        }
-        log.apply_batch(batch)?;
-        n_removed += n_chunk;
-        if !more {
-            return Ok(n_removed);
-        }
+        log.remove(&key)?;
+        n_removed += last - first + 1;
     }
+    Ok(n_removed)
 }
 
-/// Removes every key of `tree`, [`PURGE_CHUNK_ENTRIES`] keys at a time.
+/// Removes every key of `tree`, [`REMOVE_ALL_CHUNK_KEYS`] keys at a time.
 fn remove_all(tree: &Tree) -> io::Result<()> {
     loop {
         let mut batch = Batch::default();
         let mut n_keys = 0;
-        for item in
-            tree.range(Bound::Unbounded, Bound::Unbounded)?.take(PURGE_CHUNK_ENTRIES as usize)
-        {
+        for item in tree.range(Bound::Unbounded, Bound::Unbounded)?.take(REMOVE_ALL_CHUNK_KEYS) {
             batch.remove(item?.0);
             n_keys += 1;
         }

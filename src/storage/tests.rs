@@ -142,9 +142,10 @@ async fn reopened_store_keeps_log_vote_and_the_snapshot_state() {
 }
 
 /// Over sled a purge returns once its purge point is durable; a thread of
-/// its own deletes the entries, in chunks, and leaves those after it.
+/// its own deletes the entries, a run at a time and oldest first, so no
+/// hole ever opens, and leaves those after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_purge_over_sled_deletes_its_entries_in_chunks_and_keeps_those_after_it() {
+async fn a_purge_over_sled_deletes_its_entries_oldest_first_and_keeps_those_after_it() {
     let dir = TempDir::new().unwrap();
     let (mut log_store, _state_machine) = open_stores(dir.path()).unwrap();
     let entries: Vec<Entry> = (1..=2_500).map(|index| submit_entry(index, "true")).collect();
