@@ -140,6 +140,9 @@ start_etcd_member() {
     --listen-peer-urls "http://127.0.0.1:2380$n" --initial-advertise-peer-urls "http://127.0.0.1:2380$n" \
     >> "$work/etcd/n$n.log" 2>&1 &
   etcd_pids[n - 1]=$!
+  # Not a job of this shell, which would print "Killed" for every member a
+  # failover trial kills; wait_gone, not wait, then sees it end.
+  disown "${etcd_pids[n - 1]}"
 }
 start_etcd() {
   local n
@@ -157,7 +160,7 @@ start_etcd() {
 stop_etcd() {
   local pid
   for pid in "${etcd_pids[@]}"; do kill "$pid" 2> /dev/null || true; done
-  for pid in "${etcd_pids[@]}"; do wait "$pid" 2> /dev/null || true; done
+  wait_gone "${etcd_pids[@]}"
   etcd_pids=()
   rm -rf "$work/etcd"
 }
@@ -272,7 +275,7 @@ scale_run() {  # scale_run TARGET PAIR
   if [ "$target" = taskraft ]; then
     TASKRAFT_CLUSTER_DIR="$work/taskraft" scripts/cluster.sh kill "$follower" > /dev/null
   else
-    kill -9 "${etcd_pids[follower - 1]}"; wait "${etcd_pids[follower - 1]}" 2> /dev/null || true
+    kill -9 "${etcd_pids[follower - 1]}"
   fi
   wait_gone "${pid_list[follower - 1]}"
   marker=$("$loadgen" --target "$target" --endpoints "$endpoints" --fill "$catch_up_items" --batch "$batch" --clients 8 2> "$work/loadgen.err" | json_field marker) ||
@@ -291,7 +294,6 @@ scale_run() {  # scale_run TARGET PAIR
   else
     pid_list=("${etcd_pids[@]}")
     kill -9 "${etcd_pids[@]}"
-    for n in "${etcd_pids[@]}"; do wait "$n" 2> /dev/null || true; done
   fi
   wait_gone "${pid_list[@]}"
   t0=$(date +%s%3N)
@@ -327,7 +329,7 @@ failover_trials() {  # failover_trials LABEL TARGET
       out=$("$loadgen" --target etcd --endpoints "$etcd_endpoints" --server-pids "$(IFS=,; echo "${etcd_pids[*]}")" --failover 2> "$work/loadgen.err") ||
         { cat "$work/loadgen.err" >&2; exit 1; }
       killed=$(echo "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["killed"][-1])')
-      { wait "${etcd_pids[killed - 1]}"; } 2> /dev/null || true
+      wait_gone "${etcd_pids[killed - 1]}"
       start_etcd_member "$killed"
     fi
     echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("commit after %.0f ms" % r["commit_gap_ms"] + ("; task started after %d ms; %d of %d acknowledged lost" % (r["start_gap_ms"], r["lost"], r["acknowledged"]) if "lost" in r else ""))' >&2
