@@ -263,7 +263,7 @@ scale_run() {  # scale_run TARGET PAIR
   printf '  scale         %-8s pair %d/%d: filling %d items\n' "$target" "$pair" "$pairs" "$scale_items" >&2
   fill=$("$loadgen" --target "$target" --endpoints "$endpoints" --server-pids "$pids" --fill "$scale_items" \
     --batch "$batch" --clients 8 --connections 4 2> >(sed 's/^/  /' >&2))
-  echo "$fill" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("    filled at %.0f items/s; resident memory grew %.0f MiB per node; %d batches sent again" % (r["items_per_s"], r["rss_growth_mib_per_node"], r["retried_refused"] + r["retried_uncertain"]))' >&2
+  echo "$fill" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("    filled at %.0f items/s; resident memory grew %.0f MiB per node; %d retries of refused batches" % (r["items_per_s"], r["rss_growth_mib_per_node"], r["retried_refused"] + r["retried_uncertain"]))' >&2
   snapshot=$("$loadgen" --target "$target" --endpoints "$endpoints" --snapshot 2> "$work/loadgen.err") ||
     { cat "$work/loadgen.err" >&2; exit 1; }
   echo "$snapshot" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("    snapshot of %.1f MiB in %.0f ms" % (r["bytes"] / 2**20, r["build_ms"]))' >&2
@@ -449,7 +449,7 @@ if any(row["scenario"] == "scale_1m" for row in execution):
             "ratio": statistics.median(pair_ratios) if pair_ratios else None,
         }
     entry["items"] = next(iter(ours.values()))["fill"]["items"] if ours else None
-    # Batches a fill sent again after the cluster refused them (older results lack the fields).
+    # Times a fill sent a refused batch again (older results lack the fields).
     entry["fill_retries"] = {system: sum(r["fill"].get("retried_refused", 0) + r["fill"].get("retried_uncertain", 0) for r in runs.values())
                              for system, runs in (("taskraft", ours), ("etcd", theirs))}
     report["scenarios"]["scale_1m"] = entry
@@ -480,7 +480,7 @@ if "scale_1m" in report["scenarios"]:
         e = entry[name]
         lines.append(f"| {name} | {e['what']} | {fmt(e['taskraft'], ',.0f')} | {fmt(e['etcd'], ',.0f')} | {fmt(e['ratio'], '.2f')}× |")
     retried = entry["fill_retries"]
-    lines += ["", f"Batches the fills sent again after the cluster refused them (an election during the fill): taskraft {retried['taskraft']}, etcd {retried['etcd']}."]
+    lines += ["", f"Times the fills sent a refused batch again (an election during the fill): taskraft {retried['taskraft']}, etcd {retried['etcd']}."]
 if failover:
     lines += ["", "Failover (kill -9 of the leader; a write through a follower until one sent after the kill commits; for taskraft, until the next task starts):", "",
               "| system | trials | commit p50 ms | commit p99 ms | task start p50 ms | task start p99 ms | lost acknowledged |", "|---|---|---|---|---|---|---|"]

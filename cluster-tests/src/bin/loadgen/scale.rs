@@ -122,7 +122,8 @@ impl FillRoute {
     }
 }
 
-/// Batches the fill sent again, by what the first try's failure said.
+/// Times the fill sent a batch again, by whether the try before may have
+/// committed.
 #[derive(Default)]
 struct FillRetries {
     /// The cluster refused the write: it did not commit.
