@@ -360,10 +360,17 @@ for row in rows:
     by.setdefault((row["scenario"], row["system"]), {})[row["pair"]] = row["result"]
 report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "scenarios": {}, "runs": rows}
 table = []
-def ratio_of(scenario, ours, theirs, key, invert=False):
+def pair_ratios_of(scenario, ours, theirs, key):
     a, b = by.get((scenario, ours), {}), by.get((scenario, theirs), {})
-    ratios = [(b[p][key] / a[p][key]) if invert else (a[p][key] / b[p][key]) for p in a if p in b and a[p][key] and b[p][key]]
+    return [a[p][key] / b[p][key] for p in sorted(a) if p in b and a[p][key] and b[p][key]]
+def ratio_of(scenario, ours, theirs, key):
+    ratios = pair_ratios_of(scenario, ours, theirs, key)
     return statistics.median(ratios) if ratios else None
+# A ratio to three digits (a target such as 0.7 can be missed by less than 0.005), then each pair's.
+def ratio_text(ratio, pairs):
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.3f}×" + (f" (pairs {', '.join(format(r, '.3f') for r in pairs)})" if len(pairs) > 1 else "")
 def median(scenario, system, key):
     values = [r[key] for r in by.get((scenario, system), {}).values()]
     return statistics.median(values) if values else None
@@ -398,16 +405,18 @@ for scenario in dict.fromkeys(row["scenario"] for row in rows):
         f"{other}_p50_ms": median(scenario, other, "p50_us") / 1000,
         f"{other}_p99_ms": median(scenario, other, "p99_us") / 1000,
         "ratio": ratio_of(scenario, "taskraft", other, "items_per_s"),
+        "pair_ratios": pair_ratios_of(scenario, "taskraft", other, "items_per_s"),
     }
     report["scenarios"][scenario] = entry
-    table.append((scenario, entry["taskraft_items_per_s"], entry[f"{other}_items_per_s"], other, entry["ratio"],
+    table.append((scenario, entry["taskraft_items_per_s"], entry[f"{other}_items_per_s"], other, ratio_text(entry["ratio"], entry["pair_ratios"]),
                   entry["taskraft_p50_ms"], entry[f"{other}_p50_ms"]))
     if scenario == "submit_c64":
-        cpu_ratio = ratio_of(scenario, "taskraft", "etcd", "cpu_us_per_item")
+        cpu_pairs = pair_ratios_of(scenario, "taskraft", "etcd", "cpu_us_per_item")
+        cpu_ratio = statistics.median(cpu_pairs) if cpu_pairs else None
         entry_cpu = {"taskraft_cpu_us": median(scenario, "taskraft", "cpu_us_per_item"),
-                     "etcd_cpu_us": median(scenario, "etcd", "cpu_us_per_item"), "ratio": cpu_ratio}
+                     "etcd_cpu_us": median(scenario, "etcd", "cpu_us_per_item"), "ratio": cpu_ratio, "pair_ratios": cpu_pairs}
         report["scenarios"]["cpu_per_commit"] = entry_cpu
-        table.append(("cpu_per_commit", entry_cpu["taskraft_cpu_us"], entry_cpu["etcd_cpu_us"], "etcd", cpu_ratio, None, None))
+        table.append(("cpu_per_commit", entry_cpu["taskraft_cpu_us"], entry_cpu["etcd_cpu_us"], "etcd", ratio_text(cpu_ratio, cpu_pairs), None, None))
 if any(row["scenario"] == "submit_to_start" for row in execution):
     entry = {}
     for system in ("at_100", "at_half_etcd"):
@@ -426,6 +435,7 @@ if any(row["scenario"] == "exec_rate" for row in execution):
         "taskraft_tasks_per_s": median("exec_rate", "taskraft", "items_per_s"),
         "spawn_per_s": median("exec_rate", "spawn", "items_per_s"),
         "ratio": ratio_of("exec_rate", "taskraft", "spawn", "items_per_s"),
+        "pair_ratios": pair_ratios_of("exec_rate", "taskraft", "spawn", "items_per_s"),
         "node_cpu_us_per_task": median("exec_rate", "taskraft", "node_cpu_us_per_task"),
         "task_cpu_us_per_task": median("exec_rate", "taskraft", "task_cpu_us_per_task"),
     }
@@ -441,12 +451,13 @@ if any(row["scenario"] == "scale_1m" for row in execution):
     ours, theirs = by.get(("scale_1m", "taskraft"), {}), by.get(("scale_1m", "etcd"), {})
     entry = {}
     for name, (label, get) in scale_metrics.items():
-        pair_ratios = [get(ours[p]) / get(theirs[p]) for p in ours if p in theirs and get(theirs[p])]
+        pair_ratios = [get(ours[p]) / get(theirs[p]) for p in sorted(ours) if p in theirs and get(theirs[p])]
         entry[name] = {
             "what": label,
             "taskraft": statistics.median([get(r) for r in ours.values()]) if ours else None,
             "etcd": statistics.median([get(r) for r in theirs.values()]) if theirs else None,
             "ratio": statistics.median(pair_ratios) if pair_ratios else None,
+            "pair_ratios": pair_ratios,
         }
     entry["items"] = next(iter(ours.values()))["fill"]["items"] if ours else None
     # Times a fill sent a refused batch again (older results lack the fields).
@@ -460,7 +471,7 @@ if table:
 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
 for scenario, ours, theirs, other, ratio, p50, their_p50 in table:
     unit = " µs/commit" if scenario == "cpu_per_commit" else "/s"
-    lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {fmt(ratio, '.2f')}× | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
+    lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {ratio} | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
 if "submit_to_start" in report["scenarios"]:
     entry = report["scenarios"]["submit_to_start"]
     lines += ["", "Submit to start (runnable `true` tasks in open loop; from when each submission was due to when its executor started the process; start times are whole milliseconds, so ±0.5 ms):", "",
@@ -471,14 +482,14 @@ if "exec_rate" in report["scenarios"]:
     entry = report["scenarios"]["exec_rate"]
     lines += ["", "Execution rate (queued no-op tasks, first start to last end) against the raw spawn rate of `true` with as many at a time as the cluster has slots:", "",
               "| taskraft tasks/s | raw spawns/s | ratio (median of pairs) | nodes' CPU per task, µs | the task process's CPU, µs |", "|---|---|---|---|---|",
-              f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {fmt(entry['ratio'], '.2f')}× | {fmt(entry['node_cpu_us_per_task'], ',.0f')} | {fmt(entry['task_cpu_us_per_task'], ',.0f')} |"]
+              f"| {fmt(entry['taskraft_tasks_per_s'], ',.0f')} | {fmt(entry['spawn_per_s'], ',.0f')} | {ratio_text(entry['ratio'], entry['pair_ratios'])} | {fmt(entry['node_cpu_us_per_task'], ',.0f')} | {fmt(entry['task_cpu_us_per_task'], ',.0f')} |"]
 if "scale_1m" in report["scenarios"]:
     entry = report["scenarios"]["scale_1m"]
     lines += ["", f"Scale ({fmt(entry['items'], ',')} pending tasks against as many etcd keys of the same payload):", "",
               "| scenario | measure | taskraft | etcd | ratio (median of pairs) |", "|---|---|---|---|---|"]
     for name in scale_metrics:
         e = entry[name]
-        lines.append(f"| {name} | {e['what']} | {fmt(e['taskraft'], ',.0f')} | {fmt(e['etcd'], ',.0f')} | {fmt(e['ratio'], '.2f')}× |")
+        lines.append(f"| {name} | {e['what']} | {fmt(e['taskraft'], ',.0f')} | {fmt(e['etcd'], ',.0f')} | {ratio_text(e['ratio'], e['pair_ratios'])} |")
     retried = entry["fill_retries"]
     lines += ["", f"Times the fills sent a refused batch again (an election during the fill): taskraft {retried['taskraft']}, etcd {retried['etcd']}."]
 if failover:
