@@ -34,9 +34,9 @@
 //! batch removing 621 runs of big entries held it for 920 ms on a leader in
 //! the middle of a fill, the leader appended and sent nothing, and its
 //! followers elected another. openraft allows this: purged entries need not
-//! vanish at once, and none at or below the purge point is read again. A run that holds the purge
-//! point stays whole until a later purge passes its end; reads skip the
-//! entries of it at or below the purge point.
+//! vanish at once, and none at or below the purge point is read again. A
+//! run that holds the purge point stays whole until a later purge passes
+//! its end; reads skip the entries of it at or below the purge point.
 //!
 //! Stores of earlier versions kept one entry per key in the tree
 //! `raft_log`; `open` converts them (see `convert_legacy_log`).
