@@ -9,6 +9,12 @@ use crate::scheduler::{Rejection, RejectionKind};
 /// answers `UNAVAILABLE` because it is not the leader.
 pub const LEADER_HINT_KEY: &str = "x-taskraft-leader";
 
+/// The words that end an `UNAVAILABLE` message when a write was proposed
+/// and may yet commit (no quorum answered in time), as opposed to one the
+/// node refused before proposing it: a client that retries without an
+/// idempotency key may then write twice.
+pub const WRITE_MAY_STILL_COMMIT: &str = "may still commit later";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, WRITE_MAY_STILL_COMMIT};
 use crate::config::NodeConfig;
 use crate::leader::PlacementView;
 use crate::platform::{Clock, Network};
@@ -255,7 +255,7 @@ impl Context {
         let result = tokio::select! {
             result = write => result,
             err = quorum_lost => {
-                return Err(ApiError::unavailable(format!("{err}; the write may still commit later")));
+                return Err(ApiError::unavailable(format!("{err}; the write {WRITE_MAY_STILL_COMMIT}")));
             }
         };
         match result {
@@ -265,7 +265,7 @@ impl Context {
                 Err(ApiError::unavailable(format!("raft has stopped: {fatal}")))
             }
             Err(_) => Err(ApiError::unavailable(format!(
-                "no quorum: the write did not commit within {timeout_ms} ms; it may still commit later"
+                "no quorum: the write did not commit within {timeout_ms} ms; it {WRITE_MAY_STILL_COMMIT}"
             ))),
         }
     }

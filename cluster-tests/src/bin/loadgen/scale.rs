@@ -136,7 +136,7 @@ struct FillRetries {
 /// deadline passed, or the connection broke under it.
 fn may_have_committed(status: &tonic::Status) -> bool {
     status.code() != tonic::Code::Unavailable
-        || status.message().contains("may still commit")
+        || status.message().contains(taskraft::api::error::WRITE_MAY_STILL_COMMIT)
         || taskraft::api::is_connection_failure(status)
 }
 
