@@ -134,18 +134,21 @@ async fn a_task_submitted_to_an_idle_cluster_is_assigned_by_its_own_entry() -> a
     Ok(())
 }
 
-/// A program that ends within `start_report_delay_ms` (100 ms) is recorded
-/// once, by its completion, which carries its start time: the task goes
-/// from ASSIGNED to SUCCEEDED without a RUNNING in between. One that runs
-/// longer shows RUNNING while it runs. On an idle cluster a start recorded
-/// at once would commit before a no-op's end, so each short task here would
-/// show RUNNING without the delay.
+/// A program that ends within `start_report_delay_ms` is recorded once, by
+/// its completion, which carries its start time: the task goes from
+/// ASSIGNED to SUCCEEDED without a RUNNING in between. One that runs longer
+/// shows RUNNING while it runs. On an idle cluster a start recorded at once
+/// would commit before a no-op's end, so each short task here would show
+/// RUNNING without the delay. The delay is 1 s here rather than the default
+/// 100 ms so that `true` ends within it even on a loaded host (the delay
+/// must stay at most `lease_ms`, 3 s by default), and the long task sleeps
+/// 3 s so that it outlives the delay by far.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_short_task_is_recorded_once_and_a_long_one_shows_running() -> anyhow::Result<()> {
     use futures::StreamExt;
     use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 
-    let cluster = TestCluster::start(3, &[]).await?;
+    let cluster = TestCluster::start(3, &["--start-report-delay-ms", "1000"]).await?;
     let mut client = cluster.client()?;
     let channel = cluster.api_channel(2).await?;
     let request = pb::WatchTasksRequest { task_id: String::new(), after_revision: 0 };
@@ -158,7 +161,7 @@ async fn a_short_task_is_recorded_once_and_a_long_one_shows_running() -> anyhow:
             .await?;
         short_ids.push(id);
     }
-    let answer = submit(&mut client, cluster_tests::spec("sleep", &["1"], None)).await?;
+    let answer = submit(&mut client, cluster_tests::spec("sleep", &["3"], None)).await?;
     let long_id = answer.task.map(|task| task.id).unwrap_or_default();
     let finished = wait_until_all_finished(
         &mut client,
