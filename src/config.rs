@@ -263,6 +263,10 @@ pub struct ServerLimits {
     pub status_timeout_ms: u64,
     /// The longest a client request waits for Raft (commit or read index).
     pub request_timeout_ms: u64,
+    /// The longest a request for the leader is held during a failover, while
+    /// this node knows no leader or cannot connect to the one it knows (and
+    /// at most half the client's deadline); 0 answers `UNAVAILABLE` at once.
+    pub leader_hold_ms: u64,
     /// sled's page cache.
     pub sled_cache_bytes_max: u64,
     /// Appends waiting for one group-commit flush.
@@ -290,6 +294,7 @@ impl Default for ServerLimits {
             connect_timeout_ms: 1_000,
             status_timeout_ms: 1_000,
             request_timeout_ms: 5_000,
+            leader_hold_ms: 2_000,
             sled_cache_bytes_max: 128 * 1024 * 1024,
             flush_queue_max: 4_096,
             watch_history_events_max: 10_000,
@@ -481,6 +486,9 @@ impl NodeConfig {
         }
         if server.rpc_timeout_ms <= server.request_timeout_ms {
             return invalid("rpc_timeout_ms must exceed request_timeout_ms, so a forwarded request outlives the leader's wait".into());
+        }
+        if server.leader_hold_ms > server.request_timeout_ms {
+            return invalid("leader_hold_ms must not exceed request_timeout_ms".into());
         }
         if server.list_page_size_default > server.list_page_size_max {
             return invalid("list_page_size_default must not exceed list_page_size_max".into());
@@ -689,6 +697,13 @@ mod tests {
                 "watchers_max",
                 NodeConfig {
                     server: ServerLimits { watchers_max: 0, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "leader_hold_ms must not exceed request_timeout_ms",
+                NodeConfig {
+                    server: ServerLimits { leader_hold_ms: 5_001, ..ServerLimits::default() },
                     ..valid()
                 },
             ),

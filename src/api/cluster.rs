@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::api::error::ApiError;
-use crate::api::{Context, Route};
+use crate::api::{Context, Routed};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::cluster_client::ClusterClient;
 use crate::proto::taskraft_v1::cluster_server::Cluster;
@@ -184,14 +184,13 @@ impl Cluster for ClusterService {
         if !self.members().0.contains_key(&node_id) {
             return Err(ApiError::NotFound(format!("node {node_id} is not a member")).into());
         }
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    ClusterClient::new(channel).drain(req).await
-                })
-                .await?;
+        if let Routed::Forwarded(reply) = self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                ClusterClient::new(channel).drain(req).await
+            })
+            .await?
+        {
             return Ok(Response::new(reply));
         }
         match self
@@ -247,16 +246,16 @@ impl Cluster for ClusterService {
                 .into());
             }
         }
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    ClusterClient::new(channel).add_node(req).await
-                })
-                .await?;
-            return Ok(Response::new(reply));
-        }
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                ClusterClient::new(channel).add_node(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
         let message = request.into_inner();
         let node = PeerNode { api_addr: message.api_addr, raft_addr: message.raft_addr };
         info!(node_id = message.node_id, %node, "adding a node as a learner");
@@ -287,14 +286,13 @@ impl Cluster for ClusterService {
         if !self.members().0.contains_key(&node_id) {
             return Err(ApiError::NotFound(format!("node {node_id} is not a member")).into());
         }
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    ClusterClient::new(channel).remove_node(req).await
-                })
-                .await?;
+        if let Routed::Forwarded(reply) = self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                ClusterClient::new(channel).remove_node(req).await
+            })
+            .await?
+        {
             return Ok(Response::new(reply));
         }
         info!(node_id, "removing a node");
@@ -322,14 +320,13 @@ impl Cluster for ClusterService {
         if !self.members().1.contains(&to) {
             return Err(ApiError::InvalidArgument(format!("node {to} is not a voter")).into());
         }
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    ClusterClient::new(channel).transfer_leader(req).await
-                })
-                .await?;
+        if let Routed::Forwarded(reply) = self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                ClusterClient::new(channel).transfer_leader(req).await
+            })
+            .await?
+        {
             return Ok(Response::new(reply));
         }
         if to != self.ctx.node_id {

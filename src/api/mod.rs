@@ -1,7 +1,10 @@
 //! The client API (`taskraft.v1`): the `Tasks` and `Cluster` gRPC services.
 //!
 //! Every node serves it. A write reaching a follower is forwarded once to the
-//! leader's API address, marked so that it is never forwarded again. Reads
+//! leader's API address, marked so that it is never forwarded again. During
+//! a failover such a request is held, for at most `server.leader_hold_ms`,
+//! while the node knows no leader or cannot connect to the one it knows, and
+//! then routed to the new leader ([`Context::to_leader`]). Reads
 //! are linearizable by default: the leader confirms its leadership with a
 //! read-index round trip before reading; a follower forwards them. Stale
 //! reads and watches are served from the local state.
@@ -63,6 +66,14 @@ pub struct Context {
     network: Arc<dyn Network>,
     /// One lazily connected channel per other node's API address.
     channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Where a leader-only request went ([`Context::to_leader`]).
+pub enum Routed<Req, Resp> {
+    /// This node leads: the request, to serve here.
+    Local(tonic::Request<Req>),
+    /// The leader's answer to the forwarded request.
+    Forwarded(Resp),
 }
 
 /// Where a request is served.
@@ -159,6 +170,92 @@ impl Context {
         Ok(channel)
     }
 
+    /// Serves a leader-only request: hands it back if this node leads, and
+    /// otherwise forwards it to the leader with `call` (as
+    /// [`Context::forward`] does) and returns the leader's answer.
+    ///
+    /// During a failover the request is held rather than refused at once,
+    /// as Consul's and Nomad's servers hold theirs: while this node knows no
+    /// leader, and when it cannot connect to the leader it knows (so the
+    /// request provably never reached it), it waits for a new leader and
+    /// routes the request again. It holds for at most `server.leader_hold_ms`
+    /// and at most half the deadline the client gave the call, so that the
+    /// client still hears `UNAVAILABLE` in time to try another node. A
+    /// request that reached the leader is never sent twice.
+    pub async fn to_leader<Req, Resp, F, Fut>(
+        &self,
+        request: tonic::Request<Req>,
+        call: F,
+    ) -> Result<Routed<Req, Resp>, ApiError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let hold_until = tokio::time::Instant::now() + self.leader_hold(&request);
+        let mut metrics = self.raft.metrics();
+        loop {
+            let holding = tokio::time::Instant::now() < hold_until;
+            let api_addr = match self.route(&request) {
+                Ok(Route::Local) => return Ok(Routed::Local(request)),
+                Ok(Route::Leader(api_addr)) => api_addr,
+                Err(_) if holding && self.leader().is_none() => {
+                    tracing::debug!("no leader known: holding the request");
+                    self.await_leader_other_than(&mut metrics, None, hold_until).await;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let timeout = self.rpc_timeout();
+            let answer = self.send_forwarded(&api_addr, request.get_ref().clone(), timeout, &call);
+            match answer.await {
+                Ok(Err(status)) if holding && is_connect_failure(&status) => {
+                    tracing::debug!(leader = %api_addr, error = %status.message(),
+                        "the leader cannot be connected to: holding the request");
+                    self.await_leader_other_than(&mut metrics, Some(&api_addr), hold_until).await;
+                }
+                answer => {
+                    return answer_of_forwarded(&api_addr, timeout, answer).map(Routed::Forwarded);
+                }
+            }
+        }
+    }
+
+    /// How long [`Context::to_leader`] may hold `request`: `leader_hold_ms`,
+    /// and at most half the deadline the client set (`grpc-timeout`).
+    fn leader_hold<T>(&self, request: &tonic::Request<T>) -> Duration {
+        let hold = Duration::from_millis(self.config.server.leader_hold_ms);
+        match client_deadline(request) {
+            Some(deadline) => hold.min(deadline / 2),
+            None => hold,
+        }
+    }
+
+    /// Waits until this node knows a leader whose API address is not
+    /// `stale` (any leader, if `stale` is `None`), or until `until`.
+    async fn await_leader_other_than(
+        &self,
+        metrics: &mut openraft::type_config::alias::WatchReceiverOf<
+            crate::raft::TypeConfig,
+            openraft::RaftMetrics<crate::raft::TypeConfig>,
+        >,
+        stale: Option<&str>,
+        until: tokio::time::Instant,
+    ) {
+        loop {
+            let current = self.leader().and_then(|(_, node)| node).map(|node| node.api_addr);
+            if current.is_some() && current.as_deref() != stale {
+                return;
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+
     /// Sends `message` to another node with `call`, marked as forwarded and
     /// bounded by the RPC timeout. The other node's answer is passed on as is.
     pub async fn forward<Req, Resp, F, Fut>(
@@ -168,7 +265,7 @@ impl Context {
         call: F,
     ) -> Result<Resp, ApiError>
     where
-        F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         self.forward_within(api_addr, message, self.rpc_timeout(), call).await
@@ -183,21 +280,37 @@ impl Context {
         call: F,
     ) -> Result<Resp, ApiError>
     where
-        F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let channel = self.channel(api_addr)?;
+        let answer = self.send_forwarded(api_addr, message, timeout, &call).await;
+        answer_of_forwarded(api_addr, timeout, answer)
+    }
+
+    /// Sends `message` to the node at `api_addr` with `call`, marked as
+    /// forwarded, with a deadline of `timeout`: its answer as it came.
+    async fn send_forwarded<Req, Resp, F, Fut>(
+        &self,
+        api_addr: &str,
+        message: Req,
+        timeout: Duration,
+        call: &F,
+    ) -> ForwardedAnswer<Resp>
+    where
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let channel = match self.channel(api_addr) {
+            Ok(channel) => channel,
+            Err(err) => return Ok(Err(tonic::Status::from(err))),
+        };
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         if let Ok(value) = self.node_id.to_string().parse() {
             request.metadata_mut().insert(FORWARDED_KEY, value);
         }
         let answer = tokio::time::timeout(timeout, call(channel, request)).await;
-        answer_of_forwarded(
-            api_addr,
-            timeout,
-            answer.map(|answer| answer.map(tonic::Response::into_inner)),
-        )
+        answer.map(|answer| answer.map(tonic::Response::into_inner))
     }
 
     /// Refuses at once when this node leads but no majority has acknowledged
@@ -225,8 +338,36 @@ impl Context {
         }
     }
 
+    /// Waits, for at most `quorum_silence_ms_max`, until a leader elected a
+    /// moment ago has heard a majority acknowledge it once. It won a
+    /// majority's votes, so a write or read index that reaches it first (one
+    /// held through the failover, say) waits for that rather than being
+    /// refused by [`Context::check_quorum`] as "not acknowledged yet".
+    async fn await_first_acknowledgement(&self) {
+        let silence_ms_max = self.config.raft.quorum_silence_ms_max;
+        let until = tokio::time::Instant::now() + Duration::from_millis(silence_ms_max);
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let metrics = metrics.borrow_watched();
+                if metrics.state != openraft::ServerState::Leader
+                    || metrics.last_quorum_acked.is_some()
+                {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, command: Command) -> Result<Response, ApiError> {
+        self.await_first_acknowledgement().await;
         self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
         let write = async {
@@ -296,6 +437,7 @@ impl Context {
     /// Makes the following local read linearizable: confirms leadership with
     /// a quorum and waits until the state machine has applied that far.
     pub async fn read_index(&self) -> Result<(), ApiError> {
+        self.await_first_acknowledgement().await;
         self.check_quorum()?;
         let timeout_ms = self.config.server.request_timeout_ms;
         // openraft waits one leader lease for a heartbeat round to be
@@ -337,6 +479,9 @@ impl Context {
     }
 }
 
+/// A forwarded call's answer as it came: `Err` if its deadline passed.
+type ForwardedAnswer<Resp> = Result<Result<Resp, tonic::Status>, tokio::time::error::Elapsed>;
+
 /// What a client gets for a call forwarded to the node at `api_addr` with
 /// a deadline of `timeout` (`Err` if it passed): the node's own answer as
 /// it is; a call it never answered (the deadline passed, or the connection
@@ -344,13 +489,17 @@ impl Context {
 fn answer_of_forwarded<Resp>(
     api_addr: &str,
     timeout: Duration,
-    answer: Result<Result<Resp, tonic::Status>, tokio::time::error::Elapsed>,
+    answer: ForwardedAnswer<Resp>,
 ) -> Result<Resp, ApiError> {
     match answer {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(status)) if is_own_deadline(&status) => {
             Err(ApiError::unavailable(format!("node {api_addr} did not answer within {timeout:?}")))
         }
+        Ok(Err(status)) if is_connect_failure(&status) => Err(ApiError::unavailable(format!(
+            "cannot connect to node {api_addr}: {}",
+            status.message()
+        ))),
         Ok(Err(status)) if is_connection_failure(&status) => Err(ApiError::unavailable(format!(
             "the connection to node {api_addr} broke under the call: {}",
             status.message()
@@ -383,6 +532,38 @@ pub fn is_connection_failure(status: &tonic::Status) -> bool {
     false
 }
 
+/// Whether a call failed because no connection to the node could be made
+/// (refused, or not made within the connect timeout), so that nothing of
+/// it reached the node: tonic keeps its connector's error, a
+/// `tonic::ConnectError`, in the status's source. A connection that broke
+/// under the call is not such a failure: the node may have acted on it.
+pub fn is_connect_failure(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The deadline the client gave a call (its `grpc-timeout`), if any.
+fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let unit_at = value.len().checked_sub(1)?;
+    let amount: u64 = value.get(..unit_at)?.parse().ok()?;
+    match value.get(unit_at..)? {
+        "H" => Some(Duration::from_secs(amount.saturating_mul(3_600))),
+        "M" => Some(Duration::from_secs(amount.saturating_mul(60))),
+        "S" => Some(Duration::from_secs(amount)),
+        "m" => Some(Duration::from_millis(amount)),
+        "u" => Some(Duration::from_micros(amount)),
+        "n" => Some(Duration::from_nanos(amount)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -391,25 +572,73 @@ mod tests {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-    use super::answer_of_forwarded;
+    use super::{ForwardedAnswer, answer_of_forwarded, client_deadline, is_connect_failure};
     use crate::api::error::ApiError;
     use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
 
-    /// A health check forwarded to the node at `api_addr`, as a client gets it.
-    async fn forward_check(api_addr: &str) -> Result<HealthCheckResponse, ApiError> {
+    /// A health check sent to the node at `api_addr`, its answer as it came.
+    async fn send_check(api_addr: &str) -> ForwardedAnswer<HealthCheckResponse> {
         let channel: Channel = Endpoint::from_shared(format!("http://{api_addr}"))
             .expect("a test address is a valid URI")
+            .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
         let timeout = Duration::from_secs(5);
         let message = HealthCheckRequest { service: "no.such.Service".into() };
         let mut client = HealthClient::new(channel);
         let call = client.check(crate::client::request(message, timeout));
         let answer = tokio::time::timeout(timeout, call).await;
-        answer_of_forwarded(
-            api_addr,
-            timeout,
-            answer.map(|answer| answer.map(tonic::Response::into_inner)),
-        )
+        answer.map(|answer| answer.map(tonic::Response::into_inner))
+    }
+
+    /// A health check forwarded to the node at `api_addr`, as a client gets it.
+    async fn forward_check(api_addr: &str) -> Result<HealthCheckResponse, ApiError> {
+        answer_of_forwarded(api_addr, Duration::from_secs(5), send_check(api_addr).await)
+    }
+
+    /// The address of a port nothing listens on any more.
+    fn closed_port() -> anyhow::Result<String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(listener.local_addr()?.to_string())
+    }
+
+    #[tokio::test]
+    async fn only_a_call_that_found_no_connection_is_a_connect_failure() -> anyhow::Result<()> {
+        let status = send_check(&closed_port()?).await?.unwrap_err();
+        assert!(is_connect_failure(&status), "a refused connection: {status:?}");
+        let closed = closed_port()?;
+        let status = tonic::Status::from(forward_check(&closed).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("cannot connect to node {closed}")),
+            "{status:?}"
+        );
+        let status = send_check(&node_that_dies_under_a_call().await?).await?.unwrap_err();
+        assert!(!is_connect_failure(&status), "a connection that broke under the call: {status:?}");
+        let status = send_check(&node_that_answers().await?).await?.unwrap_err();
+        assert!(!is_connect_failure(&status), "the node's own answer: {status:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_clients_deadline_is_read_in_every_unit_and_a_bad_one_is_none() {
+        let with = |value: &str| {
+            let mut request = tonic::Request::new(());
+            request.metadata_mut().insert("grpc-timeout", value.parse().unwrap());
+            client_deadline(&request)
+        };
+        assert_eq!(with("2H"), Some(Duration::from_secs(7_200)));
+        assert_eq!(with("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(with("4S"), Some(Duration::from_secs(4)));
+        assert_eq!(with("1500m"), Some(Duration::from_millis(1_500)));
+        assert_eq!(with("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(with("99n"), Some(Duration::from_nanos(99)));
+        for bad in ["", "m", "12", "12x", "-1S", "1.5S", "99999999999999999999S"] {
+            assert_eq!(with(bad), None, "{bad:?}");
+        }
+        let mut request = tonic::Request::new(());
+        assert_eq!(client_deadline(&request), None);
+        request.set_timeout(Duration::from_millis(8_000));
+        assert_eq!(client_deadline(&request), Some(Duration::from_millis(8_000)));
     }
 
     #[tokio::test]

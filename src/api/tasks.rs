@@ -1,6 +1,7 @@
 //! The `Tasks` service: submit, get, list, cancel and watch.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -8,12 +9,13 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
 use crate::api::convert::{parse_task_id, spec_from_pb, state_from_pb, task_to_pb};
 use crate::api::error::ApiError;
-use crate::api::{Context, Route};
+use crate::api::{Context, Routed};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::tasks_client::TasksClient;
 use crate::proto::taskraft_v1::tasks_server::Tasks;
@@ -81,16 +83,28 @@ impl TasksService {
         }
     }
 
-    /// Serves a read here when it may be; otherwise forwards it to the leader.
-    async fn read_route<T>(&self, request: &Request<T>, stale: bool) -> Result<Route, ApiError> {
+    /// Hands a read back to serve here when it may be (a stale one always,
+    /// any other on the leader after a read index); otherwise forwards it to
+    /// the leader with `call` and returns the leader's answer.
+    async fn read_route<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        stale: bool,
+        call: F,
+    ) -> Result<Routed<Req, Resp>, ApiError>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
         if stale {
-            return Ok(Route::Local);
+            return Ok(Routed::Local(request));
         }
-        let route = self.ctx.route(request)?;
-        if let Route::Local = route {
+        let routed = self.ctx.to_leader(request, call).await?;
+        if let Routed::Local(_) = routed {
             self.ctx.read_index().await?;
         }
-        Ok(route)
+        Ok(routed)
     }
 }
 
@@ -102,16 +116,16 @@ impl Tasks for TasksService {
         &self,
         request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    TasksClient::new(channel).submit_task(req).await
-                })
-                .await?;
-            return Ok(Response::new(reply));
-        }
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).submit_task(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
         let spec = request
             .into_inner()
             .spec
@@ -128,16 +142,16 @@ impl Tasks for TasksService {
         &self,
         request: Request<pb::SubmitTasksRequest>,
     ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    TasksClient::new(channel).submit_tasks(req).await
-                })
-                .await?;
-            return Ok(Response::new(reply));
-        }
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).submit_tasks(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
         let results = self.submit(request.into_inner().specs).await?;
         Ok(Response::new(pb::SubmitTasksResponse { results }))
     }
@@ -149,14 +163,11 @@ impl Tasks for TasksService {
         let id = parse_task_id(&request.get_ref().id)?;
         let span = info_span!("get_task", task_id = %id);
         async move {
-            if let Route::Leader(addr) = self.read_route(&request, request.get_ref().stale).await? {
-                let message = request.into_inner();
-                let reply = self
-                    .ctx
-                    .forward(&addr, message, |channel, req| async move {
-                        TasksClient::new(channel).get_task(req).await
-                    })
-                    .await?;
+            let stale = request.get_ref().stale;
+            let routed = self.read_route(request, stale, |channel, req| async move {
+                TasksClient::new(channel).get_task(req).await
+            });
+            if let Routed::Forwarded(reply) = routed.await? {
                 return Ok(Response::new(reply));
             }
             let task = self.ctx.state_machine.read().state.task(id).map(task_to_pb);
@@ -193,16 +204,14 @@ impl Tasks for TasksService {
         }
         let page_size =
             if message.page_size == 0 { server.list_page_size_default } else { message.page_size };
-        if let Route::Leader(addr) = self.read_route(&request, message.stale).await? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    TasksClient::new(channel).list_tasks(req).await
-                })
-                .await?;
-            return Ok(Response::new(reply));
-        }
+        let stale = message.stale;
+        let routed = self.read_route(request, stale, |channel, req| async move {
+            TasksClient::new(channel).list_tasks(req).await
+        });
+        let request = match routed.await? {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
         let queue = request.get_ref().queue.as_str();
         let applied = self.ctx.state_machine.read();
         let mut matching = applied.state.tasks_after(after).filter(|task| {
@@ -224,14 +233,13 @@ impl Tasks for TasksService {
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         let id = parse_task_id(&request.get_ref().id)?;
-        if let Route::Leader(addr) = self.ctx.route(&request)? {
-            let message = request.into_inner();
-            let reply = self
-                .ctx
-                .forward(&addr, message, |channel, req| async move {
-                    TasksClient::new(channel).cancel_task(req).await
-                })
-                .await?;
+        if let Routed::Forwarded(reply) = self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).cancel_task(req).await
+            })
+            .await?
+        {
             return Ok(Response::new(reply));
         }
         match self

@@ -152,3 +152,68 @@ async fn a_write_during_a_lapsed_lease_waits_for_a_slow_majority() -> anyhow::Re
     assert_eq!(cluster.wait_for_leader(Duration::from_secs(5)).await?, leader);
     Ok(())
 }
+
+/// How long the hold test's nodes hold a request for the leader: longer
+/// than a failover takes on a loaded machine (the promise is 3 s).
+const HOLD_TEST_LEADER_HOLD_MS: u64 = 4_000;
+
+/// A write sent to a follower at once after the leader died, by a client
+/// that tries once: the follower cannot connect to the dead leader, so the
+/// write never reached it; the follower holds it through the election and
+/// routes it to the new leader, and it commits within the one call. Before,
+/// the client heard UNAVAILABLE and had to retry. A client that gives a call
+/// little time hears UNAVAILABLE within it, not a passed deadline: the hold
+/// takes at most half of the call's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_to_a_follower_during_failover_is_held_until_a_new_leader_serves_it()
+-> anyhow::Result<()> {
+    let config_dir = tempfile::tempdir()?;
+    let config_path = config_dir.path().join("node.toml");
+    std::fs::write(
+        &config_path,
+        format!("[server]\nleader_hold_ms = {HOLD_TEST_LEADER_HOLD_MS}\n"),
+    )?;
+    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
+    let mut cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    // One attempt each, no retries, with a deadline of 8 s: the client must
+    // not hide a refusal.
+    let mut client = cluster.node_client(followers[0], Duration::ZERO)?;
+    // Forwarded to the leader: the follower's connection to it is open.
+    submit(&mut client, spec("true", &[], None)).await?;
+
+    cluster.kill(leader)?;
+    let killed_at = Instant::now();
+    // Once the follower has seen its connection to the dead leader close
+    // (well within the election timeout): a write that was already on that
+    // connection may have reached the leader, so it is refused, not held.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = submit(&mut client, spec("echo", &["held"], None)).await;
+    let answered_after = killed_at.elapsed();
+    let task = reply
+        .map_err(|status| anyhow::anyhow!("the write failed after {answered_after:?}: {status:?}"))?
+        .task
+        .expect("a submission's reply carries its task");
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
+    assert_ne!(new_leader, leader);
+    let mut reader = cluster.client()?;
+    assert_eq!(get(&mut reader, &task.id, false).await?.id, task.id);
+
+    // Without a quorum no leader comes: a call with a deadline of 1 s is
+    // held for half of it and then refused.
+    cluster.kill(new_leader)?;
+    let alone = *followers.iter().find(|id| **id != new_leader).expect("two followers");
+    let addr = cluster.node(alone).api_addr.clone();
+    let mut hurried =
+        taskraft::client::Client::new(&[addr], Duration::ZERO, Duration::from_secs(1))?;
+    let sent_at = Instant::now();
+    let status = submit(&mut hurried, spec("true", &[], None)).await.unwrap_err();
+    let refused_after = sent_at.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        refused_after >= Duration::from_millis(400) && refused_after < Duration::from_secs(1),
+        "refused after {refused_after:?}, not after about half the deadline"
+    );
+    Ok(())
+}
