@@ -171,8 +171,8 @@ impl Context {
     }
 
     /// Serves a leader-only request: hands it back if this node leads, and
-    /// otherwise forwards it to the leader with `call` (as
-    /// [`Context::forward`] does) and returns the leader's answer.
+    /// otherwise forwards it to the leader with `call`, marked as forwarded
+    /// and bounded by the RPC timeout, and returns the leader's answer.
     ///
     /// During a failover the request is held rather than refused at once,
     /// as Consul's and Nomad's servers hold theirs: while this node knows no
@@ -257,21 +257,8 @@ impl Context {
     }
 
     /// Sends `message` to another node with `call`, marked as forwarded and
-    /// bounded by the RPC timeout. The other node's answer is passed on as is.
-    pub async fn forward<Req, Resp, F, Fut>(
-        &self,
-        api_addr: &str,
-        message: Req,
-        call: F,
-    ) -> Result<Resp, ApiError>
-    where
-        F: Fn(Channel, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-    {
-        self.forward_within(api_addr, message, self.rpc_timeout(), call).await
-    }
-
-    /// Like [`Context::forward`], with a deadline of `timeout`.
+    /// with a deadline of `timeout`. The other node's answer is passed on as
+    /// is (`answer_of_forwarded`).
     pub async fn forward_within<Req, Resp, F, Fut>(
         &self,
         api_addr: &str,
