@@ -18,8 +18,9 @@
 //! `--failover` runs one failover trial instead: it writes once at a time
 //! through a follower, kills the leader with SIGKILL (`--server-pids` in
 //! the order of `--endpoints`), and reports how long until a write sent
-//! after the kill commits; for taskraft also until the next task starts, and
-//! whether every acknowledged submission is still there.
+//! after the kill commits and how many sent after it failed first; for
+//! taskraft also until the next task starts, and whether every acknowledged
+//! submission is still there.
 //!
 //! `--to-start`, `--exec N` and `--spawn` measure execution instead (see
 //! [`execution`]); `--fill N`, `--snapshot`, `--await-read` and
@@ -567,6 +568,9 @@ async fn failover_trial(args: &Args) -> anyhow::Result<()> {
     let killed_at_unix_ms = unix_ms();
     let status = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status()?;
     anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    // Writes sent after the kill that failed (refused, or not answered in
+    // time) before one committed: what a client that does not retry sees.
+    let mut n_refused = 0u64;
     let commit_gap = loop {
         anyhow::ensure!(
             killed_at.elapsed() < FAILOVER_DEADLINE,
@@ -580,7 +584,10 @@ async fn failover_trial(args: &Args) -> anyhow::Result<()> {
                     break killed_at.elapsed();
                 }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(_) => {
+                n_refused += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         seq += 1;
     };
@@ -589,6 +596,7 @@ async fn failover_trial(args: &Args) -> anyhow::Result<()> {
         "killed": leader,
         "probe": probe_addr,
         "commit_gap_ms": commit_gap.as_secs_f64() * 1e3,
+        "refused_writes": n_refused,
     });
     if args.target == Target::Taskraft {
         let (start_gap_ms, n_lost) =
