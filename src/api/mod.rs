@@ -193,7 +193,6 @@ impl Context {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let hold_until = tokio::time::Instant::now() + self.leader_hold(&request);
-        let mut metrics = self.raft.metrics();
         loop {
             let holding = tokio::time::Instant::now() < hold_until;
             let api_addr = match self.route(&request) {
@@ -201,7 +200,7 @@ impl Context {
                 Ok(Route::Leader(api_addr)) => api_addr,
                 Err(_) if holding && self.leader().is_none() => {
                     tracing::debug!("no leader known: holding the request");
-                    self.await_leader_other_than(&mut metrics, None, hold_until).await;
+                    self.await_leader_other_than(None, hold_until).await;
                     continue;
                 }
                 Err(err) => return Err(err),
@@ -212,7 +211,7 @@ impl Context {
                 Ok(Err(status)) if holding && is_connect_failure(&status) => {
                     tracing::debug!(leader = %api_addr, error = %status.message(),
                         "the leader cannot be connected to: holding the request");
-                    self.await_leader_other_than(&mut metrics, Some(&api_addr), hold_until).await;
+                    self.await_leader_other_than(Some(&api_addr), hold_until).await;
                 }
                 answer => {
                     return answer_of_forwarded(&api_addr, timeout, answer).map(Routed::Forwarded);
@@ -233,27 +232,14 @@ impl Context {
 
     /// Waits until this node knows a leader whose API address is not
     /// `stale` (any leader, if `stale` is `None`), or until `until`.
-    async fn await_leader_other_than(
-        &self,
-        metrics: &mut openraft::type_config::alias::WatchReceiverOf<
-            crate::raft::TypeConfig,
-            openraft::RaftMetrics<crate::raft::TypeConfig>,
-        >,
-        stale: Option<&str>,
-        until: tokio::time::Instant,
-    ) {
-        loop {
-            let current = self.leader().and_then(|(_, node)| node).map(|node| node.api_addr);
-            if current.is_some() && current.as_deref() != stale {
-                return;
-            }
-            tokio::select! {
-                changed = metrics.changed() => if changed.is_err() {
-                    return;
-                },
-                () = tokio::time::sleep_until(until) => return,
-            }
-        }
+    async fn await_leader_other_than(&self, stale: Option<&str>, until: tokio::time::Instant) {
+        self.await_metrics(until, |metrics| {
+            let leader = metrics
+                .current_leader
+                .and_then(|leader_id| metrics.membership_config.membership().get_node(&leader_id));
+            leader.is_some_and(|node| Some(node.api_addr.as_str()) != stale)
+        })
+        .await;
     }
 
     /// Sends `message` to another node with `call`, marked as forwarded and
@@ -333,15 +319,23 @@ impl Context {
     async fn await_first_acknowledgement(&self) {
         let silence_ms_max = self.config.raft.quorum_silence_ms_max;
         let until = tokio::time::Instant::now() + Duration::from_millis(silence_ms_max);
+        self.await_metrics(until, |metrics| {
+            metrics.state != openraft::ServerState::Leader || metrics.last_quorum_acked.is_some()
+        })
+        .await;
+    }
+
+    /// Waits until `done` holds for this node's Raft metrics, or until
+    /// `until`, or until Raft stops.
+    async fn await_metrics(
+        &self,
+        until: tokio::time::Instant,
+        done: impl Fn(&openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool,
+    ) {
         let mut metrics = self.raft.metrics();
         loop {
-            {
-                let metrics = metrics.borrow_watched();
-                if metrics.state != openraft::ServerState::Leader
-                    || metrics.last_quorum_acked.is_some()
-                {
-                    return;
-                }
+            if done(&metrics.borrow_watched()) {
+                return;
             }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() {
