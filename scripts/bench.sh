@@ -30,8 +30,12 @@
 # for exec_rate, 100,000 items for the scale scenarios. The full run: 3
 # pairs, 5 s + 20 s, 5,000 tasks, 1,000,000 items.
 # Results: <DIR>/<date>-<host>[-<scenario>].json and .md, DIR being docs/bench/results
-# unless --out says otherwise. Every process and
-# directory the script makes is removed at the end, processes by PID.
+# unless --out says otherwise. Each measurement (one system's run in one
+# pair, or one system's failover trials) runs on its own: when it fails,
+# its clusters' logs go to <DIR>/<date>-<host>[-<scenario>]-failed-logs/<name>/,
+# the run goes on without it, and the report, then named -partial, lists
+# it; the script then exits 1. Every process and directory the script makes
+# is removed at the end, processes by PID.
 set -euo pipefail
 # A command that fails under set -e says where, so a failure is never silent.
 trap 'echo "bench.sh: line $LINENO: a command exited with status $?" >&2' ERR
@@ -70,26 +74,64 @@ else
   scenarios=("${all_scenarios[@]}")
 fi
 
+# Whether process PID is running (a zombie is not).
+alive() {  # alive PID
+  [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2> /dev/null
+}
+# Waits until every PID given has exited.
+wait_gone() {
+  local pid
+  for pid in "$@"; do
+    while alive "$pid"; do sleep 0.01; done
+  done
+}
 step() { printf '\n==> %s\n' "$*" >&2; }
 work=$(mktemp -d /tmp/taskraft-bench.XXXXXX)
 etcd_pids=()
 report_written=0
+# Measurements that failed (see measure), a line each: what, and where its logs are.
+failed="$work/failed.txt"
+: > "$failed"
+# Copies the logs of the clusters running now into DIR: the taskraft nodes'
+# and the etcd members'.
+keep_logs() {  # keep_logs DIR
+  local log kept=0
+  mkdir -p "$1"
+  for log in "$work"/taskraft/node*/node.log; do
+    [ -e "$log" ] || continue
+    cp "$log" "$1/taskraft-$(basename "$(dirname "$log")").log"
+    kept=1
+  done
+  for log in "$work"/etcd/n*.log; do
+    [ -e "$log" ] || continue
+    cp "$log" "$1/etcd-$(basename "$log")"
+    kept=1
+  done
+  [ "$kept" = 1 ] || rmdir "$1"
+}
 cleanup() {
+  # A measurement still running (the script was stopped by a signal): its
+  # children (the load generator, etcd members) and then itself, by PID; its
+  # own exit stops the clusters it started.
+  if [ -s "$work/measure.pid" ]; then
+    local measure_pid
+    measure_pid=$(cat "$work/measure.pid")
+    pkill -TERM -P "$measure_pid" 2> /dev/null || true
+    kill -TERM "$measure_pid" 2> /dev/null || true
+    wait_gone "$measure_pid"
+  fi
   # A failed scenario still leaves the report of those that finished.
   if [ "$report_written" = 0 ] && [ -s "${results:-}" ] && declare -F write_report > /dev/null; then
     echo "bench.sh: stopped before the end; writing the report of what finished" >&2
     report_written=1
-    write_report "-partial" || true
+    write_report "-partial" stopped || true
   fi
-  # Stopped in the middle of a taskraft run: its nodes' logs say why.
-  if [ "$report_written" != done ] && compgen -G "$work/taskraft/node*/node.log" > /dev/null; then
+  # Stopped in the middle of a run: the logs of its clusters say why.
+  if [ "$report_written" != "done" ] && { compgen -G "$work/taskraft/node*/node.log" || compgen -G "$work/etcd/n*.log"; } > /dev/null; then
     local logs
     logs="$out_dir/$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}-partial-logs"
-    mkdir -p "$logs"
-    for log in "$work"/taskraft/node*/node.log; do
-      cp "$log" "$logs/$(basename "$(dirname "$log")").log"
-    done
-    echo "bench.sh: the taskraft nodes' logs are in $logs" >&2
+    keep_logs "$logs"
+    echo "bench.sh: the clusters' logs are in $logs" >&2
   fi
   # Defined further down: an exit before that point has no etcd to stop.
   if declare -F stop_etcd > /dev/null; then stop_etcd; fi
@@ -154,6 +196,9 @@ start_etcd() {
   local deadline=$((SECONDS + 30))
   until "$loadgen" --target etcd --endpoints "$etcd_endpoints" --warmup 0s --duration 1ms > /dev/null 2>&1; do
     [ $SECONDS -lt $deadline ] || { tail -n 20 "$work"/etcd/n*.log >&2; echo "etcd did not elect a leader" >&2; exit 1; }
+    for n in 1 2 3; do
+      alive "${etcd_pids[n - 1]}" || { tail -n 20 "$work/etcd/n$n.log" >&2; echo "etcd member n$n exited at its start" >&2; exit 1; }
+    done
     sleep 0.3
   done
 }
@@ -244,13 +289,6 @@ exec_rate_pair() {  # exec_rate_pair PAIR
 json_field() {  # json_field FIELD < JSON
   python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"
 }
-# Waits until every PID given has exited.
-wait_gone() {
-  local pid
-  for pid in "$@"; do
-    while [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2> /dev/null; do sleep 0.01; done
-  done
-}
 
 # The scale scenarios on one fresh cluster of TARGET (see the top).
 scale_run() {  # scale_run TARGET PAIR
@@ -333,9 +371,9 @@ failover_trials() {  # failover_trials LABEL TARGET
       start_etcd_member "$killed"
     fi
     echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("commit after %.0f ms (%d writes failed first)" % (r["commit_gap_ms"], r.get("refused_writes", 0)) + ("; task started after %d ms; %d of %d acknowledged lost" % (r["start_gap_ms"], r["lost"], r["acknowledged"]) if "lost" in r else ""))' >&2
+    echo "{\"scenario\":\"failover\",\"system\":\"$system\",\"pair\":$trial,\"result\":$out}" >> "$results"
     echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); sys.exit(1 if r.get("lost", 0) else 0)' ||
       { echo "bench.sh: a failover trial lost acknowledged tasks" >&2; exit 1; }
-    echo "{\"scenario\":\"failover\",\"system\":\"$system\",\"pair\":$trial,\"result\":$out}" >> "$results"
     killed=$(echo "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["killed"])')
     wait_rejoined "$target" "$killed"
     sleep 1
@@ -344,21 +382,22 @@ failover_trials() {  # failover_trials LABEL TARGET
 }
 
 # The report of every run in $results: tables in markdown, and JSON.
-write_report() {  # write_report SUFFIX: "" at the end, "-partial" when a scenario failed
+write_report() {  # write_report SUFFIX STOPPED: SUFFIX "-partial" when a measurement failed, STOPPED "stopped" when the run did not end
   local stamp
   step "report"
   mkdir -p "$out_dir"
   stamp="$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}$1"
-  python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" "$1" << 'EOF'
+  python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" "$2" "$failed" << 'EOF'
 import json, platform, statistics, sys
-results_path, json_path, md_path, quick, pairs, etcd_version, suffix = sys.argv[1:]
+results_path, json_path, md_path, quick, pairs, etcd_version, stopped, failed_path = sys.argv[1:]
+failed = [dict(zip(("measurement", "logs"), line.rstrip("\n").split("\t"))) for line in open(failed_path) if line.strip()]
 rows = [json.loads(line) for line in open(results_path)]
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t") if "model name" in open("/proc/cpuinfo").read() else platform.processor()
 machine = f"{cpu}, {len(open('/proc/cpuinfo').read().split('processor')) - 1} cores, Linux {platform.release()}"
 by = {}
 for row in rows:
     by.setdefault((row["scenario"], row["system"]), {})[row["pair"]] = row["result"]
-report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "scenarios": {}, "runs": rows}
+report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "stopped": stopped == "stopped", "failed": failed, "scenarios": {}, "runs": rows}
 table = []
 def pair_ratios_of(scenario, ours, theirs, key):
     a, b = by.get((scenario, ours), {}), by.get((scenario, theirs), {})
@@ -374,6 +413,9 @@ def ratio_text(ratio, pairs):
 def median(scenario, system, key):
     values = [r[key] for r in by.get((scenario, system), {}).values()]
     return statistics.median(values) if values else None
+# Microseconds to milliseconds; None (no run of that system finished) stays None.
+def ms_of(us):
+    return None if us is None else us / 1000
 failover = {}
 for row in rows:
     if row["scenario"] == "failover":
@@ -401,10 +443,10 @@ for scenario in dict.fromkeys(row["scenario"] for row in rows):
     entry = {
         "taskraft_items_per_s": median(scenario, "taskraft", "items_per_s"),
         f"{other}_items_per_s": median(scenario, other, "items_per_s"),
-        "taskraft_p50_ms": median(scenario, "taskraft", "p50_us") / 1000,
-        "taskraft_p99_ms": median(scenario, "taskraft", "p99_us") / 1000,
-        f"{other}_p50_ms": median(scenario, other, "p50_us") / 1000,
-        f"{other}_p99_ms": median(scenario, other, "p99_us") / 1000,
+        "taskraft_p50_ms": ms_of(median(scenario, "taskraft", "p50_us")),
+        "taskraft_p99_ms": ms_of(median(scenario, "taskraft", "p99_us")),
+        f"{other}_p50_ms": ms_of(median(scenario, other, "p50_us")),
+        f"{other}_p99_ms": ms_of(median(scenario, other, "p99_us")),
         "ratio": ratio_of(scenario, "taskraft", other, "items_per_s"),
         "pair_ratios": pair_ratios_of(scenario, "taskraft", other, "items_per_s"),
     }
@@ -423,8 +465,8 @@ if any(row["scenario"] == "submit_to_start" for row in execution):
     for system in ("at_100", "at_half_etcd"):
         entry[system] = {
             "rate": median("submit_to_start", system, "rate"),
-            "p50_ms": median("submit_to_start", system, "p50_us") / 1000,
-            "p99_ms": median("submit_to_start", system, "p99_us") / 1000,
+            "p50_ms": ms_of(median("submit_to_start", system, "p50_us")),
+            "p99_ms": ms_of(median("submit_to_start", system, "p99_us")),
             "errors": sum(r["errors"] for r in by.get(("submit_to_start", system), {}).values()),
             "not_started": sum(r.get("not_started", 0) for r in by.get(("submit_to_start", system), {}).values()),
         }
@@ -466,13 +508,15 @@ if any(row["scenario"] == "scale_1m" for row in execution):
                              for system, runs in (("taskraft", ours), ("etcd", theirs))}
     report["scenarios"]["scale_1m"] = entry
 json.dump(report, open(json_path, "w"), indent=2)
-lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."] + (["", "**Partial:** a scenario failed; these are the runs that finished before it."] if suffix else [])
+lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."] + (["", "**Partial:** the run stopped; these are the measurements that finished before it."] if stopped else []) \
+    + (["", "**Partial:** these measurements failed, and the run went on without them (a ratio is the median of the pairs where both systems finished):", ""] + [f"- {f['measurement']}" + (f" (logs: `{f['logs']}`)" if f.get("logs") else "") for f in failed] if failed else [])
 if table:
     lines += ["", "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
 for scenario, ours, theirs, other, ratio, p50, their_p50 in table:
     unit = " µs/commit" if scenario == "cpu_per_commit" else "/s"
-    lines.append(f"| {scenario} | {fmt(ours, ',.0f')}{unit} | {fmt(theirs, ',.0f')}{unit} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {ratio} | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
+    with_unit = lambda v: "n/a" if v is None else f"{v:,.0f}{unit}"
+    lines.append(f"| {scenario} | {with_unit(ours)} | {with_unit(theirs)} | {'etcd' if other == 'etcd' else 'taskraft submit_c64'} | {ratio} | {fmt(p50, '.2f')} | {fmt(their_p50, '.2f')} |")
 if "submit_to_start" in report["scenarios"]:
     entry = report["scenarios"]["submit_to_start"]
     lines += ["", "Submit to start (runnable `true` tasks in open loop; from when each submission was due to when its executor started the process; start times are whole milliseconds, so ±0.5 ms):", "",
@@ -505,6 +549,43 @@ echo
 echo "written: $out_dir/$stamp.json and .md"
 }
 
+# Runs one measurement, FUNCTION ARGS..., in a subshell of its own, so that
+# a failure ends that measurement and not the run: its clusters' logs are
+# kept in the results directory, its clusters are stopped, and the run goes
+# on with the next. Its results are in $results only when it finished; the
+# report names the measurements that failed, and the script then exits 1.
+measure() {  # measure NAME FUNCTION ARGS...
+  local name=$1 logs status
+  shift
+  logs="$out_dir/$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}-failed-logs/$name"
+  set +e
+  (
+    set -eE
+    trap 'echo "bench.sh: line $LINENO: a command exited with status $?" >&2' ERR
+    trap 'measure_exit $? "$logs"' EXIT
+    trap 'exit 143' TERM
+    echo "$BASHPID" > "$work/measure.pid"
+    "$@"
+  )
+  status=$?
+  set -e
+  rm -f "$work/measure.pid"
+  if [ "$status" != 0 ]; then
+    [ -d "$logs" ] || logs=""
+    echo "bench.sh: $name failed (exit status $status); the run goes on without it${logs:+; its logs are in $logs}" >&2
+    printf '%s\t%s\n' "$name" "$logs" >> "$failed"
+  fi
+}
+# The end of a measurement's subshell: after a failure, keeps the logs of the
+# clusters it left running, then stops them (a measurement that finished has
+# stopped its own).
+measure_exit() {  # measure_exit STATUS LOGS
+  trap - ERR
+  if [ "$1" != 0 ]; then keep_logs "$2"; fi
+  stop_etcd
+  stop_taskraft || true
+}
+
 step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
 scaled=0
 for scenario in "${scenarios[@]}"; do
@@ -512,7 +593,10 @@ for scenario in "${scenarios[@]}"; do
     restart_1m | mem_1m | snapshot_1m)
       # One fill per pair and system serves all three.
       if [ "$scaled" = 0 ]; then
-        for pair in $(seq 1 "$pairs"); do scale_run taskraft "$pair"; scale_run etcd "$pair"; done
+        for pair in $(seq 1 "$pairs"); do
+          measure "scale_1m-taskraft-pair$pair" scale_run taskraft "$pair"
+          measure "scale_1m-etcd-pair$pair" scale_run etcd "$pair"
+        done
         scaled=1
       fi
       continue ;;
@@ -520,33 +604,39 @@ for scenario in "${scenarios[@]}"; do
   if [ "$scenario" = failover ]; then
     taskraft_env=(TASKRAFT_HEARTBEAT_INTERVAL_MS=50 TASKRAFT_ELECTION_TIMEOUT_MS=300)
     etcd_timing=(--heartbeat-interval 50 --election-timeout 300)
-    failover_trials taskraft-matched taskraft
-    failover_trials etcd-matched etcd
+    measure failover-taskraft-matched failover_trials taskraft-matched taskraft
+    measure failover-etcd-matched failover_trials etcd-matched etcd
     taskraft_env=()
     etcd_timing=()
-    failover_trials taskraft-default taskraft
+    measure failover-taskraft-default failover_trials taskraft-default taskraft
     continue
   fi
   read -r clients connections batch <<< "$(load_of "$scenario")"
   for pair in $(seq 1 "$pairs"); do
     if [ "$scenario" = submit_to_start ]; then
-      submit_to_start_pair "$pair"
+      measure "submit_to_start-pair$pair" submit_to_start_pair "$pair"
     elif [ "$scenario" = exec_rate ]; then
-      exec_rate_pair "$pair"
+      measure "exec_rate-pair$pair" exec_rate_pair "$pair"
     elif [ "$scenario" = submit_batch ]; then
       # At 50,000 tasks a second the warm-up and the run queue about a
       # million tasks, the default limit, which would refuse the last
       # seconds' batches; the queue limit is not what this measures.
       taskraft_env=(TASKRAFT_QUEUED_TASKS_MAX=8388608)
-      run "$scenario" taskraft taskraft "$pair" 16 4 100
+      measure "submit_batch-taskraft-pair$pair" run "$scenario" taskraft taskraft "$pair" 16 4 100
       taskraft_env=()
-      run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
+      measure "submit_batch-c64-pair$pair" run "$scenario" c64 taskraft "$pair" "$clients" "$connections" 1
     else
-      run "$scenario" taskraft taskraft "$pair" "$clients" "$connections" "$batch"
-      run "$scenario" etcd etcd "$pair" "$clients" "$connections" "$batch"
+      measure "$scenario-taskraft-pair$pair" run "$scenario" taskraft taskraft "$pair" "$clients" "$connections" "$batch"
+      measure "$scenario-etcd-pair$pair" run "$scenario" etcd etcd "$pair" "$clients" "$connections" "$batch"
     fi
   done
 done
 
-write_report ""
-report_written=done
+if [ -s "$failed" ]; then
+  write_report "-partial" ""
+  report_written="done"
+  echo "bench.sh: $(wc -l < "$failed") measurement(s) failed; the report names them" >&2
+  exit 1
+fi
+write_report "" ""
+report_written="done"

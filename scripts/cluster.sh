@@ -135,7 +135,7 @@ stop_node() {
 }
 
 wait_for_leader() {
-  local deadline=$((SECONDS + 60)) leader
+  local deadline=$((SECONDS + 60)) leader n
   echo -n "waiting for a leader"
   while [ "$SECONDS" -lt "$deadline" ]; do
     leader=$("$bin" --endpoints "$(endpoints)" --timeout 2s --output json cluster status 2>/dev/null \
@@ -144,6 +144,16 @@ wait_for_leader() {
       echo " - node $leader leads"
       return
     fi
+    # A node that exited (a bad setting, a data directory it cannot open)
+    # says why at the end of its log; waiting on would not help. Its PID,
+    # not node_pid: a node just started may not have exec'd yet.
+    for n in "${nodes[@]}"; do
+      if ! alive "$(cat "$(pid_file "$n")" 2> /dev/null)"; then
+        echo
+        tail -n 5 "$(node_dir "$n")/node.log" >&2
+        die "node $n exited before the cluster had a leader; its log is $(node_dir "$n")/node.log"
+      fi
+    done
     echo -n "."
     sleep 0.5
   done

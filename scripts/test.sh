@@ -68,6 +68,15 @@ tasks_after_restart=$("$TASKRAFT_BIN" --endpoints 127.0.0.1:17001,127.0.0.1:1700
 [ "$tasks_after_restart" -ge 13 ] || { echo "the restarted cluster lost tasks: $tasks_after_restart"; exit 1; }
 smoke_cluster down
 for n in 1 2 3; do expect_status "node $n: not running"; done
+# A node that cannot start (here a bad setting) ends `up` with its reason,
+# rather than a wait of a minute for a leader.
+up_status=0
+TASKRAFT_ELECTION_TIMEOUT_MS=soon smoke_cluster up > "$smoke_dir/up.out" 2>&1 || up_status=$?
+if [ "$up_status" = 0 ] || ! grep -q "exited before the cluster had a leader" "$smoke_dir/up.out" ||
+  ! grep -q "invalid value 'soon'" "$smoke_dir/up.out"; then
+  cat "$smoke_dir/up.out"; echo "cluster.sh up did not report the node that exited (exit $up_status)"; exit 1
+fi
+smoke_cluster down > /dev/null
 echo "cluster.sh commands work"
 
 step "Docker: the cluster as containers, through a kill -9 and a pause of the leader"
@@ -82,5 +91,24 @@ bench_dir=$(mktemp -d)
 scripts/bench.sh --quick --scenario submit_c16 --out "$bench_dir" > "$bench_dir/bench.out" 2>&1 ||
   { cat "$bench_dir/bench.out"; echo "bench.sh failed"; exit 1; }
 grep -q "| submit_c16 |" "$bench_dir/bench.out" || { cat "$bench_dir/bench.out"; echo "bench.sh printed no table"; exit 1; }
-rm -rf "$bench_dir"
 echo "bench.sh ran end to end"
+# A measurement that fails does not end the run: an etcd that exits at its
+# start fails etcd's run; taskraft's still runs, the report names the
+# failure, the member's log is kept, and the script exits 1.
+mkdir -p "$bench_dir/fake-bin"
+cat > "$bench_dir/fake-bin/etcd" << 'EOF'
+#!/bin/sh
+if [ "$1" = --version ]; then echo "etcd Version: 3.4.0 (a stand-in that exits at its start)"; exit 0; fi
+echo "stand-in etcd: exiting at the start" >&2
+exit 1
+EOF
+chmod +x "$bench_dir/fake-bin/etcd"
+status=0
+PATH="$bench_dir/fake-bin:$PATH" scripts/bench.sh --quick --scenario submit_c1 --out "$bench_dir/failing" > "$bench_dir/failing.out" 2>&1 || status=$?
+report=$(ls "$bench_dir"/failing/*-partial.md 2> /dev/null || true)
+if [ "$status" != 1 ] || [ -z "$report" ] || ! grep -q "^| submit_c1 | [0-9]" "$report" ||
+  ! grep -q "^- submit_c1-etcd-pair1 (logs: " "$report" || ! grep -rqs "stand-in etcd: exiting" "$bench_dir"/failing/*-failed-logs/submit_c1-etcd-pair1/; then
+  cat "$bench_dir/failing.out" "$report" 2> /dev/null; echo "bench.sh did not go on past a failed measurement (exit $status)"; exit 1
+fi
+rm -rf "$bench_dir"
+echo "bench.sh went on past a failed measurement and named it"
