@@ -42,6 +42,8 @@ trap 'echo "bench.sh: line $LINENO: a command exited with status $?" >&2' ERR
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+# shellcheck source=scripts/lib/processes.sh
+source scripts/lib/processes.sh
 quick=0
 only=""
 pairs=""
@@ -74,10 +76,6 @@ else
   scenarios=("${all_scenarios[@]}")
 fi
 
-# Whether process PID is running (a zombie is not).
-alive() {  # alive PID
-  [ -e "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2> /dev/null
-}
 # Waits until every PID given has exited.
 wait_gone() {
   local pid
@@ -173,9 +171,17 @@ stop_taskraft() {
     scripts/cluster.sh down > /dev/null 2>&1
   rm -rf "$work/taskraft"
 }
+# Waits until the ports of etcd members N... are free: a member killed with
+# -9 holds them for a while after its PID is gone (see wait_ports_free), as
+# `scripts/cluster.sh kill` waits for a taskraft node's.
+wait_etcd_ports_free() {  # wait_etcd_ports_free N...
+  local n
+  for n in "$@"; do wait_ports_free 30 "2379$n" "2380$n" || exit 1; done
+}
 # Starts etcd member N (1-3) on its data directory; its PID goes to etcd_pids[N-1].
 start_etcd_member() {
   local n=$1 cluster=n1=http://127.0.0.1:23801,n2=http://127.0.0.1:23802,n3=http://127.0.0.1:23803
+  wait_etcd_ports_free "$n"
   etcd --name "n$n" --data-dir "$work/etcd/n$n" --initial-cluster "$cluster" \
     --initial-cluster-token bench --initial-cluster-state new "${etcd_timing[@]}" \
     --listen-client-urls "http://127.0.0.1:2379$n" --advertise-client-urls "http://127.0.0.1:2379$n" \
@@ -316,6 +322,7 @@ scale_run() {  # scale_run TARGET PAIR
     kill -9 "${etcd_pids[follower - 1]}"
   fi
   wait_gone "${pid_list[follower - 1]}"
+  if [ "$target" = etcd ]; then wait_etcd_ports_free "$follower"; fi
   marker=$("$loadgen" --target "$target" --endpoints "$endpoints" --fill "$catch_up_items" --batch "$batch" --clients 8 2> "$work/loadgen.err" | json_field marker) ||
     { cat "$work/loadgen.err" >&2; exit 1; }
   t0=$(date +%s%3N)
@@ -334,6 +341,7 @@ scale_run() {  # scale_run TARGET PAIR
     kill -9 "${etcd_pids[@]}"
   fi
   wait_gone "${pid_list[@]}"
+  if [ "$target" = etcd ]; then wait_etcd_ports_free 1 2 3; fi
   t0=$(date +%s%3N)
   "$loadgen" --target "$target" --endpoints "$endpoints" --await-commit --since-unix-ms "$t0" > "$work/await.json" 2> "$work/loadgen.err" &
   await_pid=$!

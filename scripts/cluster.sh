@@ -19,6 +19,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 cluster_dir=${TASKRAFT_CLUSTER_DIR:-$root/.cluster}
 bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
 api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
@@ -42,15 +44,6 @@ check_node() {
   [[ "${1:-}" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "${#nodes[@]}" ] || die "no node '${1:-}'; nodes are ${nodes[*]}"
 }
 
-# Whether process PID is alive. A process that has exited but that its
-# parent has not reaped yet (a zombie: nodes outlive the shell that started
-# them, and their new parent may reap late) counts as gone.
-alive() {
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2> /dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
-}
-
 # Prints the PID of node N if the recorded process is still that node.
 node_pid() {
   local file pid
@@ -71,26 +64,10 @@ build() {
   [ -x "$bin" ] || die "no binary at $bin"
 }
 
-# Whether something listens on TCP port PORT (read from /proc, so that no
-# tool need be installed).
-port_listening() {
-  local hex
-  hex=$(printf ':%04X' "$1")
-  awk -v port="$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
-    /proc/net/tcp /proc/net/tcp6 2> /dev/null
-}
-
-# Waits until node N's ports are free. A node killed with SIGKILL holds them
-# until its last thread has exited, well after its PID shows it dead when the
-# process is large; a node started before then cannot listen and exits.
-wait_ports_free() {
-  local n=$1 port deadline=$((SECONDS + 30))
-  for port in $((api_port_base + n)) $((raft_port_base + n)); do
-    while port_listening "$port"; do
-      [ "$SECONDS" -lt "$deadline" ] || die "port $port of node $n is still in use after 30 s"
-      sleep 0.05
-    done
-  done
+# Waits until node N's ports are free (see wait_ports_free): a node started
+# while a killed one still holds them cannot listen and exits.
+wait_node_ports_free() {
+  wait_ports_free 30 $((api_port_base + $1)) $((raft_port_base + $1)) || die "node $1 cannot start yet"
 }
 
 start_node() {
@@ -100,7 +77,7 @@ start_node() {
     echo "node $n is already running (pid $pid)"
     return
   fi
-  wait_ports_free "$n"
+  wait_node_ports_free "$n"
   mkdir -p "$dir"
   "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
     --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
@@ -196,7 +173,7 @@ case "$command" in
     check_node "${2:-}"
     if [ "${3:-}" = "-f" ]; then tail -n 100 -f "$(node_dir "$2")/node.log"; else tail -n 200 "$(node_dir "$2")/node.log"; fi
     ;;
-  kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")"; wait_ports_free "$2" ;;
+  kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")"; wait_node_ports_free "$2" ;;
   stop) check_node "${2:-}"; stop_node "$2" ;;
   start) check_node "${2:-}"; [ -x "$bin" ] || build; start_node "$2" ;;
   pause) check_node "${2:-}"; signal_node "$2" STOP ;;
