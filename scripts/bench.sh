@@ -592,6 +592,9 @@ measure_exit() {  # measure_exit STATUS LOGS
   if [ "$1" != 0 ]; then keep_logs "$2"; fi
   stop_etcd
   stop_taskraft || true
+  # Whatever else it started and left running, such as a load generator
+  # waiting in the background for a commit: its children, by parent PID.
+  pkill -TERM -P "$BASHPID" 2> /dev/null || true
 }
 
 step "running ${#scenarios[@]} scenario(s), $pairs pair(s) each, ${warmup} warm-up + ${duration}"
