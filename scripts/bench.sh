@@ -34,7 +34,8 @@
 # pair, or one system's failover trials) runs on its own: when it fails,
 # its clusters' logs go to <DIR>/<date>-<host>[-<scenario>]-failed-logs/<name>/,
 # the run goes on without it, and the report, then named -partial, lists
-# it; the script then exits 1. Every process and directory the script makes
+# it; the script then exits 1. A run stopped by a signal reports what
+# finished and names the measurement it stopped in. Every process and directory the script makes
 # is removed at the end, processes by PID.
 set -euo pipefail
 # A command that fails under set -e says where, so a failure is never silent.
@@ -87,7 +88,11 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 work=$(mktemp -d /tmp/taskraft-bench.XXXXXX)
 etcd_pids=()
 report_written=0
-# Measurements that failed (see measure), a line each: what, and where its logs are.
+# The measurement running now, and where its logs go if it does not finish.
+measuring=""
+measuring_logs=""
+# Measurements that did not finish (see measure), a line each: what, where
+# its logs are, and "stopped" for the one a signal stopped.
 failed="$work/failed.txt"
 : > "$failed"
 # Copies the logs of the clusters running now into DIR: the taskraft nodes'
@@ -117,6 +122,10 @@ cleanup() {
     pkill -TERM -P "$measure_pid" 2> /dev/null || true
     kill -TERM "$measure_pid" 2> /dev/null || true
     wait_gone "$measure_pid"
+    # Its exit kept its clusters' logs; the report names it and them.
+    [ -d "$measuring_logs" ] || measuring_logs=""
+    printf '%s\t%s\tstopped\n' "$measuring" "$measuring_logs" >> "$failed"
+    echo "bench.sh: stopped in $measuring${measuring_logs:+; its logs are in $measuring_logs}" >&2
   fi
   # A failed scenario still leaves the report of those that finished.
   if [ "$report_written" = 0 ] && [ -s "${results:-}" ] && declare -F write_report > /dev/null; then
@@ -202,10 +211,16 @@ start_etcd() {
   local deadline=$((SECONDS + 30))
   until "$loadgen" --target etcd --endpoints "$etcd_endpoints" --warmup 0s --duration 1ms > /dev/null 2>&1; do
     [ $SECONDS -lt $deadline ] || { tail -n 20 "$work"/etcd/n*.log >&2; echo "etcd did not elect a leader" >&2; exit 1; }
-    for n in 1 2 3; do
-      alive "${etcd_pids[n - 1]}" || { tail -n 20 "$work/etcd/n$n.log" >&2; echo "etcd member n$n exited at its start" >&2; exit 1; }
-    done
+    etcd_members_alive
     sleep 0.3
+  done
+  # Two members elect a leader: the third may have exited all the same.
+  etcd_members_alive
+}
+etcd_members_alive() {
+  local n
+  for n in 1 2 3; do
+    alive "${etcd_pids[n - 1]}" || { tail -n 20 "$work/etcd/n$n.log" >&2; echo "etcd member n$n exited at its start" >&2; exit 1; }
   done
 }
 stop_etcd() {
@@ -329,7 +344,7 @@ scale_run() {  # scale_run TARGET PAIR
   "$loadgen" --target "$target" --endpoints "${endpoint_list[follower - 1]}" --await-read "$marker" --since-unix-ms "$t0" > "$work/await.json" 2> "$work/loadgen.err" &
   await_pid=$!
   if [ "$target" = taskraft ]; then up_taskraft; else start_etcd_member "$follower"; fi
-  wait "$await_pid" || { cat "$work/loadgen.err" >&2; exit 1; }
+  await_servers "$target" "$await_pid" "$follower"
   catch_up=$(json_field ms < "$work/await.json")
   printf '    a follower killed with -9 served the last of %d missed writes %d ms after its restart\n' "$catch_up_items" "$catch_up" >&2
   # The whole cluster killed with -9, then restarted.
@@ -346,11 +361,40 @@ scale_run() {  # scale_run TARGET PAIR
   "$loadgen" --target "$target" --endpoints "$endpoints" --await-commit --since-unix-ms "$t0" > "$work/await.json" 2> "$work/loadgen.err" &
   await_pid=$!
   if [ "$target" = taskraft ]; then up_taskraft; else for n in 1 2 3; do start_etcd_member "$n"; done; fi
-  wait "$await_pid" || { cat "$work/loadgen.err" >&2; exit 1; }
+  await_servers "$target" "$await_pid" 1 2 3
   commit=$(json_field ms < "$work/await.json")
   printf '    the whole cluster killed with -9 committed a write %d ms after its restart\n' "$commit" >&2
   if [ "$target" = taskraft ]; then stop_taskraft; else stop_etcd; fi
   echo "{\"scenario\":\"scale_1m\",\"system\":\"$target\",\"pair\":$pair,\"result\":{\"fill\":$fill,\"snapshot\":$snapshot,\"catch_up_ms\":$catch_up,\"first_commit_ms\":$commit}}" >> "$results"
+}
+
+# Waits for the load generator AWAIT_PID, which waits for the restarted
+# members N... of TARGET to serve again. A member that exits meanwhile ends
+# the wait at once, with the end of its log, rather than after the load
+# generator's deadline of five minutes.
+await_servers() {  # await_servers TARGET AWAIT_PID N...
+  local target=$1 await_pid=$2 n i=0
+  local -a server_pids=() server_logs=()
+  shift 2
+  for n in "$@"; do
+    if [ "$target" = taskraft ]; then
+      server_pids+=("$(cat "$work/taskraft/node$n/pid")")
+      server_logs+=("$work/taskraft/node$n/node.log")
+    else
+      server_pids+=("${etcd_pids[n - 1]}")
+      server_logs+=("$work/etcd/n$n.log")
+    fi
+  done
+  wait_while_alive "$await_pid" "${server_pids[@]}" && return
+  cat "$work/loadgen.err" >&2
+  for n in "$@"; do
+    if ! alive "${server_pids[i]}"; then
+      echo "the end of $target member $n's log:" >&2
+      tail -n 20 "${server_logs[i]}" >&2
+    fi
+    i=$((i + 1))
+  done
+  exit 1
 }
 
 # Waits until a write through the member at ENDPOINT commits again.
@@ -398,14 +442,17 @@ write_report() {  # write_report SUFFIX STOPPED: SUFFIX "-partial" when a measur
   python3 - "$results" "$out_dir/$stamp.json" "$out_dir/$stamp.md" "$quick" "$pairs" "$etcd_version" "$2" "$failed" << 'EOF'
 import json, platform, statistics, sys
 results_path, json_path, md_path, quick, pairs, etcd_version, stopped, failed_path = sys.argv[1:]
-failed = [dict(zip(("measurement", "logs"), line.rstrip("\n").split("\t"))) for line in open(failed_path) if line.strip()]
+unfinished = [dict(zip(("measurement", "logs", "ended"), line.rstrip("\n").split("\t"))) for line in open(failed_path) if line.strip()]
+failed = [u for u in unfinished if u.get("ended") != "stopped"]
+stopped_in = [u for u in unfinished if u.get("ended") == "stopped"]
+logs_of = lambda u: f" (logs: `{u['logs']}`)" if u.get("logs") else ""
 rows = [json.loads(line) for line in open(results_path)]
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t") if "model name" in open("/proc/cpuinfo").read() else platform.processor()
 machine = f"{cpu}, {len(open('/proc/cpuinfo').read().split('processor')) - 1} cores, Linux {platform.release()}"
 by = {}
 for row in rows:
     by.setdefault((row["scenario"], row["system"]), {})[row["pair"]] = row["result"]
-report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "stopped": stopped == "stopped", "failed": failed, "scenarios": {}, "runs": rows}
+report = {"machine": machine, "etcd": etcd_version, "quick": quick == "1", "pairs": int(pairs), "stopped": stopped == "stopped", "stopped_in": stopped_in, "failed": failed, "scenarios": {}, "runs": rows}
 table = []
 def pair_ratios_of(scenario, ours, theirs, key):
     a, b = by.get((scenario, ours), {}), by.get((scenario, theirs), {})
@@ -516,8 +563,8 @@ if any(row["scenario"] == "scale_1m" for row in execution):
                              for system, runs in (("taskraft", ours), ("etcd", theirs))}
     report["scenarios"]["scale_1m"] = entry
 json.dump(report, open(json_path, "w"), indent=2)
-lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."] + (["", "**Partial:** the run stopped; these are the measurements that finished before it."] if stopped else []) \
-    + (["", "**Partial:** these measurements failed, and the run went on without them (a ratio is the median of the pairs where both systems finished):", ""] + [f"- {f['measurement']}" + (f" (logs: `{f['logs']}`)" if f.get("logs") else "") for f in failed] if failed else [])
+lines = [f"# Benchmark: taskraft against {etcd_version}", "", f"Machine: {machine}. Pairs: {pairs}{' (quick)' if quick == '1' else ''}."] + (["", "**Partial:** the run stopped; these are the measurements that finished before it." + "".join(f" It stopped in {u['measurement']}{logs_of(u)}." for u in stopped_in)] if stopped else []) \
+    + (["", "**Partial:** these measurements failed, and the run went on without them (a ratio is the median of the pairs where both systems finished):", ""] + [f"- {f['measurement']}{logs_of(f)}" for f in failed] if failed else [])
 if table:
     lines += ["", "| scenario | taskraft | anchor | anchor is | ratio (median of pairs) | taskraft p50 ms | anchor p50 ms |", "|---|---|---|---|---|---|---|"]
 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
@@ -566,11 +613,15 @@ measure() {  # measure NAME FUNCTION ARGS...
   local name=$1 logs status
   shift
   logs="$out_dir/$(date -u +%Y-%m-%d)-$(hostname -s)${only:+-$only}-failed-logs/$name"
+  measuring=$name
+  measuring_logs=$logs
   set +e
   (
     set -eE
     trap 'echo "bench.sh: line $LINENO: a command exited with status $?" >&2' ERR
-    trap 'measure_exit $? "$logs"' EXIT
+    # The directory bound now: a function that exits may have a local "logs".
+    # shellcheck disable=SC2064
+    trap "measure_exit \$? $(printf %q "$logs")" EXIT
     trap 'exit 143' TERM
     echo "$BASHPID" > "$work/measure.pid"
     "$@"
@@ -578,6 +629,7 @@ measure() {  # measure NAME FUNCTION ARGS...
   status=$?
   set -e
   rm -f "$work/measure.pid"
+  measuring=""
   if [ "$status" != 0 ]; then
     [ -d "$logs" ] || logs=""
     echo "bench.sh: $name failed (exit status $status); the run goes on without it${logs:+; its logs are in $logs}" >&2
@@ -588,7 +640,10 @@ measure() {  # measure NAME FUNCTION ARGS...
 # clusters it left running, then stops them (a measurement that finished has
 # stopped its own).
 measure_exit() {  # measure_exit STATUS LOGS
+  # Every step runs even when one fails (a log it cannot copy): a step
+  # skipped here would leave a cluster running, holding the next one's ports.
   trap - ERR
+  set +e
   if [ "$1" != 0 ]; then keep_logs "$2"; fi
   stop_etcd
   stop_taskraft || true

@@ -7,6 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/lib/processes.sh
+source scripts/lib/processes.sh
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -86,6 +88,29 @@ else
   echo "skipped: the Docker engine does not answer here (docker info fails)"
 fi
 
+step "scripts/lib/processes.sh: a wait for a restarted server ends when the server exits"
+# A waiter (a load generator waiting for a restarted cluster) is stopped as
+# soon as a server it waits for exits; else its own exit status counts.
+sleep 300 &
+waiter=$!
+sleep 0.5 &
+server=$!
+started=$SECONDS
+status=0
+wait_while_alive "$waiter" "$server" 2> /dev/null || status=$?
+if [ "$status" != 1 ] || alive "$waiter" || [ $((SECONDS - started)) -gt 10 ]; then
+  echo "wait_while_alive did not end with the server (status $status)"; exit 1
+fi
+(sleep 0.2; exit 7) &
+waiter=$!
+sleep 300 &
+server=$!
+status=0
+wait_while_alive "$waiter" "$server" || status=$?
+kill "$server"
+[ "$status" = 7 ] || { echo "wait_while_alive did not return the waiter's status 7 (status $status)"; exit 1; }
+echo "wait_while_alive follows both the waiter and the servers"
+
 step "benchmark smoke: scripts/bench.sh --quick on one scenario (proves the script, measures nothing)"
 bench_dir=$(mktemp -d)
 scripts/bench.sh --quick --scenario submit_c16 --out "$bench_dir" > "$bench_dir/bench.out" 2>&1 ||
@@ -110,5 +135,57 @@ if [ "$status" != 1 ] || [ -z "$report" ] || ! grep -q "^| submit_c1 | [0-9]" "$
   ! grep -q "^- submit_c1-etcd-pair1 (logs: " "$report" || ! grep -rqs "stand-in etcd: exiting" "$bench_dir"/failing/*-failed-logs/submit_c1-etcd-pair1/; then
   cat "$bench_dir/failing.out" "$report" 2> /dev/null; echo "bench.sh did not go on past a failed measurement (exit $status)"; exit 1
 fi
-rm -rf "$bench_dir"
 echo "bench.sh went on past a failed measurement and named it"
+# A restarted etcd member that exits while the load generator waits for it
+# to serve ends that measurement at once, naming it, instead of after the
+# load generator's deadline of 300 s. The stand-in runs the real etcd at
+# each member's first start, and exits a second into any restart.
+cat > "$bench_dir/fake-bin/etcd" << 'EOF'
+#!/bin/sh
+if [ "$1" = --version ]; then exec "$REAL_ETCD" --version; fi
+if [ -e "$STARTED_DIR/$2" ]; then sleep 1; echo "stand-in etcd: $2 exits at its restart" >&2; exit 1; fi
+touch "$STARTED_DIR/$2"
+exec "$REAL_ETCD" "$@"
+EOF
+chmod +x "$bench_dir/fake-bin/etcd"
+mkdir -p "$bench_dir/started"
+# Found before PATH names the stand-in, which would otherwise run itself.
+real_etcd=$(command -v etcd)
+status=0
+started=$SECONDS
+PATH="$bench_dir/fake-bin:$PATH" REAL_ETCD=$real_etcd STARTED_DIR="$bench_dir/started" \
+  scripts/bench.sh --quick --scenario restart_1m --out "$bench_dir/restart" > "$bench_dir/restart.out" 2>&1 || status=$?
+report=$(ls "$bench_dir"/restart/*-partial.md 2> /dev/null || true)
+if [ "$status" != 1 ] || [ $((SECONDS - started)) -ge 150 ] || [ -z "$report" ] || ! grep -q "^- scale_1m-etcd-pair1 (logs: " "$report" ||
+  ! grep -q "exited while process [0-9]* waited for it to serve" "$bench_dir/restart.out" || ! grep -q "exits at its restart" "$bench_dir/restart.out"; then
+  cat "$bench_dir/restart.out" "$report" 2> /dev/null
+  echo "bench.sh did not end the wait for an etcd member that exited at its restart (exit $status after $((SECONDS - started)) s)"; exit 1
+fi
+echo "bench.sh ended the wait for a restarted member that exited, and named it"
+# A run stopped by a signal in the middle of a measurement (etcd's, once its
+# first member listens) stops every server it started, keeps their logs,
+# and writes the report of what finished, naming where it stopped.
+scripts/bench.sh --quick --scenario submit_c1 --out "$bench_dir/stopped" > "$bench_dir/stopped.out" 2>&1 &
+bench_pid=$!
+deadline=$((SECONDS + 300))
+until port_listening 23791; do
+  if [ $SECONDS -ge $deadline ] || ! alive "$bench_pid"; then
+    cat "$bench_dir/stopped.out"; echo "bench.sh never started etcd"; exit 1
+  fi
+  sleep 0.05
+done
+kill -TERM "$bench_pid"
+status=0
+wait "$bench_pid" || status=$?
+report=$(ls "$bench_dir"/stopped/*-partial.md 2> /dev/null || true)
+left=""
+wait_ports_free 10 19001 19002 19003 19101 19102 19103 23791 23792 23793 23801 23802 23803 2> "$bench_dir/ports.err" ||
+  left=$(cat "$bench_dir/ports.err")
+if [ "$status" = 0 ] || [ -z "$report" ] || ! grep -q "^| submit_c1 | [0-9]" "$report" ||
+  ! grep -q "It stopped in submit_c1-etcd-pair1 (logs: " "$report" || ! compgen -G "$bench_dir/stopped/*-failed-logs/submit_c1-etcd-pair1/etcd-n1.log" > /dev/null ||
+  [ -n "$left" ]; then
+  cat "$bench_dir/stopped.out" "$report" 2> /dev/null
+  echo "bench.sh stopped by a signal (exit $status) did not report where, keep the logs, or free the ports (${left:-ports free})"; exit 1
+fi
+rm -rf "$bench_dir"
+echo "bench.sh stopped by a signal stopped its servers, kept their logs and said where it stopped"

@@ -5,10 +5,16 @@
 # Whether process PID is alive. A process that has exited but that its
 # parent has not reaped yet (a zombie: nodes outlive the shell that started
 # them, and their new parent may reap late) counts as gone.
+# Shell builtins only, since callers poll it often.
 alive() {  # alive PID
-  local state
-  state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2> /dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+  local key state _
+  while read -r key state _; do
+    if [ "$key" = State: ]; then
+      [ "$state" != Z ] && [ "$state" != X ]
+      return
+    fi
+  done 2> /dev/null < "/proc/$1/status"
+  return 1
 }
 
 # Whether something listens on TCP port PORT.
@@ -34,4 +40,26 @@ wait_ports_free() {  # wait_ports_free SECONDS PORT...
       sleep 0.05
     done
   done
+}
+
+# Waits for WAITER_PID, a child of this shell that waits for the servers
+# SERVER_PID... (a load generator waiting for a restarted cluster to serve
+# again), and returns its exit status. When one of the servers exits first,
+# the waiter would wait out its own deadline for nothing: it is stopped, the
+# server named, and 1 returned.
+wait_while_alive() {  # wait_while_alive WAITER_PID SERVER_PID...
+  local waiter=$1 pid
+  shift
+  while alive "$waiter"; do
+    for pid in "$@"; do
+      if ! alive "$pid"; then
+        kill -TERM "$waiter" 2> /dev/null || true
+        wait "$waiter" 2> /dev/null || true
+        echo "process $pid exited while process $waiter waited for it to serve" >&2
+        return 1
+      fi
+    done
+    sleep 0.1
+  done
+  wait "$waiter"
 }
