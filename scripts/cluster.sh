@@ -2,6 +2,7 @@
 # A local three-node taskraft cluster on 127.0.0.1.
 #
 #   scripts/cluster.sh up            build (release), start nodes 1-3, wait for a leader
+#                                    and for each node started to answer
 #   scripts/cluster.sh down          stop every node (SIGTERM, then SIGKILL after 10 s)
 #   scripts/cluster.sh status        process state of each node, then the cluster's view
 #   scripts/cluster.sh logs N [-f]   the log of node N (-f follows it)
@@ -21,6 +22,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib/processes.sh
 source "$root/scripts/lib/processes.sh"
+# shellcheck source=scripts/lib/status.sh
+source "$root/scripts/lib/status.sh"
 cluster_dir=${TASKRAFT_CLUSTER_DIR:-$root/.cluster}
 bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
 api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
@@ -83,6 +86,7 @@ start_node() {
     --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
     >> "$dir/node.log" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$n")"
+  started_nodes+=("$n")
   echo "node $n started (pid $!): api $(api_addr "$n"), raft $(raft_addr "$n"), log $dir/node.log"
 }
 
@@ -111,13 +115,17 @@ stop_node() {
   echo "node $n stopped"
 }
 
-wait_for_leader() {
-  local deadline=$((SECONDS + 60)) leader n
+# Waits until the cluster has a leader and each node N... (those this `up`
+# started) answers for itself: a node that exited at its start is then
+# caught even when the others already have a leader.
+wait_for_ready() {  # wait_for_ready N...
+  local deadline=$((SECONDS + 60)) status leader silent="" n
   echo -n "waiting for a leader"
   while [ "$SECONDS" -lt "$deadline" ]; do
-    leader=$("$bin" --endpoints "$(endpoints)" --timeout 2s --output json cluster status 2>/dev/null \
-      | sed -n 's/.*"leader_id":\([0-9]*\).*/\1/p' | head -n1 || true)
-    if [ -n "$leader" ] && [ "$leader" != 0 ]; then
+    status=$("$bin" --endpoints "$(endpoints)" --timeout 2s cluster status 2>/dev/null || true)
+    leader=$(status_leader <<< "$status")
+    silent=$(status_unreachable "$@" <<< "$status")
+    if [ -n "$leader" ] && [ "$leader" != 0 ] && [ -z "$silent" ]; then
       echo " - node $leader leads"
       return
     fi
@@ -128,13 +136,14 @@ wait_for_leader() {
       if ! alive "$(cat "$(pid_file "$n")" 2> /dev/null)"; then
         echo
         tail -n 5 "$(node_dir "$n")/node.log" >&2
-        die "node $n exited before the cluster had a leader; its log is $(node_dir "$n")/node.log"
+        die "node $n exited before the cluster was up; its log is $(node_dir "$n")/node.log"
       fi
     done
     echo -n "."
     sleep 0.5
   done
   echo
+  if [ -n "$silent" ]; then die "node(s) $silent did not answer within 60 s; see the logs under $cluster_dir"; fi
   die "no leader after 60 s; see the logs under $cluster_dir"
 }
 
@@ -143,8 +152,9 @@ case "$command" in
   up)
     build
     mkdir -p "$cluster_dir"
+    started_nodes=()
     for n in "${nodes[@]}"; do start_node "$n"; done
-    wait_for_leader
+    wait_for_ready "${started_nodes[@]}"
     echo
     echo "cluster is up. endpoints: $(endpoints)"
     echo "try:   $bin submit -- echo hello"

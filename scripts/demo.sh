@@ -19,7 +19,9 @@ api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
 endpoints="127.0.0.1:$((api_port_base + 1)),127.0.0.1:$((api_port_base + 2)),127.0.0.1:$((api_port_base + 3))"
 export TASKRAFT_ENDPOINTS=$endpoints
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-leader_id() { "$bin" --output json cluster status | sed -n 's/.*"leader_id":\([0-9]*\).*/\1/p' | head -n1; }
+# shellcheck source=scripts/lib/status.sh
+source "$root/scripts/lib/status.sh"
+leader_id() { "$bin" cluster status | status_leader; }
 state_of() { "$bin" --output json get "$1" | sed -n 's/.*"state":"\([A-Z]*\)".*/\1/p'; }
 
 step "bringing up the local cluster"

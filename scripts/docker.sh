@@ -4,6 +4,7 @@
 #
 #   scripts/docker.sh build    static binary, then the image taskraft:local (FROM scratch)
 #   scripts/docker.sh up       build if needed, start the three containers, wait for a leader
+#                              and for each container to answer
 #   scripts/docker.sh status   the cluster's status, seen from the host
 #   scripts/docker.sh down     stop and remove the containers, their network and volumes
 #   scripts/docker.sh smoke    up, run tasks, kill -9 and pause the leader's container,
@@ -24,6 +25,8 @@ image=taskraft:local
 project=taskraft
 endpoints=172.28.56.11:7001,172.28.56.12:7001,172.28.56.13:7001
 export TASKRAFT_ENDPOINTS=$endpoints
+# shellcheck source=scripts/lib/status.sh
+source "$root/scripts/lib/status.sh"
 compose() { docker-compose -p "$project" -f "$docker_dir/docker-compose.yml" "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 die() { echo "docker.sh: $*" >&2; exit 1; }
@@ -60,17 +63,19 @@ build() {
   rm -rf "$stage"
 }
 
-leader_id() {
-  "$static_bin" --timeout 5s --output json cluster status 2> /dev/null |
-    sed -n 's/.*"leader_id":\([0-9]*\).*/\1/p' | head -n1
-}
-
-wait_for_leader() {
-  local deadline=$((SECONDS + 60)) leader
+# Waits until the cluster has a leader and all three containers answer (a
+# container just started or restarted may not yet); prints the leader's id.
+wait_for_ready() {
+  local deadline=$((SECONDS + 60)) status leader silent=""
   while :; do
-    leader=$(leader_id || true)
-    if [ -n "$leader" ] && [ "$leader" != 0 ]; then echo "$leader"; return 0; fi
-    [ $SECONDS -lt $deadline ] || die "no leader within 60 s"
+    status=$("$static_bin" --timeout 5s cluster status 2> /dev/null || true)
+    leader=$(status_leader <<< "$status")
+    silent=$(status_unreachable 1 2 3 <<< "$status")
+    if [ -n "$leader" ] && [ "$leader" != 0 ] && [ -z "$silent" ]; then echo "$leader"; return 0; fi
+    if [ $SECONDS -ge $deadline ]; then
+      [ -z "$silent" ] || die "taskraft-n${silent// /, taskraft-n} did not answer within 60 s"
+      die "no leader within 60 s"
+    fi
     sleep 0.5
   done
 }
@@ -80,7 +85,7 @@ up() {
   docker image inspect "$image" > /dev/null 2>&1 && [ -x "$static_bin" ] || build
   step "starting the containers"
   compose up -d
-  echo "leader: node $(wait_for_leader)"
+  echo "leader: node $(wait_for_ready)"
   "$static_bin" cluster status
   cat << EOF
 
@@ -115,14 +120,14 @@ smoke() {
     ids+=("$("$static_bin" submit --quiet -- echo "short $n")")
   done
   sleep 2
-  leader=$(wait_for_leader)
+  leader=$(wait_for_ready)
   step "kill -9 of the leader's container, taskraft-n$leader"
   docker kill -s KILL "taskraft-n$leader" > /dev/null
   local started=$SECONDS
   ids+=("$("$static_bin" submit --quiet --timeout 30s -- echo "after the kill")")
   echo "a submission committed within $((SECONDS - started)) s of the kill"
   docker start "taskraft-n$leader" > /dev/null
-  leader=$(wait_for_leader)
+  leader=$(wait_for_ready)
   step "pausing the leader's container, taskraft-n$leader, for 6 s"
   for n in 1 2 3; do
     ids+=("$("$static_bin" submit --quiet --max-attempts 5 -- sh -c "sleep 5; echo paused $n")")
