@@ -8,7 +8,7 @@
 #   scripts/cluster.sh logs N [-f]   the log of node N (-f follows it)
 #   scripts/cluster.sh kill N        SIGKILL node N; returns once its ports are free
 #   scripts/cluster.sh stop N        SIGTERM node N and wait for it
-#   scripts/cluster.sh start N       start node N on its existing data
+#   scripts/cluster.sh start N       start node N on its existing data, wait until it answers
 #   scripts/cluster.sh pause N       SIGSTOP node N
 #   scripts/cluster.sh resume N      SIGCONT node N
 #
@@ -115,6 +115,39 @@ stop_node() {
   echo "node $n stopped"
 }
 
+# A node that exited (a bad setting, a data directory it cannot open) says
+# why at the end of its log; waiting on would not help. Its PID, not
+# node_pid: a node just started may not have exec'd yet.
+die_if_exited() {  # die_if_exited WHAT N...
+  local what=$1 n
+  shift
+  for n in "$@"; do
+    if ! alive "$(cat "$(pid_file "$n")" 2> /dev/null)"; then
+      echo
+      tail -n 5 "$(node_dir "$n")/node.log" >&2
+      die "node $n exited before $what; its log is $(node_dir "$n")/node.log"
+    fi
+  done
+}
+
+# Waits until node N answers on its client API (no leader needed: it may
+# be the only node running).
+wait_for_answer() {  # wait_for_answer N
+  local deadline=$((SECONDS + 60))
+  echo -n "waiting for node $1 to answer"
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if "$bin" --endpoints "$(api_addr "$1")" --timeout 2s cluster status > /dev/null 2>&1; then
+      echo " - it does"
+      return
+    fi
+    die_if_exited "it answered" "$1"
+    echo -n "."
+    sleep 0.5
+  done
+  echo
+  die "node $1 did not answer within 60 s; its log is $(node_dir "$1")/node.log"
+}
+
 # Waits until the cluster has a leader and each node N... (those this `up`
 # started) answers for itself: a node that exited at its start is then
 # caught even when the others already have a leader.
@@ -129,16 +162,7 @@ wait_for_ready() {  # wait_for_ready N...
       echo " - node $leader leads"
       return
     fi
-    # A node that exited (a bad setting, a data directory it cannot open)
-    # says why at the end of its log; waiting on would not help. Its PID,
-    # not node_pid: a node just started may not have exec'd yet.
-    for n in "${nodes[@]}"; do
-      if ! alive "$(cat "$(pid_file "$n")" 2> /dev/null)"; then
-        echo
-        tail -n 5 "$(node_dir "$n")/node.log" >&2
-        die "node $n exited before the cluster was up; its log is $(node_dir "$n")/node.log"
-      fi
-    done
+    die_if_exited "the cluster was up" "${nodes[@]}"
     echo -n "."
     sleep 0.5
   done
@@ -185,7 +209,13 @@ case "$command" in
     ;;
   kill) check_node "${2:-}"; signal_node "$2" KILL; rm -f "$(pid_file "$2")"; wait_node_ports_free "$2" ;;
   stop) check_node "${2:-}"; stop_node "$2" ;;
-  start) check_node "${2:-}"; [ -x "$bin" ] || build; start_node "$2" ;;
+  start)
+    check_node "${2:-}"
+    [ -x "$bin" ] || build
+    started_nodes=()
+    start_node "$2"
+    if [ "${#started_nodes[@]}" -gt 0 ]; then wait_for_answer "$2"; fi
+    ;;
   pause) check_node "${2:-}"; signal_node "$2" STOP ;;
   resume) check_node "${2:-}"; signal_node "$2" CONT ;;
   *)

@@ -86,6 +86,17 @@ while :; do
   fi
   sleep 0.2
 done
+# `start` waits for the node: one that exits at its start is reported, with
+# its reason, and one that starts answers before `start` returns.
+start_status=0
+TASKRAFT_ELECTION_TIMEOUT_MS=soon smoke_cluster start 3 > "$smoke_dir/start.out" 2>&1 || start_status=$?
+if [ "$start_status" = 0 ] || ! grep -q "node 3 exited before it answered" "$smoke_dir/start.out" ||
+  ! grep -q "invalid value 'soon'" "$smoke_dir/start.out"; then
+  cat "$smoke_dir/start.out"; echo "cluster.sh start did not report node 3, which exited (exit $start_status)"; exit 1
+fi
+smoke_cluster start 3 > /dev/null
+"$TASKRAFT_BIN" --endpoints 127.0.0.1:17003 --timeout 2s cluster status > /dev/null ||
+  { echo "node 3 did not answer once cluster.sh start returned"; exit 1; }
 smoke_cluster up > /dev/null
 for n in 1 2 3; do expect_status "node $n: running"; done
 tasks_after_restart=$("$TASKRAFT_BIN" --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 --output json list | wc -l)
