@@ -279,6 +279,10 @@ pub struct ServerLimits {
     pub watchers_max: usize,
     pub list_page_size_default: u32,
     pub list_page_size_max: u32,
+    /// The most tasks one `ListTasks` call looks at while it holds the
+    /// state: a filter that few tasks pass returns a short (even empty)
+    /// page with a token to go on, rather than walking every task.
+    pub list_scanned_tasks_max: u32,
 }
 
 impl Default for ServerLimits {
@@ -302,6 +306,7 @@ impl Default for ServerLimits {
             watchers_max: 1_024,
             list_page_size_default: 100,
             list_page_size_max: 1_000,
+            list_scanned_tasks_max: 10_000,
         }
     }
 }
@@ -473,6 +478,7 @@ impl NodeConfig {
             ("watchers_max", server.watchers_max as u64),
             ("list_page_size_default", server.list_page_size_default as u64),
             ("list_page_size_max", server.list_page_size_max as u64),
+            ("list_scanned_tasks_max", server.list_scanned_tasks_max as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -492,6 +498,11 @@ impl NodeConfig {
         }
         if server.list_page_size_default > server.list_page_size_max {
             return invalid("list_page_size_default must not exceed list_page_size_max".into());
+        }
+        if server.list_scanned_tasks_max < server.list_page_size_max {
+            return invalid(
+                "list_scanned_tasks_max must be at least list_page_size_max, so an unfiltered page is always full".into(),
+            );
         }
         Ok(())
     }
@@ -704,6 +715,20 @@ mod tests {
                 "leader_hold_ms must not exceed request_timeout_ms",
                 NodeConfig {
                     server: ServerLimits { leader_hold_ms: 5_001, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "list_scanned_tasks_max must be at least list_page_size_max",
+                NodeConfig {
+                    server: ServerLimits { list_scanned_tasks_max: 999, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "list_scanned_tasks_max must be at least 1",
+                NodeConfig {
+                    server: ServerLimits { list_scanned_tasks_max: 0, ..ServerLimits::default() },
                     ..valid()
                 },
             ),

@@ -19,7 +19,7 @@ use crate::api::{Context, Routed};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::tasks_client::TasksClient;
 use crate::proto::taskraft_v1::tasks_server::Tasks;
-use crate::scheduler::{Command, Response as Applied, TaskId, TaskState};
+use crate::scheduler::{Command, Response as Applied, Task, TaskId, TaskState};
 use crate::storage::TaskEvent;
 
 /// Events buffered per watch stream between the state machine and gRPC.
@@ -213,18 +213,17 @@ impl Tasks for TasksService {
             Routed::Forwarded(reply) => return Ok(Response::new(reply)),
         };
         let queue = request.get_ref().queue.as_str();
-        let applied = self.ctx.state_machine.read();
-        let mut matching = applied.state.tasks_after(after).filter(|task| {
+        let matches = |task: &Task| {
             (states.is_empty() || states.contains(&task.state))
                 && (queue.is_empty() || *task.spec.queue == *queue)
-        });
-        let tasks: Vec<pb::Task> =
-            matching.by_ref().take(page_size as usize).map(task_to_pb).collect();
-        let more = matching.next().is_some();
-        let next_page_token = match (more, tasks.last()) {
-            (true, Some(last)) => last.id.clone(),
-            _ => String::new(),
         };
+        let scanned_max = server.list_scanned_tasks_max as usize;
+        let (tasks, resume_after) = {
+            let applied = self.ctx.state_machine.read();
+            let page = applied.state.list_page(after, page_size as usize, scanned_max, matches);
+            (page.tasks.into_iter().map(task_to_pb).collect(), page.resume_after)
+        };
+        let next_page_token = resume_after.map(|id| id.to_string()).unwrap_or_default();
         Ok(Response::new(pb::ListTasksResponse { tasks, next_page_token }))
     }
 

@@ -548,13 +548,19 @@ async fn list(client: &mut Client, printer: &Printer, args: ListArgs) -> Result<
         .collect::<Result<Vec<_>, _>>()?;
     let mut page_token = args.page_token.clone().unwrap_or_default();
     let mut first_page = true;
+    let mut n_listed: u32 = 0;
     loop {
+        // A filtered page may come back short, even empty, with a token
+        // (the server looks at a bounded number of tasks per call): without
+        // --all, ask on until the page the user asked for is full.
+        let page_size =
+            if args.all { args.page_size } else { args.page_size.saturating_sub(n_listed) };
         let reply = client
             .call(|channel, timeout| {
                 let message = pb::ListTasksRequest {
                     states: states.clone(),
                     queue: args.queue.clone().unwrap_or_default(),
-                    page_size: args.page_size,
+                    page_size,
                     page_token: page_token.clone(),
                     stale: args.stale,
                 };
@@ -565,10 +571,11 @@ async fn list(client: &mut Client, printer: &Printer, args: ListArgs) -> Result<
             .into_inner();
         printer.task_rows(&reply.tasks, first_page);
         first_page = false;
+        n_listed = n_listed.saturating_add(reply.tasks.len() as u32);
         if reply.next_page_token.is_empty() {
             break;
         }
-        if !args.all {
+        if !args.all && n_listed >= args.page_size {
             printer.note(&format!("more: --page-token {} (or --all)", reply.next_page_token));
             break;
         }

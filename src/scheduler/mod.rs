@@ -28,7 +28,7 @@ pub use command::{
     Submitted,
 };
 pub use limits::Limits;
-pub use state::{Applied, FrozenState, State, StateMeta};
+pub use state::{Applied, FrozenState, State, StateMeta, TaskPage};
 pub use task::{
     Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, StringMap, Task, TaskId, TaskSpec,
     TaskState,

@@ -134,6 +134,15 @@ impl FrozenState {
     }
 }
 
+/// One page of a filtered listing ([`State::list_page`]).
+#[derive(Debug)]
+pub struct TaskPage<'a> {
+    pub tasks: Vec<&'a Task>,
+    /// The id the next page starts after; `None` when no task after this
+    /// page matches.
+    pub resume_after: Option<TaskId>,
+}
+
 /// What one `apply` did: its answer and the tasks it changed.
 #[derive(Debug)]
 pub struct Applied {
@@ -202,6 +211,41 @@ impl State {
     pub fn tasks_after(&self, after: Option<TaskId>) -> impl Iterator<Item = &Task> {
         let start = after.map_or(0, |id| id.0.saturating_add(1));
         self.tasks.range(TaskId(start)..).map(|(_, task)| &**task)
+    }
+
+    /// One page of a filtered listing: the tasks after `after` that
+    /// `matches`, in id order, at most `page_size` of them, having looked
+    /// at no more than `scanned_max` tasks. A filter that few tasks pass
+    /// then costs one bounded walk per page, not a walk over every task
+    /// while the state is held. So a page may hold fewer tasks than
+    /// `page_size`, even none, and still name where the listing goes on;
+    /// [`TaskPage::resume_after`] is `None` only at the end. Every page
+    /// that goes on either holds a task or moves past at least one.
+    pub fn list_page(
+        &self,
+        after: Option<TaskId>,
+        page_size: usize,
+        scanned_max: usize,
+        matches: impl Fn(&Task) -> bool,
+    ) -> TaskPage<'_> {
+        let (page_size, scanned_max) = (page_size.max(1), scanned_max.max(1));
+        let mut tasks: Vec<&Task> = Vec::new();
+        let mut last_scanned = None;
+        for (n_scanned, task) in self.tasks_after(after).enumerate() {
+            if n_scanned == scanned_max {
+                return TaskPage { tasks, resume_after: last_scanned };
+            }
+            if matches(task) {
+                if tasks.len() == page_size {
+                    // Another task matches: the next page starts with it.
+                    let resume_after = tasks.last().map(|last| last.id);
+                    return TaskPage { tasks, resume_after };
+                }
+                tasks.push(task);
+            }
+            last_scanned = Some(task.id);
+        }
+        TaskPage { tasks, resume_after: None }
     }
 
     pub fn n_tasks(&self) -> usize {

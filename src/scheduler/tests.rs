@@ -393,3 +393,72 @@ fn tasks_of_one_queue_and_program_share_those_strings_also_when_rebuilt() {
     let rebuilt = State::from_parts(h.state.meta().clone(), tasks).unwrap();
     assert!(shared(&rebuilt), "a state loaded from a snapshot shares them too");
 }
+
+/// Follows a listing's pages to the end: every page, and each page's ids.
+fn list_to_end(
+    state: &State,
+    page_size: usize,
+    scanned_max: usize,
+    matches: impl Fn(&Task) -> bool + Copy,
+) -> Vec<Vec<u64>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let n_looked_at = std::cell::Cell::new(0);
+        let counted = |task: &Task| {
+            n_looked_at.set(n_looked_at.get() + 1);
+            matches(task)
+        };
+        let page = state.list_page(after, page_size, scanned_max, counted);
+        let ids: Vec<u64> = page.tasks.iter().map(|task| task.id.0).collect();
+        assert!(ids.len() <= page_size, "a page holds at most page_size tasks: {ids:?}");
+        assert!(n_looked_at.get() <= scanned_max, "a page looked at {} tasks", n_looked_at.get());
+        pages.push(ids);
+        match page.resume_after {
+            None => return pages,
+            Some(resume_after) => {
+                assert!(after < Some(resume_after), "a page that goes on moves past a task");
+                after = Some(resume_after);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_filtered_listing_looks_at_a_bounded_number_of_tasks_per_page_and_misses_none() {
+    let mut h = Harness::new();
+    // 40 tasks; the filter passes every seventh ("rare"), so long runs miss.
+    let rare: Vec<u64> = (0..40)
+        .map(|idx| h.submit_one(spec(if idx % 7 == 3 { "rare" } else { "common" })))
+        .filter(|task| &*task.spec.command.program == "rare")
+        .map(|task| task.id.0)
+        .collect();
+    assert_eq!(rare.len(), 6);
+    let is_rare = |task: &Task| &*task.spec.command.program == "rare";
+
+    for page_size in [1, 2, 4, 100] {
+        for scanned_max in [1, 2, 5, 13, 40, 1_000] {
+            let pages = list_to_end(&h.state, page_size, scanned_max, is_rare);
+            let listed: Vec<u64> = pages.iter().flatten().copied().collect();
+            assert_eq!(listed, rare, "page_size {page_size}, scanned_max {scanned_max}");
+        }
+    }
+
+    // With room to look at every task, pages are full until the last, and
+    // the last page says it is the last: the listing of before the bound.
+    let pages = list_to_end(&h.state, 4, 1_000, is_rare);
+    assert_eq!(pages, vec![rare[..4].to_vec(), rare[4..].to_vec()]);
+    let pages = list_to_end(&h.state, 3, 1_000, is_rare);
+    assert_eq!(pages.len(), 2, "six tasks in pages of three, nothing after: {pages:?}");
+
+    // A bound of three finds nothing in the first three tasks and says where
+    // to go on: an empty page is not the end.
+    let first = h.state.list_page(None, 10, 3, is_rare);
+    assert!(first.tasks.is_empty());
+    assert_eq!(first.resume_after, Some(h.state.tasks().nth(2).unwrap().id));
+
+    // Nothing matches: the listing ends, having looked at every task once.
+    let pages = list_to_end(&h.state, 10, 8, |_| false);
+    assert_eq!(pages.len(), 5, "forty tasks, eight per page");
+    assert!(pages.iter().all(Vec::is_empty));
+}

@@ -159,6 +159,92 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A filtered list looks at no more than `list_scanned_tasks_max` tasks per
+/// call: a filter that few tasks pass gets short pages, even an empty one,
+/// each with a token to go on, and following the tokens lists every match
+/// once. `taskraft list` fills the page the user asked for across such
+/// calls, and `--all` lists every match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_filtered_list_looks_at_a_bounded_number_of_tasks_per_call() -> anyhow::Result<()> {
+    let config_dir = tempfile::tempdir()?;
+    let config_path = config_dir.path().join("node.toml");
+    std::fs::write(
+        &config_path,
+        "[server]\nlist_page_size_default = 2\nlist_page_size_max = 4\nlist_scanned_tasks_max = 4\n",
+    )?;
+    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let mut client = cluster.node_client(1, Duration::from_secs(10))?;
+    // Twelve tasks; three of them, in places 1, 9 and 10, in queue "rare".
+    let mut ids = Vec::new();
+    for idx in 0..12 {
+        let mut task_spec = cluster_tests::unplaceable(spec("echo", &[&idx.to_string()], None));
+        task_spec.queue = if [1, 9, 10].contains(&idx) { "rare".into() } else { "common".into() };
+        ids.push(submit(&mut client, task_spec).await?.task.unwrap().id);
+    }
+    let rare = [ids[1].clone(), ids[9].clone(), ids[10].clone()];
+
+    let list = |queue: &str, page_size: u32, page_token: String| pb::ListTasksRequest {
+        queue: queue.into(),
+        page_size,
+        page_token,
+        ..Default::default()
+    };
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = TasksClient::new(cluster.api_channel(2).await?)
+            .list_tasks(list("rare", 4, page_token.clone()))
+            .await?
+            .into_inner();
+        pages.push(page.tasks.into_iter().map(|task| task.id).collect());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    // Places 0-3 hold one match, 4-7 none (an empty page that is not the
+    // end), 8-11 two, and nothing is after them.
+    assert_eq!(pages, vec![vec![rare[0].clone()], vec![], rare[1..].to_vec()]);
+
+    // Without a filter every page is full: the bound is at least the page size.
+    let page = TasksClient::new(cluster.api_channel(3).await?)
+        .list_tasks(list("", 4, String::new()))
+        .await?
+        .into_inner();
+    assert_eq!(page.tasks.len(), 4);
+    assert_eq!(page.next_page_token, ids[3]);
+
+    // The CLI asks on until the page of two is full, and says where to go on.
+    let (code, stdout, stderr) =
+        cluster.cli(&["--output", "json", "list", "--queue", "rare", "--page-size", "2"])?;
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Vec<String> = stdout
+        .lines()
+        .map(|line| {
+            let task: serde_json::Value = serde_json::from_str(line)?;
+            task["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("no id: {line}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(listed, rare[..2].to_vec(), "{stdout}");
+    let (code, _, stderr) = cluster.cli(&["list", "--queue", "rare", "--page-size", "2"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(&format!("more: --page-token {}", rare[1])), "{stderr}");
+    let (code, stdout, stderr) = cluster.cli(&[
+        "--output",
+        "json",
+        "list",
+        "--queue",
+        "rare",
+        "--page-size",
+        "4",
+        "--all",
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    Ok(())
+}
+
 /// `Cluster/Snapshot` builds a snapshot on the node asked, covering all it
 /// had applied, and answers once the file is on disk; the CLI does the same
 /// through `taskraft cluster snapshot`.

@@ -75,6 +75,10 @@ async fn read_until(
 /// Waits until the cluster lists no task that has not finished, asking
 /// every `UNFINISHED_POLL_INTERVAL` for one page of one task; gives up
 /// quietly at `deadline` (the read-back that follows names what is left).
+/// An empty page with a token is not the end (the server looked at only so
+/// many tasks): the next page follows at once. The tasks before the token
+/// had all finished, and a finished task stays finished, so polls go on
+/// from there.
 async fn wait_until_none_unfinished(
     client: &TasksClient<Channel>,
     deadline: Instant,
@@ -86,20 +90,28 @@ async fn wait_until_none_unfinished(
         pb::TaskState::Running,
     ];
     let mut client = client.clone();
+    let mut page_token = String::new();
     while Instant::now() < deadline {
         let request = taskraft::client::request(
             pb::ListTasksRequest {
                 states: unfinished.iter().map(|state| *state as i32).collect(),
                 page_size: 1,
+                page_token: page_token.clone(),
                 stale: true,
                 ..Default::default()
             },
             REQUEST_TIMEOUT,
         );
-        if let Ok(reply) = client.list_tasks(request).await
-            && reply.into_inner().tasks.is_empty()
-        {
-            return Ok(());
+        if let Ok(reply) = client.list_tasks(request).await {
+            let reply = reply.into_inner();
+            match (reply.tasks.is_empty(), reply.next_page_token.is_empty()) {
+                (true, true) => return Ok(()),
+                (true, false) => {
+                    page_token = reply.next_page_token;
+                    continue;
+                }
+                (false, _) => {}
+            }
         }
         tokio::time::sleep(UNFINISHED_POLL_INTERVAL).await;
     }
