@@ -642,6 +642,11 @@ measure() {  # measure NAME FUNCTION ARGS...
 measure_exit() {  # measure_exit STATUS LOGS
   # Every step runs even when one fails (a log it cannot copy): a step
   # skipped here would leave a cluster running, holding the next one's ports.
+  # So does a SIGTERM arriving now (the script's own cleanup stops a
+  # measurement that was already failing): its "exit 143" would end this
+  # midway, leaving an empty log directory. Caught and let be, not ignored,
+  # so that the commands run from here still die of a SIGTERM.
+  trap : TERM
   trap - ERR
   set +e
   if [ "$1" != 0 ]; then keep_logs "$2"; fi

@@ -152,7 +152,7 @@ wait_for_answer() {  # wait_for_answer N
 # started) answers for itself: a node that exited at its start is then
 # caught even when the others already have a leader.
 wait_for_ready() {  # wait_for_ready N...
-  local deadline=$((SECONDS + 60)) status leader silent="" n
+  local deadline=$((SECONDS + 60)) status leader silent=""
   echo -n "waiting for a leader"
   while [ "$SECONDS" -lt "$deadline" ]; do
     status=$("$bin" --endpoints "$(endpoints)" --timeout 2s cluster status 2>/dev/null || true)
