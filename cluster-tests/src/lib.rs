@@ -506,6 +506,16 @@ pub fn spec(program: &str, args: &[&str], key: Option<String>) -> pb::TaskSpec {
     }
 }
 
+/// A node config file holding `toml` in a new temporary directory, and its
+/// path for `--config`. The file lasts as long as the returned directory.
+pub fn config_file(toml: &str) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, toml)?;
+    let path = path.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))?.to_owned();
+    Ok((dir, path))
+}
+
 /// A label no test node carries: a task that requires it stays READY.
 pub fn unplaceable(mut spec: pb::TaskSpec) -> pb::TaskSpec {
     spec.labels.insert("pool".into(), "nowhere".into());

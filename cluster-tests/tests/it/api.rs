@@ -166,13 +166,9 @@ async fn watch_list_wait_health_and_reflection() -> anyhow::Result<()> {
 /// calls, and `--all` lists every match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_filtered_list_looks_at_a_bounded_number_of_tasks_per_call() -> anyhow::Result<()> {
-    let config_dir = tempfile::tempdir()?;
-    let config_path = config_dir.path().join("node.toml");
-    std::fs::write(
-        &config_path,
+    let (_config_dir, config_arg) = cluster_tests::config_file(
         "[server]\nlist_page_size_default = 2\nlist_page_size_max = 4\nlist_scanned_tasks_max = 4\n",
     )?;
-    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
     let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
     let mut client = cluster.node_client(1, Duration::from_secs(10))?;
     // Twelve tasks; three of them, in places 1, 9 and 10, in queue "rare".

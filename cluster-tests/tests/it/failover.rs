@@ -113,16 +113,10 @@ const SLOW_ELECTION_TIMEOUT_MS: u64 = 2_000;
 /// fsyncs lagging past 250 ms) turned into failed writes in a healthy cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_during_a_lapsed_lease_waits_for_a_slow_majority() -> anyhow::Result<()> {
-    let config_dir = tempfile::tempdir()?;
-    let config_path = config_dir.path().join("node.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[raft]\nelection_timeout_ms = {SLOW_ELECTION_TIMEOUT_MS}\nquorum_silence_ms_max = 4000\n\
-             [server]\nrequest_timeout_ms = 8000\nrpc_timeout_ms = 9000\n"
-        ),
-    )?;
-    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
+    let (_config_dir, config_arg) = cluster_tests::config_file(&format!(
+        "[raft]\nelection_timeout_ms = {SLOW_ELECTION_TIMEOUT_MS}\nquorum_silence_ms_max = 4000\n\
+         [server]\nrequest_timeout_ms = 8000\nrpc_timeout_ms = 9000\n"
+    ))?;
     let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
     // One attempt, no retries: the client must not hide a refusal.
@@ -167,13 +161,9 @@ const HOLD_TEST_LEADER_HOLD_MS: u64 = 4_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_to_a_follower_during_failover_is_held_until_a_new_leader_serves_it()
 -> anyhow::Result<()> {
-    let config_dir = tempfile::tempdir()?;
-    let config_path = config_dir.path().join("node.toml");
-    std::fs::write(
-        &config_path,
-        format!("[server]\nleader_hold_ms = {HOLD_TEST_LEADER_HOLD_MS}\n"),
-    )?;
-    let config_arg = config_path.to_str().expect("a temporary path is UTF-8").to_owned();
+    let (_config_dir, config_arg) = cluster_tests::config_file(&format!(
+        "[server]\nleader_hold_ms = {HOLD_TEST_LEADER_HOLD_MS}\n"
+    ))?;
     let mut cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
     let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
