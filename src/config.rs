@@ -277,6 +277,13 @@ pub struct ServerLimits {
     pub watch_channel_events_max: usize,
     /// Open watch streams on this node.
     pub watchers_max: usize,
+    /// The most tasks a watch that resumes from a revision older than the
+    /// kept events may catch up with (the current version of each task
+    /// changed since); further behind, it is told to list and resume.
+    pub watch_catch_up_tasks_max: usize,
+    /// The most tasks one step of that catch-up looks at while it holds
+    /// the state.
+    pub watch_catch_up_scanned_tasks_max: usize,
     pub list_page_size_default: u32,
     pub list_page_size_max: u32,
     /// The most tasks one `ListTasks` call looks at while it holds the
@@ -304,6 +311,8 @@ impl Default for ServerLimits {
             watch_history_events_max: 10_000,
             watch_channel_events_max: 4_096,
             watchers_max: 1_024,
+            watch_catch_up_tasks_max: 100_000,
+            watch_catch_up_scanned_tasks_max: 10_000,
             list_page_size_default: 100,
             list_page_size_max: 1_000,
             list_scanned_tasks_max: 10_000,
@@ -476,6 +485,8 @@ impl NodeConfig {
             ("watch_history_events_max", server.watch_history_events_max as u64),
             ("watch_channel_events_max", server.watch_channel_events_max as u64),
             ("watchers_max", server.watchers_max as u64),
+            ("watch_catch_up_tasks_max", server.watch_catch_up_tasks_max as u64),
+            ("watch_catch_up_scanned_tasks_max", server.watch_catch_up_scanned_tasks_max as u64),
             ("list_page_size_default", server.list_page_size_default as u64),
             ("list_page_size_max", server.list_page_size_max as u64),
             ("list_scanned_tasks_max", server.list_scanned_tasks_max as u64),
@@ -729,6 +740,23 @@ mod tests {
                 "list_scanned_tasks_max must be at least 1",
                 NodeConfig {
                     server: ServerLimits { list_scanned_tasks_max: 0, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "watch_catch_up_tasks_max must be at least 1",
+                NodeConfig {
+                    server: ServerLimits { watch_catch_up_tasks_max: 0, ..ServerLimits::default() },
+                    ..valid()
+                },
+            ),
+            (
+                "watch_catch_up_scanned_tasks_max must be at least 1",
+                NodeConfig {
+                    server: ServerLimits {
+                        watch_catch_up_scanned_tasks_max: 0,
+                        ..ServerLimits::default()
+                    },
                     ..valid()
                 },
             ),

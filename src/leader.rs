@@ -553,7 +553,7 @@ impl SchedulingLoop {
         mut heartbeats: mpsc::Receiver<(Heartbeat, Instant)>,
         cancel: CancellationToken,
     ) {
-        let mut changes = self.service.state_machine.subscribe(0).live;
+        let mut changes = self.service.state_machine.live_events();
         loop {
             // Every heartbeat the service accepted counts before leases are
             // judged: the executor believes in the lease it renewed, so a

@@ -215,6 +215,8 @@ async fn run_validated(
     let event_limits = EventLimits {
         history_events_max: server.watch_history_events_max,
         channel_events_max: server.watch_channel_events_max,
+        catch_up_tasks_max: server.watch_catch_up_tasks_max,
+        catch_up_scanned_tasks_max: server.watch_catch_up_scanned_tasks_max,
     };
     let state_machine = StateMachineStore::open(&db, &config.snapshot_dir(), event_limits)?;
     let peer_acks = PeerAcks::default();

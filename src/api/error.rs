@@ -4,6 +4,7 @@
 use tonic::Status;
 
 use crate::scheduler::{Rejection, RejectionKind};
+use crate::storage::TooFarBehind;
 
 /// The gRPC metadata key that carries the leader's API address when a node
 /// answers `UNAVAILABLE` because it is not the leader.
@@ -25,6 +26,9 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A watch resumes from a revision too old to catch up from.
+    #[error("{0}")]
+    OutOfRange(String),
     /// No quorum, no known leader, or this node is not the leader.
     #[error("{message}")]
     Unavailable { message: String, leader_api_addr: Option<String> },
@@ -56,6 +60,12 @@ impl From<Rejection> for ApiError {
     }
 }
 
+impl From<TooFarBehind> for ApiError {
+    fn from(err: TooFarBehind) -> ApiError {
+        ApiError::OutOfRange(err.to_string())
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         match err {
@@ -63,6 +73,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(message) => Status::not_found(message),
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            ApiError::OutOfRange(message) => Status::out_of_range(message),
             ApiError::Unavailable { message, leader_api_addr } => {
                 let mut status = Status::unavailable(message);
                 if let Some(addr) = leader_api_addr

@@ -275,7 +275,12 @@ impl Tasks for TasksService {
                 self.ctx.config.server.watchers_max
             ))
         })?;
-        let subscription = self.ctx.state_machine.subscribe(message.after_revision);
+        let subscription = self
+            .ctx
+            .state_machine
+            .subscribe(message.after_revision, only)
+            .await
+            .map_err(ApiError::from)?;
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER_EVENTS);
         let shutdown = self.ctx.shutdown.clone();
         let matches = move |event: &TaskEvent| only.is_none_or(|id| event.task.id == id);

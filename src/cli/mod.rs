@@ -273,6 +273,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::NotFound => "not found",
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::ResourceExhausted => "resource exhausted",
+        tonic::Code::OutOfRange => "out of range",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Aborted => "aborted",
@@ -624,7 +625,9 @@ async fn watch(
                 Some(Err(status))
                     if matches!(
                         status.code(),
-                        tonic::Code::InvalidArgument | tonic::Code::NotFound
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::NotFound
+                            | tonic::Code::OutOfRange
                     ) =>
                 {
                     return Err(status_error(status).into());

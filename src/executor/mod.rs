@@ -203,7 +203,7 @@ impl Executor {
             warden,
             slot_permits: Arc::new(Semaphore::new(self.slots as usize)),
         };
-        let mut changes = self.state_machine.subscribe(0).live;
+        let mut changes = self.state_machine.live_events();
         let attempts_max = self.slots as usize + self.prefetch_max() as usize;
         let (done_tx, mut done_rx) = mpsc::channel::<(TaskId, u64)>(attempts_max + 64);
         let heartbeat_interval = Duration::from_millis(self.config.heartbeat_interval_ms);

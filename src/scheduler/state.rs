@@ -209,8 +209,14 @@ impl State {
 
     /// Tasks with an id greater than `after`, in id order.
     pub fn tasks_after(&self, after: Option<TaskId>) -> impl Iterator<Item = &Task> {
+        self.tasks_shared_after(after).map(|task| &**task)
+    }
+
+    /// Tasks with an id greater than `after`, in id order, as the state
+    /// holds them (see [`State::task_shared`]).
+    pub fn tasks_shared_after(&self, after: Option<TaskId>) -> impl Iterator<Item = &Arc<Task>> {
         let start = after.map_or(0, |id| id.0.saturating_add(1));
-        self.tasks.range(TaskId(start)..).map(|(_, task)| &**task)
+        self.tasks.range(TaskId(start)..).map(|(_, task)| task)
     }
 
     /// One page of a filtered listing: the tasks after `after` that

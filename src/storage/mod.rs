@@ -20,7 +20,7 @@ use std::path::Path;
 pub use kv::{Db, MemoryDisk};
 pub use log_store::{AppendedBytes, LogStore};
 pub use snapshot::SnapshotFile;
-pub use state_machine::{EventLimits, StateMachineStore, TaskEvent};
+pub use state_machine::{EventLimits, StateMachineStore, TaskEvent, TooFarBehind};
 
 /// Where a node keeps its log and state.
 #[derive(Clone)]

@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::scheduler::{Response, State, Task};
+use crate::scheduler::{Response, State, Task, TaskId};
 use crate::storage::kv::{self, Batch, Db};
 use crate::storage::snapshot::{self, SnapshotFile};
 
@@ -56,6 +56,12 @@ pub struct EventLimits {
     pub history_events_max: usize,
     /// Events a live watcher may fall behind by before it is dropped.
     pub channel_events_max: usize,
+    /// The most tasks a watcher's catch-up (see [`StateMachineStore::subscribe`])
+    /// may hold: a watcher further behind than that is told to list instead.
+    pub catch_up_tasks_max: usize,
+    /// The most tasks one step of a catch-up looks at while it holds the
+    /// state, which `apply` waits for.
+    pub catch_up_scanned_tasks_max: usize,
 }
 
 /// The state machine. Cheap to clone; clones share everything.
@@ -67,16 +73,62 @@ pub struct StateMachineStore {
 struct Shared {
     snapshot_dir: PathBuf,
     applied: RwLock<Applied>,
-    /// Recent events, oldest first. Locked after `applied` when both are.
-    history: Mutex<VecDeque<Arc<TaskEvent>>>,
+    /// Locked after `applied` when both are.
+    history: Mutex<History>,
     events: broadcast::Sender<Arc<TaskEvent>>,
     limits: EventLimits,
 }
 
-/// Where a watcher starts: the events it missed, then the live channel.
+/// The events published so far.
+struct History {
+    /// Recent events, oldest first.
+    events: VecDeque<Arc<TaskEvent>>,
+    /// The revision up to which every change has been published: a task
+    /// whose revision is at most this one has had its event (or came with
+    /// the state loaded at start), and a greater one's event is still to
+    /// come on the live channel.
+    published_revision: u64,
+}
+
+/// Where a watcher starts: the events it missed, then the live channel,
+/// which carries every event after them and none before.
 pub struct Subscription {
     pub backlog: Vec<Arc<TaskEvent>>,
     pub live: broadcast::Receiver<Arc<TaskEvent>>,
+}
+
+/// A watcher resumes from a revision so old that more tasks changed since
+/// than a catch-up may hold ([`EventLimits::catch_up_tasks_max`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "more than {tasks_max} tasks changed after revision {after_revision}, which is older than the \
+     events this node keeps; list the tasks, then watch with after_revision={resume_revision}"
+)]
+pub struct TooFarBehind {
+    pub after_revision: u64,
+    pub tasks_max: usize,
+    /// A revision to watch from after listing: every change after it will
+    /// be streamed, so a listing made after this answer misses nothing.
+    pub resume_revision: u64,
+}
+
+/// A watcher's catch-up from a revision older than the history: the
+/// current version of every task changed after `after_revision` and up to
+/// `up_to_revision`, gathered in steps that each hold the state for a
+/// bounded walk. Later changes come on the live channel: a task changed
+/// again between steps is left to it, so nothing comes twice or out of
+/// order.
+pub(crate) struct CatchUp {
+    after_revision: u64,
+    up_to_revision: u64,
+    resume_after: Option<TaskId>,
+    events: Vec<Arc<TaskEvent>>,
+}
+
+/// What [`StateMachineStore::start_subscription`] found.
+pub(crate) enum Start {
+    Ready(Subscription),
+    CatchUp(CatchUp, broadcast::Receiver<Arc<TaskEvent>>),
 }
 
 impl StateMachineStore {
@@ -104,10 +156,14 @@ impl StateMachineStore {
             "state machine loaded"
         );
         let (events, _) = broadcast::channel(limits.channel_events_max);
+        let applied_index = applied.last_applied.as_ref().map_or(0, |log_id| log_id.index());
         let shared = Shared {
             snapshot_dir: snapshot_dir.to_owned(),
             applied: RwLock::new(applied),
-            history: Mutex::new(VecDeque::with_capacity(limits.history_events_max)),
+            history: Mutex::new(History {
+                events: VecDeque::with_capacity(limits.history_events_max),
+                published_revision: applied_index,
+            }),
             events,
             limits,
         };
@@ -128,48 +184,115 @@ impl StateMachineStore {
         self.shared.applied.read().expect("state lock poisoned")
     }
 
-    /// Events with a revision greater than `after_revision`, then the live
-    /// stream. With `after_revision` 0, only new events. When the history no
-    /// longer reaches back far enough, the backlog is the current version of
-    /// every task changed since then, in revision order.
-    pub fn subscribe(&self, after_revision: u64) -> Subscription {
+    /// Every event from now on.
+    pub fn live_events(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.shared.events.subscribe()
+    }
+
+    /// Events with a revision greater than `after_revision`, of task `only`
+    /// or of all, then the live stream. With `after_revision` 0, only new
+    /// events. When the history no longer reaches back far enough, the
+    /// backlog is the current version of every task changed since then, in
+    /// revision order, gathered in bounded steps so that `apply` never
+    /// waits long; a watcher so far behind that more than
+    /// [`EventLimits::catch_up_tasks_max`] tasks changed is refused.
+    pub async fn subscribe(
+        &self,
+        after_revision: u64,
+        only: Option<TaskId>,
+    ) -> Result<Subscription, TooFarBehind> {
+        let (mut catch_up, live) = match self.start_subscription(after_revision, only) {
+            Start::Ready(subscription) => return Ok(subscription),
+            Start::CatchUp(catch_up, live) => (catch_up, live),
+        };
+        while !self.catch_up_step(&mut catch_up)? {
+            tokio::task::yield_now().await;
+        }
+        Ok(Subscription { backlog: catch_up.finish(), live })
+    }
+
+    /// Subscribes to the live channel and takes what the history or one
+    /// task's lookup can give at once; otherwise a catch-up to walk.
+    pub(crate) fn start_subscription(&self, after_revision: u64, only: Option<TaskId>) -> Start {
         let applied = self.read();
         let history = self.shared.history.lock().expect("history lock poisoned");
         let live = self.shared.events.subscribe();
-        if after_revision == 0 {
-            return Subscription { backlog: Vec::new(), live };
-        }
-        let applied_index = applied.last_applied.as_ref().map_or(0, |log_id| log_id.index());
-        let history_reaches =
-            history.front().is_some_and(|oldest| oldest.revision <= after_revision + 1);
-        let backlog = if after_revision >= applied_index {
+        let up_to_revision = history.published_revision;
+        let backlog = if after_revision == 0 || after_revision >= up_to_revision {
             Vec::new()
-        } else if history_reaches {
-            history.iter().filter(|event| event.revision > after_revision).cloned().collect()
-        } else {
-            let mut changed: Vec<Arc<TaskEvent>> = applied
+        } else if history.events.front().is_some_and(|oldest| oldest.revision <= after_revision + 1)
+        {
+            let missed = history.events.iter().filter(|event| {
+                event.revision > after_revision && only.is_none_or(|id| event.task.id == id)
+            });
+            missed.cloned().collect()
+        } else if let Some(id) = only {
+            let changed = applied
                 .state
-                .tasks_shared()
-                .filter(|task| task.revision > after_revision)
-                .map(|task| Arc::new(TaskEvent { revision: task.revision, task: task.clone() }))
-                .collect();
-            changed.sort_by_key(|event| (event.revision, event.task.id));
-            changed
+                .task_shared(id)
+                .filter(|task| (after_revision + 1..=up_to_revision).contains(&task.revision));
+            changed.map(|task| Arc::new(TaskEvent::of(task))).into_iter().collect()
+        } else {
+            let catch_up =
+                CatchUp { after_revision, up_to_revision, resume_after: None, events: Vec::new() };
+            return Start::CatchUp(catch_up, live);
         };
-        Subscription { backlog, live }
+        Start::Ready(Subscription { backlog, live })
     }
 
-    fn publish(&self, events: Vec<TaskEvent>) {
+    /// One bounded step of a catch-up; true when it is complete.
+    pub(crate) fn catch_up_step(&self, catch_up: &mut CatchUp) -> Result<bool, TooFarBehind> {
+        let limits = &self.shared.limits;
+        let applied = self.read();
+        let revisions = catch_up.after_revision + 1..=catch_up.up_to_revision;
+        let tasks = applied.state.tasks_shared_after(catch_up.resume_after);
+        for (n_scanned, task) in tasks.enumerate() {
+            if n_scanned == limits.catch_up_scanned_tasks_max.max(1) {
+                return Ok(false);
+            }
+            catch_up.resume_after = Some(task.id);
+            if !revisions.contains(&task.revision) {
+                continue;
+            }
+            if catch_up.events.len() == limits.catch_up_tasks_max {
+                return Err(TooFarBehind {
+                    after_revision: catch_up.after_revision,
+                    tasks_max: limits.catch_up_tasks_max,
+                    resume_revision: catch_up.up_to_revision,
+                });
+            }
+            catch_up.events.push(Arc::new(TaskEvent::of(task)));
+        }
+        Ok(true)
+    }
+
+    fn publish(&self, events: Vec<TaskEvent>, applied_index: u64) {
         let mut history = self.shared.history.lock().expect("history lock poisoned");
         for event in events {
             let event = Arc::new(event);
-            if history.len() == self.shared.limits.history_events_max {
-                history.pop_front();
+            if history.events.len() == self.shared.limits.history_events_max {
+                history.events.pop_front();
             }
-            history.push_back(event.clone());
+            history.events.push_back(event.clone());
             // No receivers is fine: nobody is watching.
             let _ = self.shared.events.send(event);
         }
+        history.published_revision = history.published_revision.max(applied_index);
+    }
+}
+
+impl TaskEvent {
+    /// The task's latest change.
+    fn of(task: &Arc<Task>) -> TaskEvent {
+        TaskEvent { revision: task.revision, task: task.clone() }
+    }
+}
+
+impl CatchUp {
+    /// The events gathered, in revision order.
+    pub(crate) fn finish(mut self) -> Vec<Arc<TaskEvent>> {
+        self.events.sort_by_key(|event| (event.revision, event.task.id));
+        self.events
     }
 }
 
@@ -222,6 +345,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut events = Vec::new();
+        let applied_index;
         {
             let mut applied = self.shared.applied.write().expect("state lock poisoned");
             for (entry, responder) in entries {
@@ -246,8 +370,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 responses.push((responder, response));
             }
+            applied_index = applied.last_applied.as_ref().map_or(0, |log_id| log_id.index());
         }
-        self.publish(events);
+        self.publish(events, applied_index);
         for (responder, response) in responses {
             if let Some(responder) = responder {
                 responder.send(response);
@@ -291,12 +416,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 membership: meta.last_membership.clone(),
             };
             for task in applied.state.tasks_shared().filter(|task| task.revision > previous_index) {
-                events.push(TaskEvent { revision: task.revision, task: task.clone() });
+                events.push(TaskEvent::of(task));
             }
         }
         events.sort_by_key(|event| (event.revision, event.task.id));
         info!(snapshot = ?meta.last_log_id, previous_index, "installed a snapshot");
-        self.publish(events);
+        self.publish(events, meta.last_log_id.as_ref().map_or(0, |log_id| log_id.index()));
         Ok(())
     }
 

@@ -14,19 +14,33 @@ use openraft::{EntryPayload, StorageError};
 use tempfile::TempDir;
 
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
-use crate::scheduler::{Command, TaskSpec};
+use crate::scheduler::{Command, TaskId, TaskSpec};
 use crate::storage::kv::{Db, Tree};
+use crate::storage::state_machine::{Start, Subscription};
 use crate::storage::{EventLimits, LogStore, MemoryDisk, SnapshotFile, StateMachineStore, open_db};
 
-const EVENT_LIMITS: EventLimits = EventLimits { history_events_max: 64, channel_events_max: 64 };
+const EVENT_LIMITS: EventLimits = EventLimits {
+    history_events_max: 64,
+    channel_events_max: 64,
+    catch_up_tasks_max: 1_000,
+    catch_up_scanned_tasks_max: 1_000,
+};
 
 fn open_stores(dir: &std::path::Path) -> io::Result<(LogStore, StateMachineStore)> {
     open_stores_on(&open_db(dir, 16 * 1024 * 1024)?, dir)
 }
 
 fn open_stores_on(db: &Db, dir: &std::path::Path) -> io::Result<(LogStore, StateMachineStore)> {
+    open_stores_with(db, dir, EVENT_LIMITS)
+}
+
+fn open_stores_with(
+    db: &Db,
+    dir: &std::path::Path,
+    limits: EventLimits,
+) -> io::Result<(LogStore, StateMachineStore)> {
     let log_store = LogStore::open(db, 128)?;
-    let state_machine = StateMachineStore::open(db, &dir.join("snapshots"), EVENT_LIMITS)?;
+    let state_machine = StateMachineStore::open(db, &dir.join("snapshots"), limits)?;
     Ok((log_store, state_machine))
 }
 
@@ -101,6 +115,29 @@ fn submit_entry(index: u64, program: &str) -> Entry {
             specs: vec![spec],
         }),
     }
+}
+
+fn cancel_entry(index: u64, id: TaskId) -> Entry {
+    Entry {
+        log_id: LogId::new(openraft::impls::leader_id_adv::LeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command::CancelTask { now_ms: 2, id }),
+    }
+}
+
+async fn apply_entries(state_machine: &mut StateMachineStore, entries: Vec<Entry>) {
+    state_machine
+        .apply(futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None)))))
+        .await
+        .unwrap();
+}
+
+/// The id of the task submitted at `revision`, where every entry from
+/// revision 1 on submitted one task with [`submit_entry`]: ids follow
+/// submission order.
+fn task_at(state_machine: &StateMachineStore, revision: u64) -> TaskId {
+    let applied = state_machine.read();
+    let nth = usize::try_from(revision - 1).unwrap();
+    applied.state.tasks().nth(nth).expect("a task submitted at that revision").id
 }
 
 async fn append_and_wait(log_store: &mut LogStore, entries: Vec<Entry>) {
@@ -374,25 +411,98 @@ async fn an_installed_snapshot_is_the_state_after_a_restart() {
 async fn watchers_resume_from_history_or_from_the_state() {
     let dir = TempDir::new().unwrap();
     let (_, mut state_machine) = open_stores(dir.path()).unwrap();
-    let entries: Vec<Entry> = (1..=100).map(|index| submit_entry(index, "x")).collect();
-    state_machine
-        .apply(futures::stream::iter(entries.into_iter().map(|entry| Ok((entry, None)))))
-        .await
-        .unwrap();
+    apply_entries(&mut state_machine, (1..=100).map(|index| submit_entry(index, "x")).collect())
+        .await;
+    let revisions = |subscription: Subscription| {
+        subscription.backlog.iter().map(|event| event.revision).collect::<Vec<_>>()
+    };
     // History keeps the last 64 events: revisions 37..=100.
-    let from_history = state_machine.subscribe(90);
-    assert_eq!(
-        from_history.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
-        (91..=100).collect::<Vec<_>>()
-    );
+    let from_history = state_machine.subscribe(90, None).await.unwrap();
+    assert_eq!(revisions(from_history), (91..=100).collect::<Vec<_>>());
     // Older than the history: the current state of every task changed since.
-    let from_state = state_machine.subscribe(10);
+    let from_state = state_machine.subscribe(10, None).await.unwrap();
+    assert_eq!(revisions(from_state), (11..=100).collect::<Vec<_>>());
+    assert!(state_machine.subscribe(100, None).await.unwrap().backlog.is_empty());
+    assert!(state_machine.subscribe(0, None).await.unwrap().backlog.is_empty());
+    // One task: looked up, not walked for.
+    let one = task_at(&state_machine, 20);
+    let of_one = state_machine.subscribe(10, Some(one)).await.unwrap();
+    assert_eq!(of_one.backlog.iter().map(|event| event.task.id).collect::<Vec<_>>(), vec![one]);
+    assert!(state_machine.subscribe(20, Some(one)).await.unwrap().backlog.is_empty());
+    let from_history_of_one = state_machine.subscribe(90, Some(task_at(&state_machine, 95)));
+    assert_eq!(revisions(from_history_of_one.await.unwrap()), vec![95]);
+}
+
+/// A catch-up from before the history looks at no more than its bound of
+/// tasks per step, and a task changed again between steps comes once, in
+/// order: from the backlog if the walk had passed it, else from the live
+/// stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_walks_in_bounded_steps_and_leaves_later_changes_to_the_live_stream() {
+    let dir = TempDir::new().unwrap();
+    let limits = EventLimits { catch_up_scanned_tasks_max: 7, ..EVENT_LIMITS };
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (_, mut state_machine) = open_stores_with(&db, dir.path(), limits).unwrap();
+    apply_entries(&mut state_machine, (1..=100).map(|index| submit_entry(index, "x")).collect())
+        .await;
+    let (walked_early, walked_late) = (task_at(&state_machine, 5), task_at(&state_machine, 100));
+    let Start::CatchUp(mut catch_up, mut live) = state_machine.start_subscription(2, None) else {
+        panic!("revision 2 is older than the history");
+    };
+    // Task ids follow submission order: the first step looks at the tasks
+    // of revisions 1..=7.
+    assert!(!state_machine.catch_up_step(&mut catch_up).unwrap());
+    apply_entries(&mut state_machine, vec![cancel_entry(101, walked_early)]).await;
+    apply_entries(&mut state_machine, vec![cancel_entry(102, walked_late)]).await;
+    let mut n_steps = 1;
+    while !state_machine.catch_up_step(&mut catch_up).unwrap() {
+        n_steps += 1;
+    }
+    n_steps += 1;
+    assert_eq!(n_steps, 100_usize.div_ceil(7), "steps of 7 tasks over 100");
+    let backlog = catch_up.finish();
+    // The task changed after the walk passed it comes as it was, then again
+    // live; the one changed before the walk reached it comes only live.
     assert_eq!(
-        from_state.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
-        (11..=100).collect::<Vec<_>>()
+        backlog.iter().map(|event| event.revision).collect::<Vec<_>>(),
+        (3..=99).collect::<Vec<_>>()
     );
-    assert!(state_machine.subscribe(100).backlog.is_empty());
-    assert!(state_machine.subscribe(0).backlog.is_empty());
+    assert!(backlog.iter().all(|event| event.task.id != walked_late));
+    let live_events: Vec<(u64, TaskId)> = (0..2)
+        .map(|_| live.try_recv().map(|event| (event.revision, event.task.id)).unwrap())
+        .collect();
+    assert_eq!(live_events, vec![(101, walked_early), (102, walked_late)]);
+    assert!(live.try_recv().is_err());
+}
+
+/// A watcher so far behind that more tasks changed than a catch-up may hold
+/// is refused with the revision to resume from after listing; one from
+/// within the history, or of one task, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_too_far_behind_is_told_to_list_and_resume() {
+    let dir = TempDir::new().unwrap();
+    let limits = EventLimits {
+        history_events_max: 10,
+        catch_up_tasks_max: 30,
+        catch_up_scanned_tasks_max: 8,
+        ..EVENT_LIMITS
+    };
+    let db = open_db(dir.path(), 16 * 1024 * 1024).unwrap();
+    let (_, mut state_machine) = open_stores_with(&db, dir.path(), limits).unwrap();
+    apply_entries(&mut state_machine, (1..=100).map(|index| submit_entry(index, "x")).collect())
+        .await;
+    // The history keeps revisions 91..=100. Revisions 71..=100 are thirty
+    // tasks: as many as a catch-up may hold.
+    let caught_up = state_machine.subscribe(70, None).await.unwrap();
+    assert_eq!(caught_up.backlog.len(), 30);
+    let err = state_machine.subscribe(69, None).await.err().expect("31 changed tasks");
+    assert_eq!((err.after_revision, err.tasks_max, err.resume_revision), (69, 30, 100));
+    assert!(err.to_string().contains("then watch with after_revision=100"), "{err}");
+    assert!(state_machine.subscribe(1, None).await.is_err());
+    let within = state_machine.subscribe(90, None).await.unwrap();
+    assert_eq!(within.backlog.len(), 10);
+    let one = state_machine.subscribe(1, Some(task_at(&state_machine, 2))).await.unwrap();
+    assert_eq!(one.backlog.len(), 1);
 }
 
 /// The purge point that keeps at most so many bytes behind a snapshot

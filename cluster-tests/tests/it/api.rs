@@ -241,6 +241,71 @@ async fn a_filtered_list_looks_at_a_bounded_number_of_tasks_per_call() -> anyhow
     Ok(())
 }
 
+/// A watch that resumes from a revision older than the events a node keeps
+/// catches up with the current version of every task changed since, in
+/// revision order, up to `watch_catch_up_tasks_max` tasks; further behind,
+/// it is refused with OUT_OF_RANGE and the revision to watch from after
+/// listing. A watch of one task is never refused: it looks the task up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_too_far_behind_is_told_to_list_and_resume() -> anyhow::Result<()> {
+    let (_config_dir, config_arg) = cluster_tests::config_file(
+        "[server]\nwatch_history_events_max = 2\nwatch_catch_up_tasks_max = 4\nwatch_catch_up_scanned_tasks_max = 3\n",
+    )?;
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let mut client = cluster.node_client(1, Duration::from_secs(10))?;
+    let mut tasks = Vec::new();
+    for idx in 0..8 {
+        // Tasks nobody can run, so that each changes once: when submitted.
+        let task_spec = cluster_tests::unplaceable(spec("echo", &[&idx.to_string()], None));
+        tasks.push(submit(&mut client, task_spec).await?.task.unwrap());
+    }
+    // Node 2 has published the last submission: its history reaches it.
+    let last = watch(cluster.api_channel(2).await?, "", tasks[7].revision - 1, 1).await?;
+    assert_eq!(last[0].task.as_ref().unwrap().id, tasks[7].id);
+
+    // Four tasks changed after the fourth submission: as many as allowed.
+    let caught_up = watch(cluster.api_channel(2).await?, "", tasks[3].revision, 4).await?;
+    let ids: Vec<&str> =
+        caught_up.iter().map(|event| event.task.as_ref().unwrap().id.as_str()).collect();
+    assert_eq!(ids, tasks[4..].iter().map(|task| task.id.as_str()).collect::<Vec<_>>());
+    assert!(caught_up.windows(2).all(|pair| pair[0].revision < pair[1].revision));
+
+    // Five: refused, with where to resume.
+    let request =
+        pb::WatchTasksRequest { task_id: String::new(), after_revision: tasks[2].revision };
+    let status = TasksClient::new(cluster.api_channel(2).await?)
+        .watch_tasks(request)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a watch five tasks behind was accepted"))?;
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    let resume_revision: u64 = status
+        .message()
+        .rsplit_once("after_revision=")
+        .and_then(|(_, revision)| revision.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no revision to resume from: {}", status.message()))?;
+    assert!(resume_revision >= tasks[7].revision, "{}", status.message());
+    assert!(status.message().contains("list the tasks"), "{}", status.message());
+
+    // Resuming from there streams what comes next.
+    let next = tokio::spawn(watch(cluster.api_channel(2).await?, "", resume_revision, 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task_spec = cluster_tests::unplaceable(spec("echo", &["next"], None));
+    let submitted = submit(&mut client, task_spec).await?.task.unwrap();
+    assert_eq!(next.await??[0].task.as_ref().unwrap().id, submitted.id);
+
+    // One task, however old the revision: looked up, not refused.
+    let one = watch(cluster.api_channel(3).await?, &tasks[0].id, tasks[0].revision - 1, 1).await?;
+    assert_eq!(one[0].task.as_ref().unwrap().id, tasks[0].id);
+
+    // The CLI says why and exits 1.
+    let after = tasks[2].revision.to_string();
+    let (code, _, stderr) = cluster.cli(&["watch", "--after-revision", &after])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("out of range") && stderr.contains("list the tasks"), "{stderr}");
+    Ok(())
+}
+
 /// `Cluster/Snapshot` builds a snapshot on the node asked, covering all it
 /// had applied, and answers once the file is on disk; the CLI does the same
 /// through `taskraft cluster snapshot`.
