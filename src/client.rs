@@ -7,6 +7,7 @@
 //! endpoint, with a short backoff, until the client's deadline. Every other
 //! status is final. Each attempt carries the per-call timeout.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +179,58 @@ pub fn fresh_idempotency_key(prefix: &str) -> String {
     format!("{prefix}-{now_ns:x}-{:016x}", rand::random::<u64>())
 }
 
+/// Where a watch resumes when its stream breaks, with no gap and no change
+/// shown twice. The events of one command share a revision (the tasks of a
+/// batch submission, for one), so a stream that broke partway through one
+/// revision's events resumes after the revision before it, and the events
+/// of that revision seen already are dropped when they come again. Holds
+/// the ids of one revision's tasks: no more than one command changes.
+#[derive(Debug, Clone, Default)]
+pub struct WatchCursor {
+    /// Every event up to this revision has been seen.
+    complete_revision: u64,
+    /// The revision of the latest event seen.
+    current_revision: u64,
+    /// The tasks seen at `current_revision`.
+    seen_at_current: HashSet<String>,
+}
+
+impl WatchCursor {
+    /// A watch of the events after `revision`.
+    pub fn after(revision: u64) -> WatchCursor {
+        WatchCursor {
+            complete_revision: revision,
+            current_revision: revision,
+            seen_at_current: HashSet::new(),
+        }
+    }
+
+    /// Records an event; false when it was seen before a resume.
+    pub fn admit(&mut self, revision: u64, task_id: &str) -> bool {
+        if revision < self.current_revision {
+            // Not seen: events come in revision order, so a resumed stream
+            // never goes back past the current revision.
+            return true;
+        }
+        if revision > self.current_revision {
+            // A watch of new events only (after 0) wants none before its
+            // first one.
+            self.complete_revision = match self.current_revision {
+                0 => revision.saturating_sub(1),
+                current_revision => current_revision,
+            };
+            self.current_revision = revision;
+            self.seen_at_current.clear();
+        }
+        self.seen_at_current.insert(task_id.to_owned())
+    }
+
+    /// The `after_revision` to resume with.
+    pub fn resume_after(&self) -> u64 {
+        self.complete_revision
+    }
+}
+
 /// Builds a request with the per-attempt deadline set.
 pub fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -193,7 +246,7 @@ mod tests {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-    use super::{Client, request};
+    use super::{Client, WatchCursor, request};
     use crate::api::is_connection_failure;
     use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
 
@@ -204,6 +257,36 @@ mod tests {
                 Ok(HealthClient::new(channel).check(request(message, timeout)).await?.into_inner())
             })
             .await
+    }
+
+    /// A stream broken partway through one revision's events resumes after
+    /// the revision before it and shows each change once.
+    #[test]
+    fn a_watch_resumes_before_a_revision_it_may_have_seen_only_part_of() {
+        let mut cursor = WatchCursor::after(10);
+        assert_eq!(cursor.resume_after(), 10);
+        assert!(cursor.admit(11, "a"));
+        assert_eq!(cursor.resume_after(), 10);
+        // Revision 12 is a batch of three; the stream breaks after two.
+        assert!(cursor.admit(12, "b"));
+        assert!(cursor.admit(12, "c"));
+        assert_eq!(cursor.resume_after(), 11);
+        // Resumed after 11: revision 12 comes again, whole.
+        let replay = [(12, "b"), (12, "c"), (12, "d"), (13, "e")];
+        let admitted: Vec<bool> =
+            replay.iter().map(|(revision, id)| cursor.admit(*revision, id)).collect();
+        assert_eq!(admitted, vec![false, false, true, true]);
+        assert_eq!(cursor.resume_after(), 12);
+        // A task changed again later is a new change.
+        assert!(cursor.admit(14, "b"));
+
+        // A watch of new events only resumes before its first revision,
+        // not with 0, which would skip what came in the meantime.
+        let mut cursor = WatchCursor::after(0);
+        assert!(cursor.admit(40, "x"));
+        assert_eq!(cursor.resume_after(), 39);
+        assert!(cursor.admit(41, "y"));
+        assert_eq!(cursor.resume_after(), 40);
     }
 
     #[tokio::test]

@@ -290,9 +290,18 @@ impl Tasks for TasksService {
         };
         tokio::spawn(async move {
             let _permit = permit;
-            let mut last_revision = message.after_revision;
+            // Every event up to `complete_revision` has been sent. The events
+            // of one command share a revision, so a watcher cut off partway
+            // through `last_revision`'s events resumes after the one before.
+            let start_revision = match message.after_revision {
+                0 => subscription.published_revision,
+                after_revision => after_revision,
+            };
+            let (mut complete_revision, mut last_revision) = (start_revision, start_revision);
             for event in subscription.backlog.iter().filter(|event| matches(event)) {
-                last_revision = event.revision;
+                if event.revision > last_revision {
+                    (complete_revision, last_revision) = (last_revision, event.revision);
+                }
                 if tx.send(Ok(to_pb(event))).await.is_err() {
                     return;
                 }
@@ -309,7 +318,9 @@ impl Tasks for TasksService {
                 };
                 match event {
                     Ok(event) if matches(&event) => {
-                        last_revision = event.revision;
+                        if event.revision > last_revision {
+                            (complete_revision, last_revision) = (last_revision, event.revision);
+                        }
                         if tx.send(Ok(to_pb(&event))).await.is_err() {
                             return;
                         }
@@ -317,7 +328,7 @@ impl Tasks for TasksService {
                     Ok(_) => {}
                     Err(RecvError::Lagged(n_missed)) => {
                         let status = Status::aborted(format!(
-                            "this watcher fell {n_missed} events behind; resume with after_revision={last_revision}"
+                            "this watcher fell {n_missed} events behind; resume with after_revision={complete_revision}"
                         ));
                         let _ = tx.send(Err(status)).await;
                         return;

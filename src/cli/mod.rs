@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context as _, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
-use taskraft::client::{Client, ENDPOINTS_DEFAULT, MESSAGE_BYTES_MAX, request};
+use taskraft::client::{Client, ENDPOINTS_DEFAULT, MESSAGE_BYTES_MAX, WatchCursor, request};
 use taskraft::config::NodeConfig;
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::cluster_client::ClusterClient;
@@ -592,12 +592,14 @@ async fn watch(
     client: &mut Client,
     printer: &Printer,
     id: Option<String>,
-    mut after_revision: u64,
+    after_revision: u64,
     until_terminal: Option<&mut Option<pb::Task>>,
 ) -> Result<ExitCode, Failure> {
     let mut finished = until_terminal;
+    let mut cursor = WatchCursor::after(after_revision);
     loop {
         let task_id = id.clone().unwrap_or_default();
+        let after_revision = cursor.resume_after();
         let stream = client
             .call(|channel, _| {
                 let message = pb::WatchTasksRequest { task_id: task_id.clone(), after_revision };
@@ -610,8 +612,10 @@ async fn watch(
         loop {
             match stream.next().await {
                 Some(Ok(event)) => {
-                    after_revision = after_revision.max(event.revision);
                     let task = event.task.unwrap_or_default();
+                    if !cursor.admit(event.revision, &task.id) {
+                        continue;
+                    }
                     match finished.as_deref_mut() {
                         Some(slot) => {
                             if is_terminal(task.state) {

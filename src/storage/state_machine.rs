@@ -93,6 +93,9 @@ struct History {
 /// Where a watcher starts: the events it missed, then the live channel,
 /// which carries every event after them and none before.
 pub struct Subscription {
+    /// The revision up to which events had been published when the live
+    /// channel was subscribed to: it carries every event after it.
+    pub published_revision: u64,
     pub backlog: Vec<Arc<TaskEvent>>,
     pub live: broadcast::Receiver<Arc<TaskEvent>>,
 }
@@ -208,7 +211,8 @@ impl StateMachineStore {
         while !self.catch_up_step(&mut catch_up)? {
             tokio::task::yield_now().await;
         }
-        Ok(Subscription { backlog: catch_up.finish(), live })
+        let published_revision = catch_up.up_to_revision;
+        Ok(Subscription { published_revision, backlog: catch_up.finish(), live })
     }
 
     /// Subscribes to the live channel and takes what the history or one
@@ -237,7 +241,7 @@ impl StateMachineStore {
                 CatchUp { after_revision, up_to_revision, resume_after: None, events: Vec::new() };
             return Start::CatchUp(catch_up, live);
         };
-        Start::Ready(Subscription { backlog, live })
+        Start::Ready(Subscription { published_revision: up_to_revision, backlog, live })
     }
 
     /// One bounded step of a catch-up; true when it is complete.

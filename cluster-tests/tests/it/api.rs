@@ -306,6 +306,59 @@ async fn a_watch_too_far_behind_is_told_to_list_and_resume() -> anyhow::Result<(
     Ok(())
 }
 
+/// The tasks of one batch share a revision. A watcher that falls behind in
+/// the middle of them is told to resume after the revision before, never
+/// after the batch's own, so resuming as told loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_behind_within_a_batch_resumes_before_it() -> anyhow::Result<()> {
+    let (_config_dir, config_arg) =
+        cluster_tests::config_file("[server]\nwatch_channel_events_max = 2\n")?;
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let mut client = cluster.node_client(1, Duration::from_secs(10))?;
+    submit(&mut client, cluster_tests::unplaceable(spec("echo", &["first"], None))).await?;
+    let request = pb::WatchTasksRequest { task_id: String::new(), after_revision: 0 };
+    let mut stream =
+        TasksClient::new(cluster.api_channel(2).await?).watch_tasks(request).await?.into_inner();
+    // A batch far larger than the watch can buffer while nobody reads it.
+    let specs: Vec<pb::TaskSpec> = (0..1_000)
+        .map(|idx| cluster_tests::unplaceable(spec("echo", &[&idx.to_string()], None)))
+        .collect();
+    let reply = TasksClient::new(cluster.api_channel(1).await?)
+        .submit_tasks(pb::SubmitTasksRequest { specs })
+        .await?
+        .into_inner();
+    let batch: Vec<pb::Task> =
+        reply.results.into_iter().map(|result| result.task.unwrap()).collect();
+    let batch_revision = batch[0].revision;
+    assert!(batch.iter().all(|task| task.revision == batch_revision));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut n_received = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await? {
+            Some(Ok(event)) => {
+                assert_eq!(event.revision, batch_revision);
+                n_received += 1;
+            }
+            Some(Err(status)) => break status,
+            None => anyhow::bail!("the watch ended without falling behind"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(n_received < batch.len(), "{n_received} events and then {status:?}");
+    let resume_revision: u64 = status
+        .message()
+        .rsplit_once("after_revision=")
+        .and_then(|(_, revision)| revision.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no revision to resume from: {}", status.message()))?;
+    assert!(resume_revision < batch_revision, "{}", status.message());
+    let resumed = watch(cluster.api_channel(2).await?, "", resume_revision, batch.len()).await?;
+    let resumed_ids: Vec<&str> =
+        resumed.iter().map(|event| event.task.as_ref().unwrap().id.as_str()).collect();
+    assert_eq!(resumed_ids, batch.iter().map(|task| task.id.as_str()).collect::<Vec<_>>());
+    Ok(())
+}
+
 /// `Cluster/Snapshot` builds a snapshot on the node asked, covering all it
 /// had applied, and answers once the file is on disk; the CLI does the same
 /// through `taskraft cluster snapshot`.
