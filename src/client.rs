@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::api::WATCH_AFTER_REVISION_KEY;
 use crate::api::error::LEADER_HINT_KEY;
 use crate::platform::{Network, Tcp};
 
@@ -205,6 +206,26 @@ impl WatchCursor {
         }
     }
 
+    /// Records where a stream starts, from the metadata of the server's
+    /// response (`x-taskraft-after-revision`). A watch of new changes only
+    /// that breaks before its first event then resumes after the revision
+    /// at which it was subscribed, instead of with 0 ("only new"), which
+    /// would skip the changes made while it was broken. Changes nothing
+    /// once an event was seen, nor when the value is missing or malformed.
+    pub fn started(&mut self, metadata: &tonic::metadata::MetadataMap) {
+        if self.current_revision != 0 {
+            return;
+        }
+        let started_after = metadata
+            .get(WATCH_AFTER_REVISION_KEY)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if let Some(revision) = started_after {
+            self.complete_revision = revision;
+            self.current_revision = revision;
+        }
+    }
+
     /// Records an event; false when it was seen before a resume.
     pub fn admit(&mut self, revision: u64, task_id: &str) -> bool {
         if revision < self.current_revision {
@@ -246,7 +267,7 @@ mod tests {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-    use super::{Client, WatchCursor, request};
+    use super::{Client, WATCH_AFTER_REVISION_KEY, WatchCursor, request};
     use crate::api::is_connection_failure;
     use crate::test_nodes::{node_that_answers, node_that_dies_under_a_call};
 
@@ -262,7 +283,7 @@ mod tests {
     /// A stream broken partway through one revision's events resumes after
     /// the revision before it and shows each change once.
     #[test]
-    fn a_watch_resumes_before_a_revision_it_may_have_seen_only_part_of() {
+    fn a_watch_resumes_before_a_revision_it_may_have_seen_only_part_of() -> anyhow::Result<()> {
         let mut cursor = WatchCursor::after(10);
         assert_eq!(cursor.resume_after(), 10);
         assert!(cursor.admit(11, "a"));
@@ -287,6 +308,35 @@ mod tests {
         assert_eq!(cursor.resume_after(), 39);
         assert!(cursor.admit(41, "y"));
         assert_eq!(cursor.resume_after(), 40);
+
+        // Broken before its first event, it resumes after the revision the
+        // server subscribed it at, named in the response's metadata.
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(WATCH_AFTER_REVISION_KEY, 57.into());
+        let mut cursor = WatchCursor::after(0);
+        cursor.started(&metadata);
+        assert_eq!(cursor.resume_after(), 57);
+        assert!(cursor.admit(60, "z"));
+        assert_eq!(cursor.resume_after(), 57);
+        // The resumed stream's metadata moves nothing.
+        metadata.insert(WATCH_AFTER_REVISION_KEY, 59.into());
+        cursor.started(&metadata);
+        assert_eq!(cursor.resume_after(), 57);
+        assert!(!cursor.admit(60, "z"));
+
+        // A missing or malformed value leaves a watch of new changes only.
+        for value in [None, Some("-3"), Some("fifty")] {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            if let Some(value) = value {
+                metadata.insert(WATCH_AFTER_REVISION_KEY, value.parse()?);
+            }
+            let mut cursor = WatchCursor::after(0);
+            cursor.started(&metadata);
+            assert_eq!(cursor.resume_after(), 0, "{value:?}");
+            assert!(cursor.admit(40, "x"));
+            assert_eq!(cursor.resume_after(), 39);
+        }
+        Ok(())
     }
 
     #[tokio::test]

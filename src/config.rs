@@ -284,7 +284,10 @@ pub struct ServerLimits {
     /// The most tasks one step of that catch-up looks at while it holds
     /// the state.
     pub watch_catch_up_scanned_tasks_max: usize,
+    /// The page size of a `ListTasks` call that names none.
     pub list_page_size_default: u32,
+    /// The largest page of one `ListTasks` call; a larger page asked for is
+    /// cut to it.
     pub list_page_size_max: u32,
     /// The most tasks one `ListTasks` call looks at while it holds the
     /// state: a filter that few tasks pass returns a short (even empty)

@@ -47,6 +47,11 @@ const QUORUM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// The metadata key that marks a request forwarded by another node.
 pub const FORWARDED_KEY: &str = "x-taskraft-forwarded-by";
 
+/// The metadata key of a `WatchTasks` response that names the revision its
+/// stream starts after: the request's `after_revision`, or for a watch of new
+/// changes only (0) the revision at which the node subscribed it.
+pub const WATCH_AFTER_REVISION_KEY: &str = "x-taskraft-after-revision";
+
 /// What the services of one node share.
 pub struct Context {
     pub node_id: NodeId,

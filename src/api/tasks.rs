@@ -9,13 +9,14 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
 use crate::api::convert::{parse_task_id, spec_from_pb, state_from_pb, task_to_pb};
 use crate::api::error::ApiError;
-use crate::api::{Context, Routed};
+use crate::api::{Context, Routed, WATCH_AFTER_REVISION_KEY};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::tasks_client::TasksClient;
 use crate::proto::taskraft_v1::tasks_server::Tasks;
@@ -195,15 +196,13 @@ impl Tasks for TasksService {
             ),
         };
         let server = &self.ctx.config.server;
-        if message.page_size > server.list_page_size_max {
-            return Err(ApiError::InvalidArgument(format!(
-                "page size {} is more than the limit of {}",
-                message.page_size, server.list_page_size_max
-            ))
-            .into());
-        }
-        let page_size =
-            if message.page_size == 0 { server.list_page_size_default } else { message.page_size };
+        // A page larger than the limit is cut to it, not refused (as Google's
+        // AIP-158 asks), so a client need not know this node's limit: the
+        // page comes back short, with a token to go on.
+        let page_size = match message.page_size {
+            0 => server.list_page_size_default,
+            page_size => page_size.min(server.list_page_size_max),
+        };
         let stale = message.stale;
         let routed = self.read_route(request, stale, |channel, req| async move {
             TasksClient::new(channel).list_tasks(req).await
@@ -288,15 +287,18 @@ impl Tasks for TasksService {
             revision: event.revision,
             task: Some(task_to_pb(&event.task)),
         };
+        // The stream carries every change after `start_revision`; a watch of
+        // new changes only learns it from the response's metadata, so it can
+        // resume with no gap even when it broke before its first event.
+        let start_revision = match message.after_revision {
+            0 => subscription.published_revision,
+            after_revision => after_revision,
+        };
         tokio::spawn(async move {
             let _permit = permit;
             // Every event up to `complete_revision` has been sent. The events
             // of one command share a revision, so a watcher cut off partway
             // through `last_revision`'s events resumes after the one before.
-            let start_revision = match message.after_revision {
-                0 => subscription.published_revision,
-                after_revision => after_revision,
-            };
             let (mut complete_revision, mut last_revision) = (start_revision, start_revision);
             for event in subscription.backlog.iter().filter(|event| matches(event)) {
                 if event.revision > last_revision {
@@ -337,6 +339,10 @@ impl Tasks for TasksService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream);
+        response
+            .metadata_mut()
+            .insert(WATCH_AFTER_REVISION_KEY, MetadataValue::from(start_revision));
+        Ok(response)
     }
 }

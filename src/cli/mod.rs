@@ -608,6 +608,7 @@ async fn watch(
             })
             .await
             .map_err(status_error)?;
+        cursor.started(stream.metadata());
         let mut stream = stream.into_inner();
         loop {
             match stream.next().await {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cluster_tests::{TestCluster, spec, submit};
 use futures::StreamExt;
+use taskraft::client::WatchCursor;
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 use tonic::transport::Channel;
@@ -210,6 +211,13 @@ async fn a_filtered_list_looks_at_a_bounded_number_of_tasks_per_call() -> anyhow
         .into_inner();
     assert_eq!(page.tasks.len(), 4);
     assert_eq!(page.next_page_token, ids[3]);
+    // A page larger than the limit is cut to it, not refused.
+    let page = TasksClient::new(cluster.api_channel(1).await?)
+        .list_tasks(list("", 50, String::new()))
+        .await?
+        .into_inner();
+    assert_eq!(page.tasks.len(), 4);
+    assert_eq!(page.next_page_token, ids[3]);
 
     // The CLI asks on until the page of two is full, and says where to go on.
     let (code, stdout, stderr) =
@@ -238,6 +246,11 @@ async fn a_filtered_list_looks_at_a_bounded_number_of_tasks_per_call() -> anyhow
     ])?;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    // The CLI's default page (100) is more than this cluster's limit of 4:
+    // it is filled across calls.
+    let (code, stdout, stderr) = cluster.cli(&["--output", "json", "list", "--queue", "common"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.lines().count(), 9, "{stdout}");
     Ok(())
 }
 
@@ -356,6 +369,42 @@ async fn a_watcher_behind_within_a_batch_resumes_before_it() -> anyhow::Result<(
     let resumed_ids: Vec<&str> =
         resumed.iter().map(|event| event.task.as_ref().unwrap().id.as_str()).collect();
     assert_eq!(resumed_ids, batch.iter().map(|task| task.id.as_str()).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// A watch of new changes only that breaks before its first event resumes
+/// after the revision at which the node subscribed it, named in the
+/// response's metadata, so the changes made while it was broken still come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_watch_broken_before_its_first_event_resumes_without_a_gap() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.node_client(1, Duration::from_secs(10))?;
+    let before =
+        submit(&mut client, cluster_tests::unplaceable(spec("echo", &["before"], None))).await?;
+    let before = before.task.unwrap();
+    cluster.wait_for_applied(2, before.revision, Duration::from_secs(10)).await?;
+
+    let request = pb::WatchTasksRequest { task_id: String::new(), after_revision: 0 };
+    let response = TasksClient::new(cluster.api_channel(2).await?).watch_tasks(request).await?;
+    let mut cursor = WatchCursor::after(0);
+    cursor.started(response.metadata());
+    assert!(
+        cursor.resume_after() >= before.revision,
+        "subscribed after {} though task {} changed at {}",
+        cursor.resume_after(),
+        before.id,
+        before.revision
+    );
+    // The stream breaks with no event received; a task comes meanwhile.
+    drop(response);
+    let during =
+        submit(&mut client, cluster_tests::unplaceable(spec("echo", &["during"], None))).await?;
+    let during = during.task.unwrap();
+
+    let resumed = watch(cluster.api_channel(3).await?, "", cursor.resume_after(), 1).await?;
+    let task = resumed[0].task.as_ref().unwrap();
+    assert_eq!((resumed[0].revision, task.id.as_str()), (during.revision, during.id.as_str()));
+    assert!(cursor.admit(resumed[0].revision, &task.id));
     Ok(())
 }
 
