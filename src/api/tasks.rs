@@ -319,7 +319,10 @@ impl Tasks for TasksService {
                     event = live.recv() => event,
                 };
                 match event {
-                    Ok(event) if matches(&event) => {
+                    // A node behind the revision asked for (a resume on a
+                    // follower that has not yet applied what the watcher saw
+                    // elsewhere) would otherwise send changes at or before it.
+                    Ok(event) if matches(&event) && event.revision > start_revision => {
                         if event.revision > last_revision {
                             (complete_revision, last_revision) = (last_revision, event.revision);
                         }

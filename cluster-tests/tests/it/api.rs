@@ -408,6 +408,41 @@ async fn a_live_watch_broken_before_its_first_event_resumes_without_a_gap() -> a
     Ok(())
 }
 
+/// A watch sends only changes after the revision asked for, even from a
+/// node that has not yet applied that far, as a node that a watcher resumes
+/// on after seeing later changes elsewhere may not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_ahead_of_its_node_sends_only_later_changes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.node_client(1, Duration::from_secs(10))?;
+    let first =
+        submit(&mut client, cluster_tests::unplaceable(spec("echo", &["first"], None))).await?;
+    let after_revision = first.task.unwrap().revision + 3;
+    let request = pb::WatchTasksRequest { task_id: String::new(), after_revision };
+    let mut stream =
+        TasksClient::new(cluster.api_channel(2).await?).watch_tasks(request).await?.into_inner();
+    // Each submission commits at a revision of its own.
+    let mut later = None;
+    while later.is_none() {
+        let task_spec = cluster_tests::unplaceable(spec("echo", &["next"], None));
+        let task = submit(&mut client, task_spec).await?.task.unwrap();
+        if task.revision > after_revision {
+            later = Some(task);
+        }
+    }
+    let later = later.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the watch ended early"))??;
+    let task = event.task.unwrap();
+    assert_eq!(
+        (event.revision, task.id.as_str()),
+        (later.revision, later.id.as_str()),
+        "the first event of a watch after revision {after_revision}"
+    );
+    Ok(())
+}
+
 /// `Cluster/Snapshot` builds a snapshot on the node asked, covering all it
 /// had applied, and answers once the file is on disk; the CLI does the same
 /// through `taskraft cluster snapshot`.
