@@ -229,9 +229,11 @@ impl WatchCursor {
     /// Records an event; false when it was seen before a resume.
     pub fn admit(&mut self, revision: u64, task_id: &str) -> bool {
         if revision < self.current_revision {
-            // Not seen: events come in revision order, so a resumed stream
-            // never goes back past the current revision.
-            return true;
+            // Seen: nothing lies between the last two revisions seen, so an
+            // event before the current one is at or before the complete
+            // revision. A resumed stream starts after that, though an older
+            // server resumed on a node that lags could send them again.
+            return false;
         }
         if revision > self.current_revision {
             // A watch of new events only (after 0) wants none before its
@@ -300,6 +302,9 @@ mod tests {
         assert_eq!(cursor.resume_after(), 12);
         // A task changed again later is a new change.
         assert!(cursor.admit(14, "b"));
+        // A change at or before a revision seen whole is a repeat.
+        assert!(!cursor.admit(12, "d"));
+        assert!(!cursor.admit(11, "a"));
 
         // A watch of new events only resumes before its first revision,
         // not with 0, which would skip what came in the meantime.
