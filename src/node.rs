@@ -81,6 +81,15 @@ fn raft_config(config: &NodeConfig) -> Result<openraft::Config, NodeError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_after_entries),
         max_in_snapshot_log_to_keep: timings.snapshot_keep_entries,
         enable_pre_vote: Some(true),
+        // A leader that restarts must win an election in a new term, not take
+        // up its old term again (openraft's default). Restored in its old
+        // term, it reads at the commit index it had persisted, which lags
+        // what it had acknowledged, so a linearizable read just after a
+        // restart of the whole cluster missed acknowledged tasks; and an
+        // entry it had sent but lost in a power cut could be replaced by a
+        // new one with the same log id, which a follower that kept the old
+        // one would never truncate. A new term's blank entry fixes both.
+        enable_leader_restore: Some(false),
         backoff: timings.replication_backoff(),
         ..openraft::Config::default()
     };

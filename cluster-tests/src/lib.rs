@@ -17,6 +17,7 @@
 pub mod checker;
 pub mod history;
 pub mod netns;
+pub mod power_cut;
 pub mod seeded;
 pub mod sim;
 pub mod workload;
@@ -102,6 +103,8 @@ pub struct TestCluster {
     binary: PathBuf,
     pub nodes: Vec<TestNode>,
     initial_cluster: String,
+    /// Where the nodes' data directories are.
+    data_root: PathBuf,
     extra_args: Vec<String>,
     /// The namespaces the nodes run in, when the cluster was started in
     /// them; one more than the initial nodes, for a node that joins.
@@ -113,7 +116,18 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n_nodes` nodes on 127.0.0.1 that form a new cluster, and waits for a leader.
     pub async fn start(n_nodes: usize, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
-        TestCluster::start_with(n_nodes, extra_args, false, binary()?).await
+        TestCluster::start_with(n_nodes, extra_args, false, None, binary()?).await
+    }
+
+    /// Like [`TestCluster::start`], with the nodes' data directories under
+    /// `data_root` (a [`power_cut::PowerCutDisk`], say); their logs stay in
+    /// the cluster's temporary directory.
+    pub async fn start_with_data_in(
+        n_nodes: usize,
+        extra_args: &[&str],
+        data_root: &Path,
+    ) -> anyhow::Result<TestCluster> {
+        TestCluster::start_with(n_nodes, extra_args, false, Some(data_root), binary()?).await
     }
 
     /// Like [`TestCluster::start`], each node in a network namespace of its
@@ -122,18 +136,20 @@ impl TestCluster {
         n_nodes: usize,
         extra_args: &[&str],
     ) -> anyhow::Result<TestCluster> {
-        TestCluster::start_with(n_nodes, extra_args, true, binary()?).await
+        TestCluster::start_with(n_nodes, extra_args, true, None, binary()?).await
     }
 
     async fn start_with(
         n_nodes: usize,
         extra_args: &[&str],
         in_netns: bool,
+        data_root: Option<&Path>,
         binary: PathBuf,
     ) -> anyhow::Result<TestCluster> {
         let serial = CLUSTER_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64 + 1)?) } else { None };
         let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
+        let data_root = data_root.unwrap_or(dir.path()).to_path_buf();
         let ports = free_ports(n_nodes * 2)?;
         let addr = |idx: usize, port_idx: usize| match &netns {
             Some(netns) => format!("{}:{}", netns.ip(idx as u64 + 1), [7001, 7101][port_idx]),
@@ -146,7 +162,7 @@ impl TestCluster {
                     id,
                     api_addr: addr(idx, 0),
                     raft_addr: addr(idx, 1),
-                    data_dir: dir.path().join(format!("node{id}")),
+                    data_dir: data_root.join(format!("node{id}")),
                     log_path: dir.path().join(format!("node{id}.log")),
                     joins: false,
                     child: None,
@@ -162,6 +178,7 @@ impl TestCluster {
             binary,
             nodes,
             initial_cluster,
+            data_root,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             netns,
             dir,
@@ -241,7 +258,7 @@ impl TestCluster {
             id,
             api_addr,
             raft_addr,
-            data_dir: self.dir.path().join(format!("node{id}")),
+            data_dir: self.data_root.join(format!("node{id}")),
             log_path: self.dir.path().join(format!("node{id}.log")),
             joins: true,
             child: None,
@@ -274,6 +291,21 @@ impl TestCluster {
         let mut child = node.child.take().ok_or_else(|| anyhow!("node {id} is not running"))?;
         child.kill()?;
         child.wait()?;
+        Ok(())
+    }
+
+    /// SIGKILL to every running node at once, by child handle, then waits
+    /// for them all: no node outlives another by more than the signals'
+    /// delivery, as in a power cut.
+    pub fn kill_all(&mut self) -> anyhow::Result<()> {
+        let mut children: Vec<Child> =
+            self.nodes.iter_mut().filter_map(|node| node.child.take()).collect();
+        for child in &mut children {
+            child.kill()?;
+        }
+        for child in &mut children {
+            child.wait()?;
+        }
         Ok(())
     }
 

@@ -8,5 +8,6 @@ mod execution;
 mod failover;
 mod membership;
 mod nemesis;
+mod power_cut;
 mod replication;
 mod simulation;
