@@ -11,6 +11,9 @@
 //!   time, beyond a tolerance. Must be empty.
 //! - **accepted stale completions**: a result the cluster recorded for an
 //!   attempt that ended after a newer attempt had been assigned. Must be empty.
+//! - **missed reads**: linearizable reads that found no task where a
+//!   submission acknowledged before the read began had made one. Must be
+//!   empty.
 //! - **failover gaps**: from each fault aimed at the leader to the next
 //!   acknowledged operation: p50, p99 and max.
 //! - **liveness after heal**: every task terminal by the final read, and
@@ -20,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use crate::history::{Event, FinalAttempt};
+use crate::history::{Event, FinalAttempt, SUBMIT};
 
 #[derive(Debug, Clone)]
 pub struct CheckerConfig {
@@ -58,6 +61,9 @@ pub struct Report {
     pub duplicated: BTreeMap<String, bool>,
     pub overlapping: Vec<String>,
     pub stale_accepted: Vec<String>,
+    /// Tasks a linearizable read did not find, although their submission
+    /// had been acknowledged before the read was invoked.
+    pub missed_reads: Vec<String>,
     /// Milliseconds from each fault on the leader to the next acknowledged operation.
     pub failover_gaps_ms: Vec<u64>,
     /// Tasks not terminal at the final read.
@@ -84,6 +90,7 @@ impl Report {
             && self.unexplained_duplicates().is_empty()
             && self.overlapping.is_empty()
             && self.stale_accepted.is_empty()
+            && self.missed_reads.is_empty()
             && self.liveness_ok()
     }
 
@@ -138,6 +145,12 @@ impl fmt::Display for Report {
             verdict(self.stale_accepted.is_empty()),
             self.stale_accepted
         )?;
+        writeln!(
+            f,
+            "missed reads:              {} {:?}",
+            verdict(self.missed_reads.is_empty()),
+            self.missed_reads
+        )?;
         match (self.failover_percentile_ms(50.0), self.failover_percentile_ms(99.0)) {
             (Some(p50), Some(p99)) => writeln!(
                 f,
@@ -182,16 +195,34 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     let mut leader_faults = Vec::new();
     let mut ok_times = Vec::new();
     let (mut heal_ns, mut scan_ns) = (None, None);
+    // When each submission was acknowledged, and each read invoked.
+    let mut acknowledged_ns: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reads_invoked_ns: BTreeMap<(u64, String), u64> = BTreeMap::new();
 
     for event in events {
         match event {
-            Event::Invoke { key, .. } => {
-                invoked_keys.insert(key.clone());
+            Event::Invoke { process, f, key, time_ns } => {
+                if f == SUBMIT {
+                    invoked_keys.insert(key.clone());
+                } else {
+                    reads_invoked_ns.insert((*process, key.clone()), *time_ns);
+                }
             }
-            Event::Ok { key, task_id, time_ns, .. } => {
+            Event::Ok { f, key, task_id, time_ns, .. } if f == SUBMIT => {
                 ok_times.push(*time_ns);
                 if let Some(task_id) = task_id {
                     acknowledged.insert(task_id.clone(), key.clone());
+                    acknowledged_ns.entry(task_id.clone()).or_insert(*time_ns);
+                }
+            }
+            Event::Ok { process, key, task_id, .. } => {
+                // A read of task `key`, which found nothing.
+                let invoked_ns = reads_invoked_ns.get(&(*process, key.clone()));
+                let acknowledged_before = acknowledged_ns
+                    .get(key)
+                    .is_some_and(|acked| invoked_ns.is_some_and(|invoked| acked < invoked));
+                if task_id.is_none() && acknowledged_before {
+                    report.missed_reads.push(key.clone());
                 }
             }
             Event::Fail { .. } | Event::Info { .. } => {}

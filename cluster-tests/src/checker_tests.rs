@@ -20,6 +20,14 @@ fn ok(key: &str, task: &str, at_ms: u64) -> Event {
         time_ns: at_ms * MS,
     }
 }
+fn read_invoke(task: &str, at_ms: u64) -> Event {
+    Event::Invoke { process: 1, f: "read".into(), key: task.into(), time_ns: at_ms * MS }
+}
+/// A read of `task` that found it or not.
+fn read_ok(task: &str, found: bool, at_ms: u64) -> Event {
+    let task_id = found.then(|| task.to_owned());
+    Event::Ok { process: 1, f: "read".into(), key: task.into(), task_id, time_ns: at_ms * MS }
+}
 fn start(task: &str, token: u64, node: u64, at_ms: u64) -> Event {
     Event::ExecStart { task_id: task.into(), attempt: 1, token, node, time_ns: at_ms * MS }
 }
@@ -52,6 +60,11 @@ fn good() -> Vec<Event> {
         start("2", 6, 1, 31),
         Event::Nemesis { f: "kill".into(), nodes: vec![1], leader: true, time_ns: 100 * MS },
         invoke("c", 150),
+        // Task 3 is not acknowledged yet when this read begins: nothing to find.
+        read_invoke("3", 160),
+        read_ok("3", false, 170),
+        read_invoke("1", 180),
+        read_ok("1", true, 190),
         ok("c", "3", 900),
         start("2", 9, 2, 4_200),
         end("2", 9, 2, 4_300),
@@ -90,6 +103,7 @@ fn only(report: &Report, violated: &str) {
         ("duplicated", report.unexplained_duplicates().is_empty()),
         ("overlapping", report.overlapping.is_empty()),
         ("stale", report.stale_accepted.is_empty()),
+        ("missed", report.missed_reads.is_empty()),
         ("liveness", report.liveness_ok()),
     ];
     for (name, holds) in checks {
@@ -254,6 +268,15 @@ fn an_unfinished_task_or_a_late_final_read_fails_liveness() {
     let report = run(&events);
     assert_eq!(report.heal_to_scan_ms, Some(15_000));
     only(&report, "liveness");
+}
+
+#[test]
+fn a_read_that_misses_an_acknowledged_task_is_caught() {
+    let mut events = good();
+    events.extend([read_invoke("2", 950), read_ok("2", false, 960)]);
+    let report = run(&events);
+    assert_eq!(report.missed_reads, vec!["2"]);
+    only(&report, "missed");
 }
 
 #[test]

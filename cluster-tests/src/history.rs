@@ -106,12 +106,15 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Event>> {
     Ok(events)
 }
 
+/// The `f` of a submission.
+pub const SUBMIT: &str = "submit";
+
 /// The ids of the tasks whose submission was acknowledged, in order.
 pub fn acknowledged(events: &[Event]) -> Vec<String> {
     events
         .iter()
         .filter_map(|event| match event {
-            Event::Ok { task_id, .. } => task_id.clone(),
+            Event::Ok { f, task_id, .. } if f == SUBMIT => task_id.clone(),
             _ => None,
         })
         .collect()

@@ -41,7 +41,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::checker::{CheckerConfig, Report, check};
 use crate::history::{self, Event, HistoryWriter};
 use crate::seeded::SplitMix64;
-use crate::workload::{record_final_read, submit_recorded, wait_until_all_finished};
+use crate::workload::{read_recorded, record_final_read, submit_recorded, wait_until_all_finished};
 
 /// Simulated time starts here (2026-01-01T00:00:00Z), so that times in the
 /// history look like times.
@@ -528,7 +528,16 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
     )?;
     let mut rng = SplitMix64::new(seed ^ 0x10ad);
     let mut n_submitted: u64 = 0;
+    let mut last_acknowledged: Option<String> = None;
     while !run.stop.load(Ordering::Relaxed) {
+        // Half the time, first a linearizable read of the last task this
+        // client had acknowledged: after a fault (every node crashing, say)
+        // it is often the first call to reach the cluster.
+        if let Some(task_id) = &last_acknowledged
+            && rng.below(2) == 0
+        {
+            read_recorded(&mut client, history, process, task_id).await;
+        }
         let key = format!("{process}-{n_submitted}");
         n_submitted += 1;
         // Some tasks outlive a lease (3 s) and its grace, so faults catch them.
@@ -549,7 +558,9 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
             spec.schedule = Some(pb::task_spec::Schedule::DelayMs(200 + rng.below(2_000)));
         }
         // Failures are in the history as `info`; only acks count.
-        let _ = submit_recorded(&mut client, history, process, vec![spec]).await;
+        if let Ok(ids) = submit_recorded(&mut client, history, process, vec![spec]).await {
+            last_acknowledged = ids.last().cloned().or(last_acknowledged);
+        }
         tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
     }
     run.n_stopped.fetch_add(1, Ordering::Relaxed);

@@ -25,7 +25,7 @@ pub async fn submit_recorded(
     for key in &keys {
         history.record(&Event::Invoke {
             process,
-            f: "submit".into(),
+            f: history::SUBMIT.into(),
             key: key.clone(),
             time_ns: history.now_ns(),
         });
@@ -35,7 +35,7 @@ pub async fn submit_recorded(
             for (key, id) in keys.iter().zip(&ids) {
                 let ok = Event::Ok {
                     process,
-                    f: "submit".into(),
+                    f: history::SUBMIT.into(),
                     key: key.clone(),
                     task_id: Some(id.clone()),
                     time_ns: history.now_ns(),
@@ -49,7 +49,7 @@ pub async fn submit_recorded(
             for key in &keys {
                 let info = Event::Info {
                     process,
-                    f: "submit".into(),
+                    f: history::SUBMIT.into(),
                     key: key.clone(),
                     error: err.to_string(),
                     time_ns: history.now_ns(),
@@ -59,6 +59,36 @@ pub async fn submit_recorded(
             Err(err)
         }
     }
+}
+
+/// Reads one task linearizably, recording the read: `ok` with the task's id
+/// when it is there, `ok` without one when the cluster says there is no such
+/// task, `info` when the read failed.
+pub async fn read_recorded(
+    client: &mut Client,
+    history: &HistoryWriter,
+    process: u64,
+    task_id: &str,
+) {
+    let (f, key) = ("read".to_owned(), task_id.to_owned());
+    history.record(&Event::Invoke {
+        process,
+        f: f.clone(),
+        key: key.clone(),
+        time_ns: history.now_ns(),
+    });
+    let event = match get(client, task_id, false).await {
+        Ok(task) => {
+            Event::Ok { process, f, key, task_id: Some(task.id), time_ns: history.now_ns() }
+        }
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            Event::Ok { process, f, key, task_id: None, time_ns: history.now_ns() }
+        }
+        Err(status) => {
+            Event::Info { process, f, key, error: status.to_string(), time_ns: history.now_ns() }
+        }
+    };
+    history.record(&event);
 }
 
 /// Reads every task linearizably and records it as the history's final state.
