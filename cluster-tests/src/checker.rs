@@ -8,7 +8,9 @@
 //! - **duplicated executions**: tasks that executed more than once. Counted;
 //!   allowed only where the earlier attempt was lost (its lease expired).
 //! - **overlapping attempts**: two attempts of one task running at the same
-//!   time, beyond a tolerance. Must be empty.
+//!   time, beyond a tolerance. Must be empty. An attempt that did not log
+//!   its end ended when the harness saw its last process gone (`exec-gone`),
+//!   or else within one tick of its last `exec-alive`.
 //! - **accepted stale completions**: a result the cluster recorded for an
 //!   attempt that ended after a newer attempt had been assigned. Must be empty.
 //! - **missed reads**: linearizable reads that found no task where a
@@ -180,6 +182,8 @@ struct Execution {
     end_ns: Option<u64>,
     /// The last `exec-alive`, for tasks that tick.
     alive_ns: Option<u64>,
+    /// When the harness saw its last process gone (`exec-gone`).
+    gone_ns: Option<u64>,
 }
 
 pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
@@ -198,6 +202,8 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     // When each submission was acknowledged, and each read invoked.
     let mut acknowledged_ns: BTreeMap<String, u64> = BTreeMap::new();
     let mut reads_invoked_ns: BTreeMap<(u64, String), u64> = BTreeMap::new();
+    // Attempts the harness saw gone, by task and token.
+    let mut gone_ns: BTreeMap<(String, u64), u64> = BTreeMap::new();
 
     for event in events {
         match event {
@@ -241,6 +247,10 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 run.node = *node;
                 run.end_ns = Some(*time_ns);
             }
+            Event::ExecGone { task_id, token, time_ns, .. } => {
+                let gone = gone_ns.entry((task_id.clone(), *token)).or_insert(*time_ns);
+                *gone = (*gone).min(*time_ns);
+            }
             Event::Nemesis { f, nodes, leader, time_ns } => {
                 // `kill`, `kill-leader`, `kill-task-node`, `restart-all`, ...
                 if f.starts_with("kill") || f == "restart-all" {
@@ -255,6 +265,13 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 finals.insert(task_id.clone(), (key.clone(), state.clone(), attempts.clone()));
             }
             Event::Scan { time_ns } => scan_ns = Some(*time_ns),
+        }
+    }
+    // Only for runs that started: a process killed before it logged its
+    // start left nothing to overlap with.
+    for ((task_id, token), gone) in gone_ns {
+        if let Some(run) = executions.get_mut(&task_id).and_then(|runs| runs.get_mut(&token)) {
+            run.gone_ns = Some(gone);
         }
     }
     report.n_acknowledged = acknowledged.len();
@@ -290,12 +307,15 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
             });
             report.duplicated.insert(task_id.clone(), explained);
         }
-        // The end of an execution that did not log one. The task's own ticks
-        // say best: within one tick of the last. Without ticks: when the
-        // cluster saw it end, or when its node was killed, or never.
+        // The end of an execution that did not log one. The harness's
+        // witness says best: it saw the last process go (and no tick can
+        // come later). Without it, the task's own ticks: within one tick of
+        // the last. Without ticks: when the cluster saw it end, or when its
+        // node was killed, or never.
         let alive_ns = config.alive_interval.as_nanos() as u64;
         let end_of = |token: u64, run: &Execution| {
             run.end_ns
+                .or(run.gone_ns.map(|gone| gone.max(run.alive_ns.unwrap_or(0))))
                 .or(run.alive_ns.map(|last| last + alive_ns))
                 .or_else(|| {
                     attempts

@@ -180,31 +180,73 @@ fn overlapping_attempts_are_caught_beyond_the_tolerance() {
 fn a_killed_run_that_kept_ticking_overlaps_even_if_the_cluster_says_it_ended() {
     // Task 2's first run left no end, but ticked until long after the
     // cluster gave up on it (4 100 ms) and the second run began (4 200 ms).
-    let mut events = good();
-    for at_ms in (1_000..=4_600).step_by(100) {
-        events.push(Event::ExecAlive {
-            task_id: "2".into(),
-            attempt: 1,
-            token: 6,
-            node: 1,
-            time_ns: at_ms * MS,
-        });
-    }
-    let report = run(&events);
+    let report = run(&ticking_until(4_600));
     assert_eq!(report.overlapping, vec!["2"]);
     only(&report, "overlapping");
     // Ticks that stop before the second run began are fine.
+    assert!(run(&ticking_until(4_000)).valid());
+    // A witness that saw it gone before its last tick cannot hide the tick.
+    let mut events = ticking_until(4_600);
+    events.push(gone("2", 6, 1, 4_150));
+    assert_eq!(run(&events).overlapping, vec!["2"]);
+}
+
+fn alive(task: &str, token: u64, node: u64, at_ms: u64) -> Event {
+    Event::ExecAlive { task_id: task.into(), attempt: 1, token, node, time_ns: at_ms * MS }
+}
+fn gone(task: &str, token: u64, node: u64, at_ms: u64) -> Event {
+    Event::ExecGone { task_id: task.into(), token, node, time_ns: at_ms * MS }
+}
+
+/// The good history, with task 2's first run ticking every 100 ms until
+/// `last_tick_ms`, from 1 000 ms on.
+fn ticking_until(last_tick_ms: u64) -> Vec<Event> {
     let mut events = good();
-    for at_ms in (1_000..=4_000).step_by(100) {
-        events.push(Event::ExecAlive {
-            task_id: "2".into(),
-            attempt: 1,
-            token: 6,
-            node: 1,
-            time_ns: at_ms * MS,
-        });
-    }
+    let ticks = (1_000..=last_tick_ms).rev().step_by(100);
+    events.extend(ticks.map(|at_ms| alive("2", 6, 1, at_ms)));
+    events
+}
+
+#[test]
+fn a_run_seen_gone_just_after_its_last_tick_does_not_overlap_a_quick_retry() {
+    // Task 2's first run was killed just after its tick at 4 150 ms, and
+    // its retry began at 4 200 ms (an executor that fences an attempt
+    // reports it lost at once). Ticks alone allow it to have lived until
+    // 4 250 ms.
+    let report = run(&ticking_until(4_150));
+    assert_eq!(report.overlapping, vec!["2"], "ticks alone cannot rule it out");
+    // The witness saw it gone at 4 160 ms: no overlap.
+    let mut events = ticking_until(4_150);
+    events.push(gone("2", 6, 1, 4_160));
+    assert!(run(&events).valid(), "{}", run(&events));
+}
+
+#[test]
+fn a_run_seen_gone_after_the_retry_began_overlaps_though_its_ticks_stopped_early() {
+    // The ticks stopped at 3 000 ms (a stalled process ticks no more), so
+    // they say it died long before the retry at 4 200 ms...
+    assert!(run(&ticking_until(3_000)).valid());
+    // ... but its last process was seen gone only at 4 300 ms.
+    let mut events = ticking_until(3_000);
+    events.push(gone("2", 6, 1, 4_300));
+    let report = run(&events);
+    assert_eq!(report.overlapping, vec!["2"]);
+    only(&report, "overlapping");
+    // Gone in time, it is fine.
+    let mut events = ticking_until(3_000);
+    events.push(gone("2", 6, 1, 4_195));
     assert!(run(&events).valid());
+}
+
+#[test]
+fn an_attempt_gone_before_it_logged_its_start_is_no_execution() {
+    // A third attempt of task 2 killed before its first log line: nothing
+    // ran as far as the checker knows, so nothing overlaps or repeats.
+    let mut events = good();
+    events.push(gone("2", 8, 3, 4_250));
+    let report = run(&events);
+    assert!(report.valid(), "{report}");
+    assert_eq!(report.n_executed, 3);
 }
 
 /// The good history, but the cluster recorded task 2's first attempt as

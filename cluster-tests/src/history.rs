@@ -5,6 +5,8 @@
 //! - Tasks record their own `exec-start` and `exec-end`, with the task id,
 //!   attempt, fencing token and node they got from taskraft; long tasks also
 //!   `exec-alive` every tick, which bounds when a killed one really died.
+//!   The harness records `exec-gone` when it saw the last process of an
+//!   attempt end, killed or not ([`crate::witness`]).
 //! - The nemesis records what it broke and when it healed.
 //! - At the end, a `final` record per task, read linearizably after the heal,
 //!   and one `scan` marking when that read was done.
@@ -34,6 +36,9 @@ pub enum Event {
     ExecAlive { task_id: String, attempt: u32, token: u64, node: u64, time_ns: u64 },
     /// A task's process reached its end.
     ExecEnd { task_id: String, attempt: u32, token: u64, node: u64, time_ns: u64 },
+    /// No process of the attempt is left, as the harness saw from outside
+    /// ([`crate::witness`]): never before its last process ended.
+    ExecGone { task_id: String, token: u64, node: u64, time_ns: u64 },
     /// A fault: `f` is its kind (`kill`, `pause`, `partition`, ...), aimed at `nodes`.
     Nemesis { f: String, nodes: Vec<u64>, leader: bool, time_ns: u64 },
     /// Every fault was undone.

@@ -20,6 +20,8 @@ pub mod netns;
 pub mod power_cut;
 pub mod seeded;
 pub mod sim;
+pub mod whole_cluster;
+pub mod witness;
 pub mod workload;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cluster_tests::history::{self, Event, HistoryWriter, now_ns};
+use cluster_tests::witness::ExitWitness;
 use cluster_tests::workload::{
     assert_history_valid, record_final_read, submit_batch, submit_recorded, wait_until_all_finished,
 };
@@ -22,6 +23,8 @@ use taskraft::scheduler::{AttemptReport, Command, Outcome, RejectionKind, Respon
 /// The lease the cluster runs with (the default) and the promise on top of it.
 const LEASE: Duration = Duration::from_secs(3);
 const RERUN_BOUND: Duration = Duration::from_secs(3 + 2);
+/// How long the processes of finished tasks may take to be gone.
+pub(crate) const WITNESS_WAIT: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -29,7 +32,12 @@ fn now_ms() -> u64 {
 
 /// A task that records its start and its end in the history at `history`,
 /// with what taskraft told it, and sleeps in between.
-pub(crate) fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSpec {
+pub(crate) fn logged_task(
+    history: &Path,
+    witness: &ExitWitness,
+    key: &str,
+    sleep_s: f64,
+) -> pb::TaskSpec {
     let event = |kind: &str| {
         format!(
             r#"printf '{{"type":"{kind}","task_id":"%s","attempt":%s,"token":%s,"node":%s,"time_ns":%s}}\n' "$TASKRAFT_TASK_ID" "$TASKRAFT_ATTEMPT" "$TASKRAFT_FENCING_TOKEN" "$TASKRAFT_NODE_ID" "$(date +%s%N)" >> {}"#,
@@ -46,7 +54,13 @@ pub(crate) fn logged_task(history: &Path, key: &str, sleep_s: f64) -> pb::TaskSp
     } else {
         format!("sleep {sleep_s}")
     };
-    let script = format!("{}; {body}; {}", event("exec-start"), event("exec-end"));
+    // The hold comes first, so that every logged start has a witness.
+    let script = format!(
+        "{}; {}; {body}; {}",
+        witness.hold_script(),
+        event("exec-start"),
+        event("exec-end")
+    );
     pb::TaskSpec {
         command: Some(pb::Command {
             program: "sh".into(),
@@ -210,8 +224,10 @@ async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> an
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("history.jsonl");
     let history = HistoryWriter::create(&path)?;
+    let witness = ExitWitness::start(&dir.path().join("held"), history.clone())?;
     let mut client = cluster.client()?;
-    let specs = (0..30).map(|idx| logged_task(&path, &format!("before-{idx}"), 1.0)).collect();
+    let specs =
+        (0..30).map(|idx| logged_task(&path, &witness, &format!("before-{idx}"), 1.0)).collect();
     submit_recorded(&mut client, &history, 0, specs).await?;
     // Let attempts start everywhere, then kill the leader mid-run.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -224,7 +240,8 @@ async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> an
         time_ns: now_ns(),
     });
     let mut client = cluster.client()?;
-    let more = (0..10).map(|idx| logged_task(&path, &format!("after-{idx}"), 0.2)).collect();
+    let more =
+        (0..10).map(|idx| logged_task(&path, &witness, &format!("after-{idx}"), 0.2)).collect();
     submit_recorded(&mut client, &history, 1, more).await?;
     cluster.restart(leader)?;
     history.record(&Event::Heal { time_ns: now_ns() });
@@ -247,6 +264,7 @@ async fn killing_the_leader_while_tasks_run_loses_none_and_overlaps_none() -> an
         );
     }
     record_final_read(&mut client, &history).await?;
+    witness.finish(&path, WITNESS_WAIT)?;
     let report = assert_history_valid(&path)?;
     assert_eq!(report.n_acknowledged, 40);
     assert_eq!(report.failover_gaps_ms.len(), 1);
@@ -325,10 +343,12 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("history.jsonl");
     let history = HistoryWriter::create(&path)?;
+    let witness = ExitWitness::start(&dir.path().join("held"), history.clone())?;
     let mut client = cluster.client()?;
-    let task_id = submit_recorded(&mut client, &history, 0, vec![logged_task(&path, "long", 8.0)])
-        .await?
-        .remove(0);
+    let task_id =
+        submit_recorded(&mut client, &history, 0, vec![logged_task(&path, &witness, "long", 8.0)])
+            .await?
+            .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
     // RUNNING is committed just before the process starts: act only once the
     // process itself has said it runs.
@@ -392,6 +412,7 @@ async fn a_task_lost_with_its_node_runs_again_within_the_lease_and_its_old_repor
     assert_eq!(task.attempts[0].outcome, "lost");
     assert_eq!(task.attempts[1].fencing_token, retry.fencing_token);
     record_final_read(&mut client, &history).await?;
+    witness.finish(&path, WITNESS_WAIT)?;
     let report = assert_history_valid(&path)?;
     assert_eq!(report.duplicated.len(), 1, "the task ran twice, explained by its lost attempt");
     Ok(())
@@ -403,11 +424,16 @@ async fn a_paused_node_fences_itself_or_has_its_late_result_refused() -> anyhow:
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("history.jsonl");
     let history = HistoryWriter::create(&path)?;
+    let witness = ExitWitness::start(&dir.path().join("held"), history.clone())?;
     let mut client = cluster.client()?;
-    let task_id =
-        submit_recorded(&mut client, &history, 0, vec![logged_task(&path, "paused", 4.0)])
-            .await?
-            .remove(0);
+    let task_id = submit_recorded(
+        &mut client,
+        &history,
+        0,
+        vec![logged_task(&path, &witness, "paused", 4.0)],
+    )
+    .await?
+    .remove(0);
     let (runner, old_token) = runner_as_follower(&cluster, &mut client, &task_id).await?;
     // RUNNING is committed just before the process starts: act only once the
     // process itself has said it runs.
@@ -434,6 +460,12 @@ async fn a_paused_node_fences_itself_or_has_its_late_result_refused() -> anyhow:
     assert_eq!(task.attempts[0].outcome, "lost");
     assert_eq!(task.attempts[1].fencing_token, retry.fencing_token);
     assert_eq!(task.attempts[1].outcome, "exited 0");
+    // And the paused node's process (killed by its warden, or done) was
+    // gone before the retry began, as the witness saw it.
+    record_final_read(&mut client, &history).await?;
+    witness.finish(&path, WITNESS_WAIT)?;
+    let report = assert_history_valid(&path)?;
+    assert_eq!(report.duplicated.len(), 1, "the task ran twice, explained by its lost attempt");
     Ok(())
 }
 

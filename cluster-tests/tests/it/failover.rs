@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster_tests::{TestCluster, get, list_all, spec, submit};
+use cluster_tests::whole_cluster::{
+    Acknowledged, kill_all_once_acknowledged, missing_acknowledged, spawn_submitters,
+};
+use cluster_tests::{TestCluster, get, spec, submit};
 use tokio::sync::Mutex;
 
 const N_SUBMITTERS: usize = 8;
@@ -216,58 +219,25 @@ const N_RESTARTS: usize = 5;
 async fn a_read_just_after_the_whole_cluster_restarts_sees_every_acknowledged_task()
 -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, &[]).await?;
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let acked = Acknowledged::default();
     for restart in 0..N_RESTARTS {
-        let n_acked_before = acked.lock().await.len();
         let leader = cluster.wait_for_leader(Duration::from_secs(5)).await?;
         let term_before = cluster.local_status(leader).await?.term;
-        let mut submitters = Vec::new();
-        for submitter_idx in 0..N_SUBMITTERS {
-            let mut client = cluster.client()?;
-            let acked = acked.clone();
-            submitters.push(tokio::spawn(async move {
-                for n_submitted in 0.. {
-                    let key = format!("r{restart}-s{submitter_idx}-{n_submitted}");
-                    if let Ok(reply) =
-                        submit(&mut client, spec("true", &[&key], Some(key.clone()))).await
-                    {
-                        let id = reply.task.expect("an acknowledged submission names its task").id;
-                        acked.lock().await.insert(key, id);
-                    }
-                }
-            }));
-        }
-        while acked.lock().await.len() < n_acked_before + 100 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let submitters = spawn_submitters(&cluster, N_SUBMITTERS, &format!("r{restart}"), &acked)?;
         // Every node dies at once while submissions are in flight; none
         // loses what it wrote (SIGKILL), but sled loses what it had not flushed.
-        cluster.kill_all()?;
-        for submitter in &submitters {
-            submitter.abort();
-        }
-        for submitter in submitters {
-            let _ = submitter.await;
-        }
+        kill_all_once_acknowledged(&mut cluster, submitters, &acked, 100).await?;
         for id in 1..=3 {
             cluster.restart(id)?;
         }
         let leader = cluster.wait_for_leader(Duration::from_secs(20)).await?;
         // At once: the first linearizable read after the restart.
-        let mut client = cluster.client()?;
-        let present: BTreeMap<String, String> = list_all(&mut client, false)
-            .await?
-            .into_iter()
-            .map(|task| (task.id.clone(), task.spec.unwrap_or_default().idempotency_key))
-            .collect();
-        let acked = acked.lock().await;
-        let missing: Vec<&String> =
-            acked.values().filter(|id| !present.contains_key(*id)).collect();
+        let missing = missing_acknowledged(&cluster, &acked).await?;
         assert!(
             missing.is_empty(),
             "restart {restart}: the first read missed {} of {} acknowledged tasks: {missing:?}",
             missing.len(),
-            acked.len()
+            acked.lock().await.len()
         );
         // The cause of such misses: a restarted leader that took up its old
         // term read at the commit index it had persisted, which lags what

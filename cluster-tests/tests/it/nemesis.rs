@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use cluster_tests::history::{self, Event, HistoryWriter, now_ns};
 use cluster_tests::seeded::SplitMix64;
+use cluster_tests::witness::ExitWitness;
 use cluster_tests::{TestCluster, get};
 use taskraft::client::Client;
 use taskraft::proto::taskraft_v1 as pb;
@@ -25,7 +26,7 @@ use cluster_tests::workload::{
     assert_history_valid, record_final_read, submit_recorded, wait_until_all_finished,
 };
 
-use crate::execution::logged_task;
+use crate::execution::{WITNESS_WAIT, logged_task};
 
 /// How long a fault lasts: past an election and a whole lease plus grace.
 const FAULT: Duration = Duration::from_secs(6);
@@ -137,6 +138,7 @@ struct Run {
     members: Vec<u64>,
     history: HistoryWriter,
     path: PathBuf,
+    witness: Arc<ExitWitness>,
     _dir: tempfile::TempDir,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
@@ -153,12 +155,14 @@ impl Run {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("history.jsonl");
         let history = HistoryWriter::create(&path)?;
+        let witness = Arc::new(ExitWitness::start(&dir.path().join("held"), history.clone())?);
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for process in 0..3u64 {
             let client = cluster.client()?;
-            let (history, stop, path) = (history.clone(), stop.clone(), path.clone());
-            workers.push(tokio::spawn(workload(process, client, history, stop, path)));
+            let (history, stop) = (history.clone(), stop.clone());
+            let (path, witness) = (path.clone(), witness.clone());
+            workers.push(tokio::spawn(workload(process, client, history, stop, path, witness)));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         Ok(Run {
@@ -166,6 +170,7 @@ impl Run {
             members: vec![1, 2, 3],
             history,
             path,
+            witness,
             _dir: dir,
             stop,
             workers,
@@ -197,7 +202,10 @@ impl Run {
         }
         self.n_targets += 1;
         let key = format!("target-{}", self.n_targets);
-        let spec = pb::TaskSpec { priority: 100, ..logged_task(&self.path, &key, TARGET_TASK_S) };
+        let spec = pb::TaskSpec {
+            priority: 100,
+            ..logged_task(&self.path, &self.witness, &key, TARGET_TASK_S)
+        };
         let mut client = self.cluster.client()?;
         let ids = submit_recorded(&mut client, &self.history, 9, vec![spec]).await?;
         wait_until_running_on(&mut client, &ids[0], node).await?;
@@ -398,11 +406,13 @@ impl Run {
         let mut client = self.cluster.client()?;
         wait_until_all_finished(&mut client, &acknowledged, Duration::from_secs(120)).await?;
         record_final_read(&mut client, &self.history).await?;
+        let witnessed = self.witness.finish(&self.path, WITNESS_WAIT);
         println!("scenario {name}:");
         if let Ok(keep_dir) = std::env::var("TASKRAFT_KEEP_HISTORY") {
             std::fs::create_dir_all(&keep_dir)?;
             std::fs::copy(&self.path, Path::new(&keep_dir).join(format!("{name}.jsonl")))?;
         }
+        witnessed?;
         assert_history_valid(&self.path)?;
         self.passed = true;
         Ok(())
@@ -448,13 +458,14 @@ async fn workload(
     history: HistoryWriter,
     stop: Arc<AtomicBool>,
     path: PathBuf,
+    witness: Arc<ExitWitness>,
 ) {
     let mut n_submitted: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         let key = format!("{process}-{n_submitted}");
         n_submitted += 1;
         let sleep_s = if n_submitted % 16 == 1 { LONG_TASK_S } else { 0.3 };
-        let mut task = logged_task(&path, &key, sleep_s);
+        let mut task = logged_task(&path, &witness, &key, sleep_s);
         task.priority = (n_submitted % 3) as i32;
         if n_submitted % 5 == 2 {
             task.schedule = Some(pb::task_spec::Schedule::DelayMs(1_500));

@@ -4,13 +4,13 @@
 //! acknowledged is there. A SIGKILL alone cannot show a missing fsync,
 //! since the kernel keeps the page cache; this test can.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
+use cluster_tests::TestCluster;
 use cluster_tests::power_cut::{Lost, PowerCutDisk};
-use cluster_tests::{TestCluster, list_all, spec, submit};
-use tokio::sync::Mutex;
+use cluster_tests::whole_cluster::{
+    Acknowledged, kill_all_once_acknowledged, missing_acknowledged, spawn_submitters,
+};
 
 const N_SUBMITTERS: usize = 8;
 const N_CUTS: usize = 3;
@@ -31,38 +31,12 @@ async fn acknowledged_tasks_survive_power_cuts_of_every_node() -> anyhow::Result
     let mut cluster =
         TestCluster::start_with_data_in(3, &["--config", &config], disk.path()).await?;
 
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let acked = Acknowledged::default();
     let mut lost = Lost::default();
     for cut in 0..N_CUTS {
-        let n_acked_before = acked.lock().await.len();
-        let mut submitters = Vec::new();
-        for submitter_idx in 0..N_SUBMITTERS {
-            let mut client = cluster.client()?;
-            let acked = acked.clone();
-            submitters.push(tokio::spawn(async move {
-                for n_submitted in 0.. {
-                    let key = format!("c{cut}-s{submitter_idx}-{n_submitted}");
-                    // A failed call may or may not have committed; only acks count.
-                    if let Ok(reply) =
-                        submit(&mut client, spec("true", &[&key], Some(key.clone()))).await
-                    {
-                        let id = reply.task.expect("an acknowledged submission names its task").id;
-                        acked.lock().await.insert(key, id);
-                    }
-                }
-            }));
-        }
-        while acked.lock().await.len() < n_acked_before + ACKED_PER_ROUND {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let submitters = spawn_submitters(&cluster, N_SUBMITTERS, &format!("c{cut}"), &acked)?;
         // The power fails while the submissions are in flight.
-        cluster.kill_all()?;
-        for submitter in &submitters {
-            submitter.abort();
-        }
-        for submitter in submitters {
-            let _ = submitter.await;
-        }
+        kill_all_once_acknowledged(&mut cluster, submitters, &acked, ACKED_PER_ROUND).await?;
         let lost_now = disk.power_cut()?;
         eprintln!("cut {cut}: {lost_now:?}, {} acknowledged so far", acked.lock().await.len());
         lost.pages_restored += lost_now.pages_restored;
@@ -73,24 +47,13 @@ async fn acknowledged_tasks_survive_power_cuts_of_every_node() -> anyhow::Result
             cluster.restart(id)?;
         }
         cluster.wait_for_leader(RECOVERY_TIMEOUT).await?;
-        let mut client = cluster.client()?;
-        let present: BTreeMap<String, String> = list_all(&mut client, false)
-            .await?
-            .into_iter()
-            .map(|task| (task.id.clone(), task.spec.unwrap_or_default().idempotency_key))
-            .collect();
-        let acked = acked.lock().await;
-        let missing: BTreeSet<&String> =
-            acked.values().filter(|id| !present.contains_key(*id)).collect();
+        let missing = missing_acknowledged(&cluster, &acked).await?;
         assert!(
             missing.is_empty(),
             "after cut {cut}, {} of {} acknowledged tasks are gone: {missing:?}",
             missing.len(),
-            acked.len()
+            acked.lock().await.len()
         );
-        for (key, id) in acked.iter() {
-            assert_eq!(&present[id], key, "task {id} holds another submission");
-        }
     }
     // Cuts that took nothing away would prove nothing about fsyncs.
     assert!(!lost.is_nothing(), "the power cuts lost no unsynced write: {lost:?}");
