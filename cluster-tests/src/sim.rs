@@ -377,6 +377,7 @@ pub fn run_seed(seed: u64, options: &SimOptions) -> anyhow::Result<SimOutcome> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let n_stopped = Arc::new(AtomicU64::new(0));
+    let probe = Arc::new(Probe::default());
     for process in 0..N_CLIENTS {
         let run = ClientRun {
             process,
@@ -385,10 +386,21 @@ pub fn run_seed(seed: u64, options: &SimOptions) -> anyhow::Result<SimOutcome> {
             history_path: history_path.clone(),
             stop: stop.clone(),
             n_stopped: n_stopped.clone(),
+            probe: probe.clone(),
             liveness_deadline: options.liveness_deadline,
         };
         sim.client(format!("client{process}"), async move {
             client(run).await.map_err(|err| {
+                let message: Box<dyn std::error::Error> = format!("{err:#}").into();
+                message
+            })
+        });
+    }
+
+    {
+        let (history, stop, probe) = (history.clone(), stop.clone(), probe.clone());
+        sim.client("prober", async move {
+            prober(history, stop, probe).await.map_err(|err| {
                 let message: Box<dyn std::error::Error> = format!("{err:#}").into();
                 message
             })
@@ -411,6 +423,9 @@ pub fn run_seed(seed: u64, options: &SimOptions) -> anyhow::Result<SimOutcome> {
             && now >= strike.at + strike.lasting
         {
             undo(&mut sim, strike.fault, &clocks);
+            if strike.fault == Fault::CrashAll {
+                probe.restarts.fetch_add(1, Ordering::Relaxed);
+            }
             active = None;
         }
         if !healed && active.is_none() && pending.front().is_some_and(|next| now >= next.at) {
@@ -508,8 +523,68 @@ struct ClientRun {
     stop: Arc<AtomicBool>,
     /// How many clients have stopped submitting.
     n_stopped: Arc<AtomicU64>,
+    probe: Arc<Probe>,
     liveness_deadline: Duration,
 }
+
+/// What the prober needs to read the moment the whole cluster is back.
+#[derive(Default)]
+struct Probe {
+    /// How many times every node has restarted together.
+    restarts: AtomicU64,
+    /// The task of the last submission any client had acknowledged.
+    last_acknowledged: std::sync::Mutex<Option<String>>,
+}
+
+/// Reads a cluster that restarts whole tries at most this often before one answers.
+const PROBE_READS_MAX: u32 = 2_000;
+/// The pause between the prober's tries.
+const PROBE_PAUSE: Duration = Duration::from_millis(2);
+
+/// The prober: each time every node has restarted together, it reads the
+/// last acknowledged task linearizably, trying again every 2 ms (one
+/// endpoint each time, following leader hints) until a read is answered.
+/// That first answer is where a node that came back serving from what it
+/// had persisted, rather than from what it had acknowledged, would show:
+/// the client reads that come at their own pace are usually too late.
+async fn prober(
+    history: HistoryWriter,
+    stop: Arc<AtomicBool>,
+    probe: Arc<Probe>,
+) -> anyhow::Result<()> {
+    let endpoints: Vec<String> =
+        NODE_IDS.iter().map(|id| format!("{}:{API_PORT}", node_ip(*id))).collect();
+    // One try per call: the loop below is the retry.
+    let mut client = taskraft::client::Client::on_network(
+        &endpoints,
+        Duration::ZERO,
+        Duration::from_millis(500),
+        Arc::new(TurmoilNet),
+    )?;
+    let mut restarts_seen = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let restarts = probe.restarts.load(Ordering::Relaxed);
+        let task_id = probe.last_acknowledged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if restarts == restarts_seen {
+            tokio::time::sleep(PROBE_PAUSE).await;
+            continue;
+        }
+        restarts_seen = restarts;
+        let Some(task_id) = task_id else { continue };
+        for _ in 0..PROBE_READS_MAX {
+            if read_recorded(&mut client, &history, PROBER_PROCESS, &task_id).await
+                || probe.restarts.load(Ordering::Relaxed) != restarts_seen
+            {
+                break;
+            }
+            tokio::time::sleep(PROBE_PAUSE).await;
+        }
+    }
+    Ok(())
+}
+
+/// The prober's process number in the history, after the clients'.
+const PROBER_PROCESS: u64 = N_CLIENTS;
 
 /// One client: submits a mix of tasks until told to stop. Client 0 then
 /// waits for every task any client had acknowledged and records the final
@@ -560,6 +635,8 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         // Failures are in the history as `info`; only acks count.
         if let Ok(ids) = submit_recorded(&mut client, history, process, vec![spec]).await {
             last_acknowledged = ids.last().cloned().or(last_acknowledged);
+            let mut probed = run.probe.last_acknowledged.lock().unwrap_or_else(|p| p.into_inner());
+            *probed = last_acknowledged.clone();
         }
         tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
     }

@@ -63,13 +63,13 @@ pub async fn submit_recorded(
 
 /// Reads one task linearizably, recording the read: `ok` with the task's id
 /// when it is there, `ok` without one when the cluster says there is no such
-/// task, `info` when the read failed.
+/// task, `info` when the read failed. Whether the cluster answered.
 pub async fn read_recorded(
     client: &mut Client,
     history: &HistoryWriter,
     process: u64,
     task_id: &str,
-) {
+) -> bool {
     let (f, key) = ("read".to_owned(), task_id.to_owned());
     history.record(&Event::Invoke {
         process,
@@ -77,7 +77,9 @@ pub async fn read_recorded(
         key: key.clone(),
         time_ns: history.now_ns(),
     });
-    let event = match get(client, task_id, false).await {
+    let read = get(client, task_id, false).await;
+    let answered = read.is_ok() || read.as_ref().is_err_and(|s| s.code() == tonic::Code::NotFound);
+    let event = match read {
         Ok(task) => {
             Event::Ok { process, f, key, task_id: Some(task.id), time_ns: history.now_ns() }
         }
@@ -89,6 +91,7 @@ pub async fn read_recorded(
         }
     };
     history.record(&event);
+    answered
 }
 
 /// Reads every task linearizably and records it as the history's final state.
