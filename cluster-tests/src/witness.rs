@@ -225,6 +225,14 @@ impl Attempt {
 mod tests {
     use super::*;
 
+    /// A history in `dir`, and a witness of `dir/held` recording into it.
+    fn witness_in(dir: &Path) -> anyhow::Result<(PathBuf, HistoryWriter, ExitWitness)> {
+        let path = dir.join("history.jsonl");
+        let history = HistoryWriter::create(&path)?;
+        let witness = ExitWitness::start(&dir.join("held"), history.clone())?;
+        Ok((path, history, witness))
+    }
+
     #[test]
     fn held_file_names_parse_and_bad_ones_do_not() {
         let parsed = Attempt::parse("14_45_1.held");
@@ -240,10 +248,8 @@ mod tests {
     #[test]
     fn an_attempt_is_gone_only_when_its_last_process_is() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("history.jsonl");
-        let history = HistoryWriter::create(&path)?;
+        let (path, _, witness) = witness_in(dir.path())?;
         let held_dir = dir.path().join("held");
-        let witness = ExitWitness::start(&held_dir, history)?;
         let child_end = dir.path().join("child-end");
         let script = format!(
             "{}; (sleep 0.4; date +%s%N > {}) & exit 0",
@@ -275,9 +281,7 @@ mod tests {
     #[test]
     fn a_started_attempt_the_witness_never_saw_is_named() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("history.jsonl");
-        let history = HistoryWriter::create(&path)?;
-        let witness = ExitWitness::start(&dir.path().join("held"), history.clone())?;
+        let (path, history, witness) = witness_in(dir.path())?;
         // A task that logged its start without taking the hold.
         history.record(&Event::ExecStart {
             task_id: "5".into(),
@@ -294,9 +298,7 @@ mod tests {
     #[test]
     fn a_process_that_outlives_the_wait_is_named() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("history.jsonl");
-        let history = HistoryWriter::create(&path)?;
-        let witness = ExitWitness::start(&dir.path().join("held"), history)?;
+        let (path, _, witness) = witness_in(dir.path())?;
         let mut child = std::process::Command::new("sh")
             .args(["-c", &format!("{}; exec sleep 30", witness.hold_script())])
             .env("TASKRAFT_TASK_ID", "8")
