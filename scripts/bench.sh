@@ -142,7 +142,7 @@ cleanup() {
   fi
   # Defined further down: an exit before that point has no etcd to stop.
   if declare -F stop_etcd > /dev/null; then stop_etcd; fi
-  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 TASKRAFT_METRICS_PORT_BASE=19200 \
     scripts/cluster.sh down > /dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -170,13 +170,13 @@ start_taskraft() {
 }
 # Starts the nodes that are not running, on their data.
 up_taskraft() {
-  env "${taskraft_env[@]}" TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+  env "${taskraft_env[@]}" TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 TASKRAFT_METRICS_PORT_BASE=19200 \
     TASKRAFT_SKIP_BUILD=1 TASKRAFT_BIN="$taskraft_bin" scripts/cluster.sh up > "$work/cluster.out" 2>&1 ||
     { cat "$work/cluster.out" >&2; exit 1; }
   taskraft_pids=$(cat "$work"/taskraft/node{1,2,3}/pid | paste -sd,)
 }
 stop_taskraft() {
-  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 \
+  TASKRAFT_CLUSTER_DIR="$work/taskraft" TASKRAFT_API_PORT_BASE=19000 TASKRAFT_RAFT_PORT_BASE=19100 TASKRAFT_METRICS_PORT_BASE=19200 \
     scripts/cluster.sh down > /dev/null 2>&1
   rm -rf "$work/taskraft"
 }

@@ -15,7 +15,8 @@
 # Data and logs live under $TASKRAFT_CLUSTER_DIR (default .cluster/). Running
 # `up` again restarts stopped nodes on their data. Node N serves the client
 # API on port $TASKRAFT_API_PORT_BASE+N (7000+N) and Raft on
-# $TASKRAFT_RAFT_PORT_BASE+N (7100+N). The script signals only the processes
+# $TASKRAFT_RAFT_PORT_BASE+N (7100+N), and Prometheus metrics at /metrics on
+# $TASKRAFT_METRICS_PORT_BASE+N (7200+N). The script signals only the processes
 # whose PIDs it recorded, after checking that each PID is still that node.
 set -euo pipefail
 
@@ -28,10 +29,12 @@ cluster_dir=${TASKRAFT_CLUSTER_DIR:-$root/.cluster}
 bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
 api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
 raft_port_base=${TASKRAFT_RAFT_PORT_BASE:-7100}
+metrics_port_base=${TASKRAFT_METRICS_PORT_BASE:-7200}
 nodes=(1 2 3)
 
 api_addr() { echo "127.0.0.1:$((api_port_base + $1))"; }
 raft_addr() { echo "127.0.0.1:$((raft_port_base + $1))"; }
+metrics_addr() { echo "127.0.0.1:$((metrics_port_base + $1))"; }
 endpoints() { local n list=(); for n in "${nodes[@]}"; do list+=("$(api_addr "$n")"); done; (IFS=,; echo "${list[*]}"); }
 initial_cluster() {
   local n list=()
@@ -70,7 +73,7 @@ build() {
 # Waits until node N's ports are free (see wait_ports_free): a node started
 # while a killed one still holds them cannot listen and exits.
 wait_node_ports_free() {
-  wait_ports_free 30 $((api_port_base + $1)) $((raft_port_base + $1)) || die "node $1 cannot start yet"
+  wait_ports_free 30 $((api_port_base + $1)) $((raft_port_base + $1)) $((metrics_port_base + $1)) || die "node $1 cannot start yet"
 }
 
 start_node() {
@@ -83,11 +86,11 @@ start_node() {
   wait_node_ports_free "$n"
   mkdir -p "$dir"
   "$bin" node --id "$n" --api-addr "$(api_addr "$n")" --raft-addr "$(raft_addr "$n")" \
-    --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
+    --metrics-addr "$(metrics_addr "$n")" --data-dir "$dir/data" --initial-cluster "$(initial_cluster)" ${TASKRAFT_NODE_ARGS:-} \
     >> "$dir/node.log" 2>&1 < /dev/null &
   echo $! > "$(pid_file "$n")"
   started_nodes+=("$n")
-  echo "node $n started (pid $!): api $(api_addr "$n"), raft $(raft_addr "$n"), log $dir/node.log"
+  echo "node $n started (pid $!): api $(api_addr "$n"), raft $(raft_addr "$n"), metrics http://$(metrics_addr "$n")/metrics, log $dir/node.log"
 }
 
 signal_node() {

@@ -16,6 +16,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${TASKRAFT_BIN:-$root/target/release/taskraft}
 cluster=("$root/scripts/cluster.sh")
 api_port_base=${TASKRAFT_API_PORT_BASE:-7000}
+metrics_port_base=${TASKRAFT_METRICS_PORT_BASE:-7200}
 endpoints="127.0.0.1:$((api_port_base + 1)),127.0.0.1:$((api_port_base + 2)),127.0.0.1:$((api_port_base + 3))"
 export TASKRAFT_ENDPOINTS=$endpoints
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -23,6 +24,24 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 source "$root/scripts/lib/status.sh"
 leader_id() { "$bin" cluster status | status_leader; }
 state_of() { "$bin" --output json get "$1" | sed -n 's/.*"state":"\([A-Z]*\)".*/\1/p'; }
+# Node N's Prometheus metrics, fetched with bash alone (no curl needed).
+metrics_of() {
+  local fd
+  exec {fd}<>"/dev/tcp/127.0.0.1/$((metrics_port_base + $1))"
+  printf 'GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&"$fd"
+  timeout 5 cat <&"$fd"
+  exec {fd}<&-
+}
+# One line from node N's metrics: its role and term, the tasks by state in
+# its applied state, and the attempts its executor started.
+metrics_line() {
+  metrics_of "$1" | tr -d '\r' | awk -v n="$1" '
+    /^taskraft_raft_role\{/ && $2 == 1 { split($1, parts, "\""); role = parts[2] }
+    /^taskraft_raft_term / { term = $2 }
+    /^taskraft_tasks\{/ && $2 > 0 { split($1, parts, "\""); tasks = tasks sep $2 " " parts[2]; sep = ", " }
+    /^taskraft_executor_attempts_started_total / { started = $2 }
+    END { printf "  node %s: %s in term %s; tasks: %s; its executor started %d attempts since the node started\n", n, role, term, tasks, started }'
+}
 
 step "bringing up the local cluster"
 "${cluster[@]}" up
@@ -100,6 +119,9 @@ step "bringing node $old_leader back; it catches up from the others"
 sleep 2
 "$bin" cluster status
 
+step "what each node's metrics say (http://127.0.0.1:$((metrics_port_base + 1))/metrics and so on)"
+for n in 1 2 3; do metrics_line "$n"; done
+
 kill "$watch_pid" 2>/dev/null || true
 wait "$watch_pid" 2>/dev/null || true
 echo
@@ -113,6 +135,7 @@ The cluster is still running (endpoints $endpoints). Try:
   $bin list
   $bin watch
   scripts/cluster.sh status | kill N | start N | pause N | resume N | logs N
+  curl -s http://127.0.0.1:$((metrics_port_base + 1))/metrics   # node 1's Prometheus metrics
 Stop it with: scripts/cluster.sh down
 EOF
 if [ "$failures" -gt 0 ]; then

@@ -160,6 +160,26 @@ for task in tasks:
 assert rerun > 0, "no task ran again after its container was killed or paused"
 print(f"{len(tasks)} tasks: all succeeded, none lost; {rerun} ran again after losing their node; no stale result counted")
 ' "${ids[@]}"
+  step "checking each container's metrics"
+  python3 -c '
+import sys, time, urllib.request
+n_tasks = int(sys.argv[1])
+def scrape(n):
+    with urllib.request.urlopen(f"http://172.28.56.1{n}:7201/metrics", timeout=5) as answer:
+        lines = answer.read().decode().splitlines()
+    return dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+deadline = time.monotonic() + 20
+while True:
+    metrics = {n: scrape(n) for n in (1, 2, 3)}
+    leaders = [n for n, m in metrics.items() if m["taskraft_raft_role{role="leader"}"] == "1"]
+    succeeded = {n: int(m["taskraft_tasks{state="SUCCEEDED"}"]) for n, m in metrics.items()}
+    if len(leaders) == 1 and all(count == n_tasks for count in succeeded.values()):
+        break
+    assert time.monotonic() < deadline, f"leaders {leaders}, SUCCEEDED by node {succeeded}, want {n_tasks} each"
+    time.sleep(0.5)
+started = sum(float(m["taskraft_executor_attempts_started_total"]) for m in metrics.values())
+print(f"node {leaders[0]} leads; every node counts {n_tasks} tasks SUCCEEDED; {started:.0f} attempts started since the containers last started")
+' "${#ids[@]}"
   step "docker smoke test passed"
 }
 

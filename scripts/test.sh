@@ -40,12 +40,12 @@ rm -rf "$sim_dir"
 step "smoke run of scripts/demo.sh on a throwaway cluster"
 smoke_dir=$(mktemp -d)
 cleanup() {
-  TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 \
+  TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_METRICS_PORT_BASE=17200 \
     scripts/cluster.sh down > /dev/null 2>&1 || true
   rm -rf "$smoke_dir"
 }
 trap cleanup EXIT
-TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_SKIP_BUILD=1 \
+TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_METRICS_PORT_BASE=17200 TASKRAFT_SKIP_BUILD=1 \
   scripts/demo.sh > "$smoke_dir/demo.out" 2>&1 || { cat "$smoke_dir/demo.out"; echo "demo.sh failed"; exit 1; }
 grep -q "failover: a submission committed" "$smoke_dir/demo.out"
 # It names the leader it killed and the one that took over, a different node.
@@ -54,11 +54,14 @@ took_over=$(sed -n 's/^node \([0-9]*\) leads now.*/\1/p' "$smoke_dir/demo.out")
 if [[ ! "$killed" =~ ^[123]$ ]] || [[ ! "$took_over" =~ ^[123]$ ]] || [ "$killed" = "$took_over" ]; then
   grep -E "killing the leader|leads now" "$smoke_dir/demo.out"; echo "demo.sh named no new leader"; exit 1
 fi
+# Every node's metrics answered, and one of them leads.
+[ "$(grep -c '^  node [123]: [a-z]* in term' "$smoke_dir/demo.out")" = 3 ] && grep -q '^  node [123]: leader in term' "$smoke_dir/demo.out" ||
+  { grep -A3 "metrics say" "$smoke_dir/demo.out"; echo "demo.sh did not show every node's metrics"; exit 1; }
 echo "demo.sh ran end to end: every task reached the state it should"
 
 step "scripts/cluster.sh: pause, resume, stop, up again on the same data, down"
 smoke_cluster() {
-  TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_SKIP_BUILD=1 \
+  TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_METRICS_PORT_BASE=17200 TASKRAFT_SKIP_BUILD=1 \
     scripts/cluster.sh "$@"
 }
 # Capture, then grep: `grep -q` in a pipeline would end `status` early (SIGPIPE).
@@ -223,7 +226,7 @@ status=0
 wait "$bench_pid" || status=$?
 report=$(ls "$bench_dir"/stopped/*-partial.md 2> /dev/null || true)
 left=""
-wait_ports_free 10 19001 19002 19003 19101 19102 19103 23791 23792 23793 23801 23802 23803 2> "$bench_dir/ports.err" ||
+wait_ports_free 10 19001 19002 19003 19101 19102 19103 19201 19202 19203 23791 23792 23793 23801 23802 23803 2> "$bench_dir/ports.err" ||
   left=$(cat "$bench_dir/ports.err")
 if [ "$status" = 0 ] || [ -z "$report" ] || ! grep -q "^| submit_c1 | [0-9]" "$report" ||
   ! grep -q "It stopped in submit_c1-etcd-pair1 (logs: " "$report" || ! compgen -G "$bench_dir/stopped/*-failed-logs/submit_c1-etcd-pair1/etcd-n1.log" > /dev/null ||

@@ -40,6 +40,9 @@ pub struct NodeConfig {
     pub api_addr: String,
     /// The peer (Raft) address this node listens on and advertises.
     pub raft_addr: String,
+    /// Where this node serves its Prometheus metrics over HTTP, at
+    /// `/metrics`; empty serves none.
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     /// The members to start a new cluster with, as `ID=API_ADDR/RAFT_ADDR`
     /// separated by commas. The lowest id initializes the cluster when its
@@ -293,6 +296,13 @@ pub struct ServerLimits {
     /// state: a filter that few tasks pass returns a short (even empty)
     /// page with a token to go on, rather than walking every task.
     pub list_scanned_tasks_max: u32,
+    /// Connections the metrics server serves at once; more are closed.
+    pub metrics_connections_max: usize,
+    /// The longest one metrics connection may take, request and answer.
+    pub metrics_timeout_ms: u64,
+    /// Ready queues the metrics list by name (the first in name order); the
+    /// others are only counted, so a million queues make no million lines.
+    pub metrics_queues_max: usize,
 }
 
 impl Default for ServerLimits {
@@ -319,6 +329,9 @@ impl Default for ServerLimits {
             list_page_size_default: 100,
             list_page_size_max: 1_000,
             list_scanned_tasks_max: 10_000,
+            metrics_connections_max: 16,
+            metrics_timeout_ms: 5_000,
+            metrics_queues_max: 100,
         }
     }
 }
@@ -329,6 +342,7 @@ impl Default for NodeConfig {
             node_id: 0,
             api_addr: "127.0.0.1:7001".into(),
             raft_addr: "127.0.0.1:7101".into(),
+            metrics_addr: String::new(),
             data_dir: PathBuf::from("data"),
             initial_cluster: String::new(),
             slots: 0,
@@ -363,6 +377,17 @@ impl NodeConfig {
         }
         if self.api_addr == self.raft_addr {
             return invalid("api_addr and raft_addr must differ".into());
+        }
+        if !self.metrics_addr.is_empty() {
+            if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(format!(
+                    "metrics_addr {:?} is not an IP:PORT address (leave it empty for none)",
+                    self.metrics_addr
+                ));
+            }
+            if self.metrics_addr == self.api_addr || self.metrics_addr == self.raft_addr {
+                return invalid("metrics_addr must differ from api_addr and raft_addr".into());
+            }
         }
         let members = self.initial_members()?;
         if let Some(me) = members.get(&self.node_id)
@@ -493,6 +518,8 @@ impl NodeConfig {
             ("list_page_size_default", server.list_page_size_default as u64),
             ("list_page_size_max", server.list_page_size_max as u64),
             ("list_scanned_tasks_max", server.list_scanned_tasks_max as u64),
+            ("metrics_connections_max", server.metrics_connections_max as u64),
+            ("metrics_timeout_ms", server.metrics_timeout_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -620,6 +647,11 @@ mod tests {
                     raft_addr: "127.0.0.1:7103".into(),
                     ..valid()
                 },
+            ),
+            ("metrics_addr", NodeConfig { metrics_addr: "localhost".into(), ..valid() }),
+            (
+                "metrics_addr must differ",
+                NodeConfig { metrics_addr: "127.0.0.1:7101".into(), ..valid() },
             ),
             ("gives node 1", NodeConfig { api_addr: "127.0.0.1:9999".into(), ..valid() }),
             (

@@ -8,6 +8,7 @@
 //! - [`api`]: the client gRPC services, forwarding and error mapping.
 //! - [`executor`]: runs the attempts assigned to this node.
 //! - [`leader`]: the leader's scheduling loop and the endpoint executors report to.
+//! - [`metrics`]: the node's Prometheus metrics over HTTP.
 //! - [`node`]: wiring one node together and shutting it down.
 //! - [`platform`]: what a node takes by injection: network, clock, disk, task runner.
 //! - [`config`]: the node configuration and its limits.
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod executor;
 pub mod leader;
+pub mod metrics;
 pub mod node;
 pub mod platform;
 pub mod proto;

@@ -21,8 +21,9 @@ use crate::api::cluster::ClusterService;
 use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::executor::warden::WardenHandle;
-use crate::executor::{Executor, Reporter};
+use crate::executor::{AttemptCounters, Executor, Reporter};
 use crate::leader::{LeaderService, QuorumWatch};
+use crate::metrics::{self, MetricsLimits, MetricsSource};
 use crate::platform::{Incoming, Platform};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::peer_v1::raft_peer_server::RaftPeerServer;
@@ -216,6 +217,10 @@ async fn run_validated(
     // should be reported before anything touches the data directory.
     let api_listener = bind(&platform, &config.api_addr).await?;
     let raft_listener = bind(&platform, &config.raft_addr).await?;
+    let metrics_listener = match config.metrics_addr.as_str() {
+        "" => None,
+        metrics_addr => Some(bind(&platform, metrics_addr).await?),
+    };
 
     let db = platform.disk.open(&config.data_dir, server.sled_cache_bytes_max)?;
     let log_store = LogStore::open(&db, server.flush_queue_max)?;
@@ -307,12 +312,28 @@ async fn run_validated(
         lease: std::sync::Mutex::new(None),
         run_ms_mean: std::sync::Mutex::new(None),
         reporter: Reporter::new(config.execution.report_queue_max),
+        counters: AttemptCounters::default(),
     });
     let warden = match platform.warden {
         true => Some(WardenHandle::spawn().map_err(NodeError::Warden)?),
         false => None,
     };
-    let executor_task = tokio::spawn(executor.run(warden).in_current_span());
+    let executor_task = tokio::spawn(executor.clone().run(warden).in_current_span());
+    if let Some(listener) = metrics_listener {
+        let source = Arc::new(MetricsSource {
+            node_id: config.node_id,
+            raft: raft.clone(),
+            state_machine: state_machine.clone(),
+            executor: executor.clone(),
+        });
+        let limits = MetricsLimits {
+            connections_max: server.metrics_connections_max,
+            connection_timeout: Duration::from_millis(server.metrics_timeout_ms),
+            queues_max: server.metrics_queues_max,
+        };
+        info!(metrics_addr = %config.metrics_addr, "serving metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, source, limits, token.clone()).in_current_span());
+    }
     let ctx = Arc::new(Context::new(
         raft.clone(),
         state_machine,

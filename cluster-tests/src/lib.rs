@@ -34,7 +34,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow, bail, ensure};
 use taskraft::client::Client;
 use taskraft::proto::taskraft_v1 as pb;
 use taskraft::proto::taskraft_v1::cluster_client::ClusterClient;
@@ -83,6 +83,8 @@ pub struct TestNode {
     pub id: u64,
     pub api_addr: String,
     pub raft_addr: String,
+    /// Where the node serves its Prometheus metrics (`--metrics-addr`).
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     /// Started without an initial cluster, to be added with `AddNode`.
@@ -152,10 +154,10 @@ impl TestCluster {
         let netns = if in_netns { Some(netns::Netns::create(n_nodes as u64 + 1)?) } else { None };
         let dir = tempfile::Builder::new().prefix("taskraft-cluster-").tempdir()?;
         let data_root = data_root.unwrap_or(dir.path()).to_path_buf();
-        let ports = free_ports(n_nodes * 2)?;
+        let ports = free_ports(n_nodes * 3)?;
         let addr = |idx: usize, port_idx: usize| match &netns {
-            Some(netns) => format!("{}:{}", netns.ip(idx as u64 + 1), [7001, 7101][port_idx]),
-            None => format!("127.0.0.1:{}", ports[idx * 2 + port_idx]),
+            Some(netns) => format!("{}:{}", netns.ip(idx as u64 + 1), [7001, 7101, 7201][port_idx]),
+            None => format!("127.0.0.1:{}", ports[idx * 3 + port_idx]),
         };
         let nodes: Vec<TestNode> = (0..n_nodes)
             .map(|idx| {
@@ -164,6 +166,7 @@ impl TestCluster {
                     id,
                     api_addr: addr(idx, 0),
                     raft_addr: addr(idx, 1),
+                    metrics_addr: addr(idx, 2),
                     data_dir: data_root.join(format!("node{id}")),
                     log_path: dir.path().join(format!("node{id}.log")),
                     joins: false,
@@ -230,6 +233,8 @@ impl TestCluster {
                 &node.api_addr,
                 "--raft-addr",
                 &node.raft_addr,
+                "--metrics-addr",
+                &node.metrics_addr,
             ])
             .arg("--data-dir")
             .arg(&node.data_dir)
@@ -249,17 +254,18 @@ impl TestCluster {
     /// its id. Add it with `AddNode`.
     pub fn spawn_joining_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.len() as u64 + 1;
-        let (api_addr, raft_addr) = match &self.netns {
-            Some(netns) => (format!("{}:7001", netns.ip(id)), format!("{}:7101", netns.ip(id))),
+        let [api_addr, raft_addr, metrics_addr] = match &self.netns {
+            Some(netns) => [7001, 7101, 7201].map(|port| format!("{}:{port}", netns.ip(id))),
             None => {
-                let ports = free_ports(2)?;
-                (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]))
+                let ports = free_ports(3)?;
+                [0, 1, 2].map(|idx| format!("127.0.0.1:{}", ports[idx]))
             }
         };
         self.nodes.push(TestNode {
             id,
             api_addr,
             raft_addr,
+            metrics_addr,
             data_dir: self.data_root.join(format!("node{id}")),
             log_path: self.dir.path().join(format!("node{id}.log")),
             joins: true,
@@ -451,6 +457,56 @@ impl TestCluster {
         }
     }
 
+    /// Sends `request_head` (an HTTP/1.1 request line and headers, without
+    /// the blank line that ends them) to node `id`'s metrics address and
+    /// returns the status code and the body of the answer.
+    pub async fn metrics_http(&self, id: u64, request_head: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(&self.node(id).metrics_addr).await?;
+            stream
+                .write_all(format!("{request_head}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await?;
+            let mut answer = Vec::new();
+            stream.take(METRICS_ANSWER_BYTES_MAX).read_to_end(&mut answer).await?;
+            anyhow::Ok(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .with_context(|| format!("node {id}'s metrics did not answer within 5 s"))??;
+        let answer = String::from_utf8(answer).context("an answer that is not UTF-8")?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("an answer without a blank line after its head: {answer:?}"))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow!("an answer without a status: {head:?}"))?;
+        Ok((code, body.to_owned()))
+    }
+
+    /// Node `id`'s metrics (`GET /metrics`), as sample name (with its
+    /// labels) to value.
+    pub async fn metrics(&self, id: u64) -> anyhow::Result<BTreeMap<String, f64>> {
+        let (code, body) = self
+            .metrics_http(
+                id,
+                &format!("GET /metrics HTTP/1.1\r\nHost: {}", self.node(id).metrics_addr),
+            )
+            .await?;
+        ensure!(code == 200, "node {id} answered /metrics with {code}: {body}");
+        body.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (name, value) =
+                    line.rsplit_once(' ').ok_or_else(|| anyhow!("not a sample: {line:?}"))?;
+                let value = value.parse().with_context(|| format!("not a sample: {line:?}"))?;
+                Ok((name.to_owned(), value))
+            })
+            .collect()
+    }
+
     /// Every task in node `id`'s own state (stale reads), by id.
     pub async fn local_tasks(&self, id: u64) -> anyhow::Result<BTreeMap<String, pb::Task>> {
         let mut client = self.node_client(id, Duration::from_secs(5))?;
@@ -460,6 +516,9 @@ impl TestCluster {
 }
 
 /// How many distinct lines of each node's log a failing test prints.
+/// The most of a metrics answer a test reads.
+const METRICS_ANSWER_BYTES_MAX: u64 = 1024 * 1024;
+
 /// How long a test waits for a connection to a node it expects to be up.
 const CHANNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -114,6 +114,9 @@ struct NodeArgs {
     api_addr: Option<String>,
     #[arg(long, env = "TASKRAFT_RAFT_ADDR")]
     raft_addr: Option<String>,
+    /// Serve Prometheus metrics over HTTP at /metrics on this IP:PORT.
+    #[arg(long, env = "TASKRAFT_METRICS_ADDR")]
+    metrics_addr: Option<String>,
     #[arg(long, env = "TASKRAFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Members of a new cluster: ID=API_ADDR/RAFT_ADDR,...
@@ -390,6 +393,7 @@ fn node_config(args: NodeArgs) -> Result<NodeConfig, Failure> {
     set!(config.node_id, args.id);
     set!(config.api_addr, args.api_addr);
     set!(config.raft_addr, args.raft_addr);
+    set!(config.metrics_addr, args.metrics_addr);
     set!(config.data_dir, args.data_dir);
     set!(config.initial_cluster, args.initial_cluster);
     set!(config.slots, args.slots);

@@ -51,6 +51,7 @@ pub mod protocol;
 pub mod warden;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -72,7 +73,7 @@ use crate::raft::codec;
 use crate::raft::network::PeerNetwork;
 use crate::raft::{NodeId, Raft};
 use crate::scheduler::{
-    AttemptReport, Command, Outcome, RejectionKind, Response, Task, TaskId, TaskState,
+    AttemptReport, Command, Outcome, OutcomeKind, RejectionKind, Response, Task, TaskId, TaskState,
 };
 use crate::storage::StateMachineStore;
 
@@ -96,6 +97,37 @@ pub struct Executor {
     /// milliseconds; `None` before the first ended.
     pub run_ms_mean: std::sync::Mutex<Option<f64>>,
     pub reporter: Reporter,
+    /// What this executor's attempts did since the node started, for metrics.
+    pub counters: AttemptCounters,
+}
+
+/// How many attempts this executor started, and how they ended, since the
+/// node started: counters that only grow, read by [`crate::metrics`].
+#[derive(Debug, Default)]
+pub struct AttemptCounters {
+    started: AtomicU64,
+    /// By `OutcomeKind as usize`.
+    ended: [AtomicU64; OutcomeKind::ALL.len()],
+}
+
+impl AttemptCounters {
+    fn count_start(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_end(&self, kind: OutcomeKind) {
+        self.ended[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Attempts whose program this executor set out to start.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Attempts whose program ended (or failed to start) as `kind`.
+    pub fn ended(&self, kind: OutcomeKind) -> u64 {
+        self.ended[kind as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// The queue between an executor's attempts and its reporter.
@@ -357,6 +389,13 @@ impl Executor {
     }
 
     /// The lease, if it holds now.
+    /// Whether this executor's lease holds now, and how many times it
+    /// lapsed since the node started (see [`HeldLease::lapses`]).
+    pub fn lease_status(&self) -> (bool, u64) {
+        let held = *self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.live_lease().is_some(), held.map_or(0, |held| held.lapses))
+    }
+
     fn live_lease(&self) -> Option<HeldLease> {
         let lease = Duration::from_millis(self.config.lease_ms);
         let held = *self.lease.lock().unwrap_or_else(PoisonError::into_inner);
@@ -527,6 +566,7 @@ impl Executor {
         }
         let started_at_ms = self.clock.unix_now_ms();
         info!(program = %task.spec.command.program, "attempt started");
+        self.counters.count_start();
         let env = AttemptEnv {
             task_id: task.id.0,
             attempt_number: attempt.number,
@@ -584,6 +624,7 @@ impl Executor {
             outcome => outcome,
         };
         info!(?outcome, "attempt ended");
+        self.counters.count_end(outcome.kind());
         let ended_at_ms = self.clock.unix_now_ms();
         self.record_run_time(ended_at_ms.saturating_sub(started_at_ms));
         let report = AttemptReport {

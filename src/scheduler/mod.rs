@@ -30,8 +30,8 @@ pub use command::{
 pub use limits::Limits;
 pub use state::{Applied, FrozenState, State, StateMeta, TaskPage};
 pub use task::{
-    Attempt, Backoff, CommandSpec, NodeId, Outcome, Schedule, StringMap, Task, TaskId, TaskSpec,
-    TaskState,
+    Attempt, Backoff, CommandSpec, NodeId, Outcome, OutcomeKind, Schedule, StringMap, Task, TaskId,
+    TaskSpec, TaskState,
 };
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct State {
     /// Finished tasks by the time they finished, for retention.
     finished_by_time: BTreeSet<(u64, TaskId)>,
     n_tasks_queued: u64,
+    /// How many tasks are in each state, by `TaskState as usize`.
+    n_tasks_by_state: [u64; TaskState::ALL.len()],
     /// Queue names and programs, each kept once however many tasks share it.
     interner: Interner,
 }
@@ -261,6 +263,16 @@ impl State {
     /// Tasks not yet in a terminal state.
     pub fn n_tasks_queued(&self) -> u64 {
         self.n_tasks_queued
+    }
+
+    /// How many tasks are in `state`.
+    pub fn n_tasks_in(&self, state: TaskState) -> u64 {
+        self.n_tasks_by_state[state as usize]
+    }
+
+    /// How many tasks are ready in each queue that has any, in name order.
+    pub fn ready_queue_depths(&self) -> impl ExactSizeIterator<Item = (&str, usize)> {
+        self.ready_by_queue.iter().map(|(queue, ready)| (&**queue, ready.len()))
     }
 
     /// Ready tasks of one queue in the order they should run.
@@ -839,6 +851,7 @@ impl State {
         if !task.state.is_terminal() {
             self.n_tasks_queued += 1;
         }
+        self.n_tasks_by_state[task.state as usize] += 1;
         if let Some(key) = &task.spec.idempotency_key {
             self.task_by_idempotency_key.insert(key.clone(), task.id);
         }
@@ -881,6 +894,8 @@ impl State {
         if !task.state.is_terminal() {
             self.n_tasks_queued -= 1;
         }
+        let n_in_state = &mut self.n_tasks_by_state[task.state as usize];
+        *n_in_state = n_in_state.checked_sub(1).expect("state count out of step");
     }
 
     /// Recomputes every index from the tasks and compares. For tests and
@@ -897,6 +912,12 @@ impl State {
             return Err(format!(
                 "queued count {} but tasks say {}",
                 self.n_tasks_queued, rebuilt.n_tasks_queued
+            ));
+        }
+        if rebuilt.n_tasks_by_state != self.n_tasks_by_state {
+            return Err(format!(
+                "counts by state {:?} but tasks say {:?}",
+                self.n_tasks_by_state, rebuilt.n_tasks_by_state
             ));
         }
         if rebuilt.task_by_idempotency_key != self.task_by_idempotency_key {

@@ -235,6 +235,60 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Exited { code: 0 } => OutcomeKind::Succeeded,
+            Outcome::Exited { .. } => OutcomeKind::Exited,
+            Outcome::Signalled { .. } => OutcomeKind::Signalled,
+            Outcome::TimedOut => OutcomeKind::TimedOut,
+            Outcome::Cancelled => OutcomeKind::Cancelled,
+            Outcome::Lost => OutcomeKind::Lost,
+            Outcome::StartFailed { .. } => OutcomeKind::StartFailed,
+        }
+    }
+}
+
+/// What kind of [`Outcome`] an attempt had, without its details: for
+/// counting attempts by how they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutcomeKind {
+    /// Exited with code 0.
+    Succeeded,
+    /// Exited with any other code.
+    Exited,
+    Signalled,
+    TimedOut,
+    Cancelled,
+    Lost,
+    StartFailed,
+}
+
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 7] = [
+        OutcomeKind::Succeeded,
+        OutcomeKind::Exited,
+        OutcomeKind::Signalled,
+        OutcomeKind::TimedOut,
+        OutcomeKind::Cancelled,
+        OutcomeKind::Lost,
+        OutcomeKind::StartFailed,
+    ];
+
+    /// The lower-case name metrics label it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomeKind::Succeeded => "succeeded",
+            OutcomeKind::Exited => "exited",
+            OutcomeKind::Signalled => "signalled",
+            OutcomeKind::TimedOut => "timed_out",
+            OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::Lost => "lost",
+            OutcomeKind::StartFailed => "start_failed",
+        }
+    }
+}
+
 /// One execution of a task on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {

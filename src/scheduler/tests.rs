@@ -112,6 +112,7 @@ fn queues_are_indexed_separately() {
     assert_eq!(h.state.ready_queues().collect::<Vec<_>>(), vec!["default", "mail"]);
     assert_eq!(h.ready_ids("mail"), vec![0]);
     assert_eq!(h.ready_ids("default"), vec![1]);
+    assert_eq!(h.state.ready_queue_depths().collect::<Vec<_>>(), vec![("default", 1), ("mail", 1)]);
 }
 
 #[test]
@@ -186,6 +187,8 @@ fn cancel_moves_a_live_task_to_cancelled_and_refuses_a_finished_one() {
     let mut delayed = spec("b");
     delayed.schedule = Schedule::DelayMs(1_000);
     let pending = h.submit_one(delayed);
+    let counts = |h: &Harness| TaskState::ALL.map(|state| h.state.n_tasks_in(state));
+    assert_eq!(counts(&h), [1, 1, 0, 0, 0, 0, 0], "one pending, one ready");
     for id in [ready.id, pending.id] {
         match h.apply(Command::CancelTask { now_ms: NOW_MS + 1, id }) {
             Response::Cancelled(task) => assert_eq!(task.state, TaskState::Cancelled),
@@ -193,6 +196,8 @@ fn cancel_moves_a_live_task_to_cancelled_and_refuses_a_finished_one() {
         }
     }
     assert_eq!(h.state.n_tasks_queued(), 0);
+    assert_eq!(counts(&h), [0, 0, 0, 0, 0, 0, 2], "both cancelled");
+    assert_eq!(h.state.ready_queue_depths().count(), 0);
     assert!(h.ready_ids("default").is_empty());
     assert_eq!(h.state.next_pending_run_at_ms(), None);
 

@@ -7,6 +7,7 @@ mod catch_up;
 mod execution;
 mod failover;
 mod membership;
+mod metrics;
 mod nemesis;
 mod power_cut;
 mod replication;
