@@ -171,8 +171,8 @@ def scrape(n):
 deadline = time.monotonic() + 20
 while True:
     metrics = {n: scrape(n) for n in (1, 2, 3)}
-    leaders = [n for n, m in metrics.items() if m["taskraft_raft_role{role="leader"}"] == "1"]
-    succeeded = {n: int(m["taskraft_tasks{state="SUCCEEDED"}"]) for n, m in metrics.items()}
+    leaders = [n for n, m in metrics.items() if m["taskraft_raft_role{role=\"leader\"}"] == "1"]
+    succeeded = {n: int(m["taskraft_tasks{state=\"SUCCEEDED\"}"]) for n, m in metrics.items()}
     if len(leaders) == 1 and all(count == n_tasks for count in succeeded.values()):
         break
     assert time.monotonic() < deadline, f"leaders {leaders}, SUCCEEDED by node {succeeded}, want {n_tasks} each"

@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -22,17 +23,19 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use openraft::Instant as _;
 use openraft::ServerState;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
+use crate::api::requests::{MethodSnapshot, RequestCounts};
 use crate::executor::Executor;
 use crate::platform::Incoming;
 use crate::raft::{NodeId, Raft};
 use crate::scheduler::{OutcomeKind, State, TaskState};
-use crate::storage::StateMachineStore;
+use crate::storage::{AppendedBytes, StateMachineStore};
 
 /// The largest request head (request line and headers) the metrics server
 /// reads; hyper's floor is 8 KiB.
@@ -50,6 +53,61 @@ pub struct MetricsLimits {
     pub queues_max: usize,
 }
 
+/// The upper bounds of [`DurationHistogram`]'s buckets, in seconds: 0.5 ms
+/// doubling to about 8 s, the range etcd gives its WAL fsyncs.
+pub const DURATION_BUCKETS_SECONDS: [f64; 15] = [
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
+    4.096, 8.192,
+];
+
+/// Durations counted into the fixed buckets of [`DURATION_BUCKETS_SECONDS`],
+/// as a Prometheus histogram: lock-free, so the code it times never waits
+/// for a scrape.
+#[derive(Debug, Default)]
+pub struct DurationHistogram {
+    /// One count per bucket, not cumulative; the last is over the largest bound.
+    counts: [AtomicU64; DURATION_BUCKETS_SECONDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+/// What a [`DurationHistogram`] held at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramCounts {
+    /// Per bucket of [`DURATION_BUCKETS_SECONDS`], how many were at most its
+    /// bound (cumulative, as the format has them).
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl DurationHistogram {
+    pub fn observe(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        let bucket = DURATION_BUCKETS_SECONDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(DURATION_BUCKETS_SECONDS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The counts now. The total is the sum of the buckets read, so it
+    /// agrees with them even while durations are being observed.
+    pub fn counts(&self) -> HistogramCounts {
+        let mut cumulative = Vec::with_capacity(DURATION_BUCKETS_SECONDS.len());
+        let mut count = 0;
+        for (idx, bucket) in self.counts.iter().enumerate() {
+            count += bucket.load(Ordering::Relaxed);
+            if idx < DURATION_BUCKETS_SECONDS.len() {
+                cumulative.push(count);
+            }
+        }
+        let sum_seconds = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        HistogramCounts { cumulative, count, sum_seconds }
+    }
+}
+
 /// What one scrape reports, gathered from the node at one moment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeMetrics {
@@ -65,6 +123,20 @@ pub struct NodeMetrics {
     pub applied_index: u64,
     pub snapshot_index: u64,
     pub purged_index: u64,
+    /// On the leader, each voter's and learner's last log index it knows
+    /// to be replicated there, by node id; empty on the others.
+    pub matched_index_by_node: Vec<(NodeId, u64)>,
+    /// On the leader, how long since a majority last acknowledged it (what
+    /// `raft.quorum_silence_ms_max` is judged by); `None` on the others.
+    pub quorum_ack_age: Option<Duration>,
+    /// How long the Raft log's flushes (its fsyncs) took since the node started.
+    pub log_flush: HistogramCounts,
+    /// Bytes of entries appended to the Raft log since the node started.
+    pub log_appended_bytes: u64,
+    /// The size of this node's current snapshot file; `None` if it could not be read.
+    pub snapshot_bytes: Option<u64>,
+    /// The calls its client API answered, by method.
+    pub api_methods: Vec<MethodSnapshot>,
     /// Tasks in each state, in the order of `TaskState::ALL`.
     pub tasks_by_state: Vec<(TaskState, u64)>,
     /// Ready tasks by queue, in name order, at most `queues_max` of them.
@@ -90,6 +162,9 @@ pub struct MetricsSource {
     pub raft: Raft,
     pub state_machine: StateMachineStore,
     pub executor: Arc<Executor>,
+    pub log_flush: Arc<DurationHistogram>,
+    pub log_appended_bytes: AppendedBytes,
+    pub api_requests: Arc<RequestCounts>,
 }
 
 impl MetricsSource {
@@ -116,6 +191,17 @@ impl MetricsSource {
             applied_index: raft.last_applied.map_or(0, |log_id| log_id.index()),
             snapshot_index: raft.snapshot.map_or(0, |log_id| log_id.index()),
             purged_index: raft.purged.map_or(0, |log_id| log_id.index()),
+            matched_index_by_node: raft
+                .replication
+                .iter()
+                .flatten()
+                .map(|(node_id, matched)| (*node_id, matched.map_or(0, |log_id| log_id.index())))
+                .collect(),
+            quorum_ack_age: raft.last_quorum_acked.as_ref().map(|acked| acked.elapsed()),
+            log_flush: self.log_flush.counts(),
+            log_appended_bytes: self.log_appended_bytes.get(),
+            snapshot_bytes: self.state_machine.snapshot_bytes().ok(),
+            api_methods: self.api_requests.snapshot(),
             ..NodeMetrics::default()
         };
         metrics.read_tasks(&self.state_machine.read().state, queues_max);
@@ -196,6 +282,68 @@ pub fn render(metrics: &NodeMetrics) -> String {
         out.family(name, "gauge", help);
         out.sample(name, &[], value);
     }
+    out.family(
+        "taskraft_raft_matched_index",
+        "gauge",
+        "On the leader: the last log index known replicated on each node.",
+    );
+    for (node_id, matched_index) in &metrics.matched_index_by_node {
+        out.sample(
+            "taskraft_raft_matched_index",
+            &[("node_id", &node_id.to_string())],
+            *matched_index,
+        );
+    }
+    if let Some(age) = metrics.quorum_ack_age {
+        out.family(
+            "taskraft_raft_quorum_ack_age_seconds",
+            "gauge",
+            "On the leader: the time since a majority last acknowledged it.",
+        );
+        out.sample_f64("taskraft_raft_quorum_ack_age_seconds", age.as_secs_f64());
+    }
+    out.histogram(
+        "taskraft_raft_log_flush_seconds",
+        "How long each flush of the Raft log to disk took (fsync included); an append is acknowledged only after one.",
+        &metrics.log_flush,
+    );
+    out.family(
+        "taskraft_raft_log_appended_bytes_total",
+        "counter",
+        "Bytes of entries appended to this node's Raft log.",
+    );
+    out.sample("taskraft_raft_log_appended_bytes_total", &[], metrics.log_appended_bytes);
+    if let Some(bytes) = metrics.snapshot_bytes {
+        out.family("taskraft_snapshot_bytes", "gauge", "The size of this node's current snapshot.");
+        out.sample("taskraft_snapshot_bytes", &[], bytes);
+    }
+
+    out.family(
+        "taskraft_api_requests_total",
+        "counter",
+        "Calls this node's client API answered, by method and status code (a stream when it starts).",
+    );
+    for method in &metrics.api_methods {
+        for (code, n_calls) in &method.by_code {
+            out.sample(
+                "taskraft_api_requests_total",
+                &[("method", &method.method), ("code", code)],
+                *n_calls,
+            );
+        }
+    }
+    out.family(
+        "taskraft_api_request_seconds",
+        "histogram",
+        "How long this node took to answer each call of its client API, by method (a stream: to its first answer).",
+    );
+    for method in &metrics.api_methods {
+        out.histogram_samples(
+            "taskraft_api_request_seconds",
+            &[("method", &method.method)],
+            &method.durations,
+        );
+    }
 
     out.family("taskraft_tasks", "gauge", "Tasks by state, in this node's applied state.");
     for (state, n_tasks) in &metrics.tasks_by_state {
@@ -274,6 +422,20 @@ impl Exposition {
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.name_and_labels(name, labels);
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn sample_f64(&mut self, name: &str, value: f64) {
+        self.sample_labelled_f64(name, &[], value);
+    }
+
+    fn sample_labelled_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.name_and_labels(name, labels);
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn name_and_labels(&mut self, name: &str, labels: &[(&str, &str)]) {
         self.text.push_str(name);
         if !labels.is_empty() {
             self.text.push('{');
@@ -285,11 +447,23 @@ impl Exposition {
             }
             self.text.push('}');
         }
-        let _ = writeln!(self.text, " {value}");
     }
 
-    fn sample_f64(&mut self, name: &str, value: f64) {
-        let _ = writeln!(self.text, "{name} {value}");
+    fn histogram(&mut self, name: &str, help: &str, counts: &HistogramCounts) {
+        self.family(name, "histogram", help);
+        self.histogram_samples(name, &[], counts);
+    }
+
+    /// The samples of one histogram of the family `name`, with `labels`.
+    fn histogram_samples(&mut self, name: &str, labels: &[(&str, &str)], counts: &HistogramCounts) {
+        let bucket = format!("{name}_bucket");
+        for (bound, n_at_most) in DURATION_BUCKETS_SECONDS.iter().zip(&counts.cumulative) {
+            let bound = bound.to_string();
+            self.sample(&bucket, &[labels, &[("le", &bound)]].concat(), *n_at_most);
+        }
+        self.sample(&bucket, &[labels, &[("le", "+Inf")]].concat(), counts.count);
+        self.sample_labelled_f64(&format!("{name}_sum"), labels, counts.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, counts.count);
     }
 }
 
@@ -433,6 +607,23 @@ mod tests {
             applied_index: 118,
             snapshot_index: 100,
             purged_index: 90,
+            matched_index_by_node: vec![(1, 120), (3, 0)],
+            quorum_ack_age: Some(Duration::from_millis(25)),
+            log_flush: {
+                let histogram = DurationHistogram::default();
+                histogram.observe(Duration::from_micros(700));
+                histogram.observe(Duration::from_secs(60));
+                histogram.counts()
+            },
+            log_appended_bytes: 123_456,
+            snapshot_bytes: Some(2_048),
+            api_methods: {
+                let requests = RequestCounts::default();
+                let submit = "/taskraft.v1.Tasks/SubmitTask";
+                requests.record(submit, tonic::Code::Ok, Duration::from_millis(1));
+                requests.record(submit, tonic::Code::Unavailable, Duration::from_millis(3));
+                requests.snapshot()
+            },
             tasks_by_state: TaskState::ALL.iter().zip(1..).map(|(state, n)| (*state, n)).collect(),
             ready_by_queue: vec![("default".into(), 4), ("odd \"q\"\\\nname".into(), 1)],
             ready_queues_omitted: 3,
@@ -462,11 +653,15 @@ mod tests {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
-                assert!(["gauge", "counter"].contains(&kind), "{line}");
+                assert!(["gauge", "counter", "histogram"].contains(&kind), "{line}");
                 declared.push(name.to_owned());
             } else if !line.starts_with("# HELP ") {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert_eq!(declared.last().map(String::as_str), Some(name), "{line}");
+                let family = declared.last().map(String::as_str).unwrap_or_default();
+                let of_histogram = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix) == Some(family));
+                assert!(name == family || of_histogram, "{line} after the family {family}");
             }
         }
         let mut unique = declared.clone();
@@ -497,6 +692,36 @@ mod tests {
             Some("5")
         );
         assert_eq!(value("process_cpu_seconds_total"), Some("1.5"));
+        assert_eq!(value("taskraft_raft_matched_index{node_id=\"1\"}"), Some("120"));
+        assert_eq!(value("taskraft_raft_matched_index{node_id=\"3\"}"), Some("0"));
+        assert_eq!(value("taskraft_raft_quorum_ack_age_seconds"), Some("0.025"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_bucket{le=\"0.0005\"}"), Some("0"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_bucket{le=\"0.001\"}"), Some("1"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_bucket{le=\"8.192\"}"), Some("1"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_bucket{le=\"+Inf\"}"), Some("2"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_count"), Some("2"));
+        assert_eq!(value("taskraft_raft_log_flush_seconds_sum"), Some("60.0007"));
+        assert_eq!(value("taskraft_raft_log_appended_bytes_total"), Some("123456"));
+        assert_eq!(value("taskraft_snapshot_bytes"), Some("2048"));
+        let submit = "method=\"taskraft.v1.Tasks/SubmitTask\"";
+        assert_eq!(
+            value(&format!("taskraft_api_requests_total{{{submit},code=\"OK\"}}")),
+            Some("1")
+        );
+        assert_eq!(
+            value(&format!("taskraft_api_requests_total{{{submit},code=\"UNAVAILABLE\"}}")),
+            Some("1")
+        );
+        assert_eq!(
+            value(&format!("taskraft_api_request_seconds_bucket{{{submit},le=\"0.001\"}}")),
+            Some("1")
+        );
+        assert_eq!(
+            value(&format!("taskraft_api_request_seconds_bucket{{{submit},le=\"+Inf\"}}")),
+            Some("2")
+        );
+        assert_eq!(value(&format!("taskraft_api_request_seconds_sum{{{submit}}}")), Some("0.004"));
+        assert_eq!(value(&format!("taskraft_api_request_seconds_count{{{submit}}}")), Some("2"));
         let n_roles =
             samples.iter().filter(|(name, _)| name.starts_with("taskraft_raft_role{")).count();
         assert_eq!(n_roles, 5);
@@ -544,6 +769,22 @@ mod tests {
         metrics.read_tasks(&state, 0);
         assert!(metrics.ready_by_queue.is_empty());
         assert_eq!(metrics.ready_queues_omitted, 4);
+    }
+
+    #[test]
+    fn a_histogram_counts_each_duration_in_the_first_bucket_that_holds_it() {
+        let histogram = DurationHistogram::default();
+        for micros in [100, 500, 501, 1_000, 3_000, 20_000_000] {
+            histogram.observe(Duration::from_micros(micros));
+        }
+        let counts = histogram.counts();
+        assert_eq!(counts.count, 6);
+        assert_eq!(counts.cumulative.len(), DURATION_BUCKETS_SECONDS.len());
+        // At most 0.5 ms: two; 1 ms: four; 2 ms: four; 4 ms: five; then five to the end.
+        assert_eq!(&counts.cumulative[..4], &[2, 4, 4, 5]);
+        assert!(counts.cumulative[4..].iter().all(|n| *n == 5), "{counts:?}");
+        assert!((counts.sum_seconds - 20.005101).abs() < 1e-9, "{counts:?}");
+        assert!(counts.cumulative.windows(2).all(|pair| pair[0] <= pair[1]));
     }
 
     #[test]

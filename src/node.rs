@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::Context;
 use crate::api::cluster::ClusterService;
+use crate::api::requests::{CountRequestsLayer, RequestCounts};
 use crate::api::tasks::TasksService;
 use crate::config::{ConfigError, NodeConfig};
 use crate::executor::warden::WardenHandle;
@@ -225,6 +226,8 @@ async fn run_validated(
     let db = platform.disk.open(&config.data_dir, server.sled_cache_bytes_max)?;
     let log_store = LogStore::open(&db, server.flush_queue_max)?;
     let appended_bytes = log_store.appended_bytes();
+    let (log_flush_durations, log_appended_bytes) =
+        (log_store.flush_durations(), appended_bytes.clone());
     let log_store_handle = log_store.clone();
     let event_limits = EventLimits {
         history_events_max: server.watch_history_events_max,
@@ -319,12 +322,16 @@ async fn run_validated(
         false => None,
     };
     let executor_task = tokio::spawn(executor.clone().run(warden).in_current_span());
+    let api_requests = Arc::new(RequestCounts::default());
     if let Some(listener) = metrics_listener {
         let source = Arc::new(MetricsSource {
             node_id: config.node_id,
             raft: raft.clone(),
             state_machine: state_machine.clone(),
             executor: executor.clone(),
+            log_flush: log_flush_durations,
+            log_appended_bytes,
+            api_requests: api_requests.clone(),
         });
         let limits = MetricsLimits {
             connections_max: server.metrics_connections_max,
@@ -360,6 +367,7 @@ async fn run_validated(
     let api_bytes_max = server.api_message_bytes_max;
     let api_server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(server.api_concurrency_per_connection_max)
+        .layer(CountRequestsLayer(api_requests))
         .add_service(
             TasksServer::new(TasksService::new(ctx.clone()))
                 .max_decoding_message_size(api_bytes_max)

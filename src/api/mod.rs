@@ -12,10 +12,12 @@
 //! - [`convert`]: protobuf ↔ scheduler types; the only place they meet.
 //! - [`error`]: `ApiError` and its conversion into `tonic::Status`.
 //! - [`tasks`], [`cluster`]: the two services.
+//! - [`requests`]: counting the calls answered, for the metrics.
 
 pub mod cluster;
 pub mod convert;
 pub mod error;
+pub mod requests;
 pub mod tasks;
 
 use std::collections::HashMap;

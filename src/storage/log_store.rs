@@ -52,6 +52,7 @@ use openraft::{EntryPayload, OptionalSend};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::metrics::DurationHistogram;
 use crate::raft::codec;
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::storage::kv::{Batch, Db, IVec, Tree};
@@ -87,6 +88,8 @@ pub struct LogStore {
     /// disk, where purges delete inline to stay deterministic.
     purges_tx: Option<std::sync::mpsc::SyncSender<u64>>,
     appended: AppendedBytes,
+    /// How long each flush took, for the metrics.
+    flush_durations: Arc<DurationHistogram>,
     /// The first index after the purge point (0 before any purge): reads
     /// start there, whatever the runs still hold before it.
     unpurged_from: Arc<AtomicU64>,
@@ -124,13 +127,15 @@ impl LogStore {
         let meta = db.open_tree("raft_meta")?;
         convert_legacy_log(db, &log, &meta)?;
         let (flush_tx, flush_rx) = mpsc::channel(flush_queue_max);
+        let flush_durations = Arc::new(DurationHistogram::default());
         let purges_tx = match db {
             Db::Sled(_) => {
                 let db = db.clone();
                 let span = tracing::Span::current();
+                let durations = flush_durations.clone();
                 std::thread::Builder::new()
                     .name("log-flusher".into())
-                    .spawn(move || span.in_scope(|| flush_thread(db, flush_rx)))?;
+                    .spawn(move || span.in_scope(|| flush_thread(db, flush_rx, &durations)))?;
                 let (purges_tx, purges_rx) = std::sync::mpsc::sync_channel(PURGE_QUEUE_MAX);
                 let log = log.clone();
                 let span = tracing::Span::current();
@@ -140,7 +145,8 @@ impl LogStore {
                 Some(purges_tx)
             }
             Db::Memory(_) => {
-                tokio::spawn(flush_loop(db.clone(), flush_rx).in_current_span());
+                let durations = flush_durations.clone();
+                tokio::spawn(flush_loop(db.clone(), flush_rx, durations).in_current_span());
                 None
             }
         };
@@ -151,6 +157,7 @@ impl LogStore {
             flush_tx,
             purges_tx,
             appended: AppendedBytes::default(),
+            flush_durations,
             unpurged_from: Arc::default(),
         };
         if let Some(purged) = store.read_meta::<LogId>(KEY_LAST_PURGED)? {
@@ -165,6 +172,11 @@ impl LogStore {
 
     /// A handle on the count of bytes appended, which outlives the store's
     /// move into openraft.
+    /// How long each flush of the log took since it was opened.
+    pub fn flush_durations(&self) -> Arc<DurationHistogram> {
+        self.flush_durations.clone()
+    }
+
     pub fn appended_bytes(&self) -> AppendedBytes {
         self.appended.clone()
     }
@@ -346,20 +358,31 @@ fn remover_thread(log: Tree, purges_rx: std::sync::mpsc::Receiver<u64>) {
 }
 
 /// Completes append callbacks only after a flush that covers them; a task.
-async fn flush_loop(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+async fn flush_loop(
+    db: Db,
+    mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+    durations: Arc<DurationHistogram>,
+) {
     let mut waiting = Vec::new();
     while let Some(callback) = flush_rx.recv().await {
         waiting.push(callback);
         while let Ok(callback) = flush_rx.try_recv() {
             waiting.push(callback);
         }
-        complete(&mut waiting, db.flush().await);
+        let started = tokio::time::Instant::now();
+        let result = db.flush().await;
+        durations.observe(started.elapsed());
+        complete(&mut waiting, result);
     }
     info!("log flusher stopped");
 }
 
 /// [`flush_loop`] on a thread of its own, with sled's blocking flush.
-fn flush_thread(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn flush_thread(
+    db: Db,
+    mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+    durations: &DurationHistogram,
+) {
     let mut waiting = Vec::new();
     while let Some(callback) = flush_rx.blocking_recv() {
         waiting.push(callback);
@@ -368,7 +391,9 @@ fn flush_thread(db: Db, mut flush_rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
         }
         let started = std::time::Instant::now();
         let result = db.flush_blocking();
-        let flush_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        durations.observe(elapsed);
+        let flush_ms = elapsed.as_millis() as u64;
         if flush_ms >= SLOW_FLUSH_MS {
             warn!(flush_ms, n_appends = waiting.len(), "a slow flush of the Raft log");
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster_tests::workload::{submit_batch, wait_until_all_finished};
-use cluster_tests::{TestCluster, spec, submit, unplaceable};
+use cluster_tests::{TestCluster, get, spec, submit, unplaceable};
 use taskraft::proto::taskraft_v1 as pb;
 
 /// The value of `sample` (a name with its labels) in `metrics`.
@@ -89,9 +89,58 @@ async fn each_node_s_metrics_show_its_role_the_tasks_and_what_it_ran() -> anyhow
             ran_here("succeeded") + ran_here("exited"),
             "node {id}"
         );
+        // Replication as the leader sees it, and this node's log on disk.
+        for node_id in 1..=3 {
+            let matched =
+                metrics.get(&format!("taskraft_raft_matched_index{{node_id=\"{node_id}\"}}"));
+            match id == leader {
+                true => {
+                    assert!(matched.is_some_and(|index| *index >= 1.0), "{node_id} on the leader")
+                }
+                false => assert_eq!(matched, None, "a follower knows no replication"),
+            }
+        }
+        let quorum_ack_age = metrics.get("taskraft_raft_quorum_ack_age_seconds");
+        assert_eq!(quorum_ack_age.is_some(), id == leader, "node {id}");
+        let n_flushes = value(&metrics, "taskraft_raft_log_flush_seconds_count")?;
+        assert!(n_flushes >= 1.0, "node {id} flushed its log");
+        assert_eq!(
+            value(&metrics, "taskraft_raft_log_flush_seconds_bucket{le=\"+Inf\"}")?,
+            n_flushes
+        );
+        assert!(value(&metrics, "taskraft_raft_log_appended_bytes_total")? > 0.0);
         assert!(value(&metrics, "process_resident_memory_bytes")? > 0.0);
         assert!(value(&metrics, "process_cpu_seconds_total")? > 0.0);
     }
+
+    // The client API's calls, by method and code: two refused reads on node 1.
+    let mut node_1 = cluster.node_client(1, Duration::from_secs(5))?;
+    let not_found = get(&mut node_1, "999999", true).await.expect_err("no such task");
+    assert_eq!(not_found.code(), tonic::Code::NotFound);
+    let invalid = get(&mut node_1, "not-an-id", true).await.expect_err("not an id");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    let metrics = cluster.metrics(1).await?;
+    let get_task = "method=\"taskraft.v1.Tasks/GetTask\"";
+    for code in ["NOT_FOUND", "INVALID_ARGUMENT"] {
+        let sample = format!("taskraft_api_requests_total{{{get_task},code=\"{code}\"}}");
+        assert_eq!(value(&metrics, &sample)?, 1.0, "{sample}");
+    }
+    let n_get_task: f64 = metrics
+        .iter()
+        .filter(|(sample, _)| {
+            sample.starts_with(&format!("taskraft_api_requests_total{{{get_task},"))
+        })
+        .map(|(_, n_calls)| n_calls)
+        .sum();
+    let get_task_count = format!("taskraft_api_request_seconds_count{{{get_task}}}");
+    assert_eq!(value(&metrics, &get_task_count)?, n_get_task, "one duration per call");
+    let submit_tasks_ok =
+        "taskraft_api_requests_total{method=\"taskraft.v1.Tasks/SubmitTasks\",code=\"OK\"}";
+    let mut n_submitted = 0.0;
+    for id in 1..=3 {
+        n_submitted += cluster.metrics(id).await?.get(submit_tasks_ok).copied().unwrap_or(0.0);
+    }
+    assert!(n_submitted >= 1.0, "the batch was answered OK by the node it reached");
 
     // Anything but GET or HEAD of /metrics is answered with a status and a
     // message, and the endpoint serves on.
