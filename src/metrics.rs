@@ -24,7 +24,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use openraft::Instant as _;
-use openraft::ServerState;
 use openraft::type_config::async_runtime::WatchReceiver as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -173,13 +172,7 @@ impl MetricsSource {
         let raft = self.raft.metrics().borrow_watched().clone();
         let membership = raft.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == self.node_id);
-        let role = match raft.state {
-            ServerState::Leader => "leader",
-            ServerState::Candidate => "candidate",
-            ServerState::Follower if voter => "follower",
-            ServerState::Follower | ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
+        let role = crate::raft::role_name(raft.state, voter);
         let mut metrics = NodeMetrics {
             node_id: self.node_id,
             role,
@@ -279,8 +272,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
         ),
     ];
     for (name, help, value) in raft {
-        out.family(name, "gauge", help);
-        out.sample(name, &[], value);
+        out.single(name, "gauge", help, value);
     }
     out.family(
         "taskraft_raft_matched_index",
@@ -307,15 +299,19 @@ pub fn render(metrics: &NodeMetrics) -> String {
         "How long each flush of the Raft log to disk took (fsync included); an append is acknowledged only after one.",
         &metrics.log_flush,
     );
-    out.family(
+    out.single(
         "taskraft_raft_log_appended_bytes_total",
         "counter",
         "Bytes of entries appended to this node's Raft log.",
+        metrics.log_appended_bytes,
     );
-    out.sample("taskraft_raft_log_appended_bytes_total", &[], metrics.log_appended_bytes);
     if let Some(bytes) = metrics.snapshot_bytes {
-        out.family("taskraft_snapshot_bytes", "gauge", "The size of this node's current snapshot.");
-        out.sample("taskraft_snapshot_bytes", &[], bytes);
+        out.single(
+            "taskraft_snapshot_bytes",
+            "gauge",
+            "The size of this node's current snapshot.",
+            bytes,
+        );
     }
 
     out.family(
@@ -353,35 +349,48 @@ pub fn render(metrics: &NodeMetrics) -> String {
     for (queue, n_tasks) in &metrics.ready_by_queue {
         out.sample("taskraft_ready_tasks", &[("queue", queue)], *n_tasks);
     }
-    out.family(
+    out.single(
         "taskraft_ready_queues_omitted",
         "gauge",
         "Queues with READY tasks left out of taskraft_ready_tasks (server.metrics_queues_max).",
+        metrics.ready_queues_omitted,
     );
-    out.sample("taskraft_ready_queues_omitted", &[], metrics.ready_queues_omitted);
 
-    out.family("taskraft_executor_slots", "gauge", "Programs this node's executor runs at once.");
-    out.sample("taskraft_executor_slots", &[], u64::from(metrics.executor_slots));
-    out.family(
-        "taskraft_executor_attempts_active",
-        "gauge",
-        "Attempts ASSIGNED to or RUNNING on this node, in its applied state (prefetched ones included).",
-    );
-    out.sample("taskraft_executor_attempts_active", &[], metrics.executor_attempts_active);
-    out.family("taskraft_executor_lease_held", "gauge", "1 while this executor's lease holds.");
-    out.sample("taskraft_executor_lease_held", &[], u64::from(metrics.executor_lease_held));
-    out.family(
-        "taskraft_executor_lease_lapses_total",
-        "counter",
-        "Times this executor's lease ran out before a renewal arrived.",
-    );
-    out.sample("taskraft_executor_lease_lapses_total", &[], metrics.executor_lease_lapses);
-    out.family(
-        "taskraft_executor_attempts_started_total",
-        "counter",
-        "Attempts whose program this executor set out to start.",
-    );
-    out.sample("taskraft_executor_attempts_started_total", &[], metrics.executor_attempts_started);
+    let executor = [
+        (
+            "taskraft_executor_slots",
+            "gauge",
+            "Programs this node's executor runs at once.",
+            u64::from(metrics.executor_slots),
+        ),
+        (
+            "taskraft_executor_attempts_active",
+            "gauge",
+            "Attempts ASSIGNED to or RUNNING on this node, in its applied state (prefetched ones included).",
+            metrics.executor_attempts_active,
+        ),
+        (
+            "taskraft_executor_lease_held",
+            "gauge",
+            "1 while this executor's lease holds.",
+            u64::from(metrics.executor_lease_held),
+        ),
+        (
+            "taskraft_executor_lease_lapses_total",
+            "counter",
+            "Times this executor's lease ran out before a renewal arrived.",
+            metrics.executor_lease_lapses,
+        ),
+        (
+            "taskraft_executor_attempts_started_total",
+            "counter",
+            "Attempts whose program this executor set out to start.",
+            metrics.executor_attempts_started,
+        ),
+    ];
+    for (name, kind, help, value) in executor {
+        out.single(name, kind, help, value);
+    }
     out.family(
         "taskraft_executor_attempts_ended_total",
         "counter",
@@ -404,8 +413,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
         out.sample_f64("process_cpu_seconds_total", seconds);
     }
     if let Some(bytes) = metrics.process_resident_memory_bytes {
-        out.family("process_resident_memory_bytes", "gauge", "Resident memory of this node.");
-        out.sample("process_resident_memory_bytes", &[], bytes);
+        out.single(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of this node.",
+            bytes,
+        );
     }
     out.text
 }
@@ -419,6 +432,12 @@ struct Exposition {
 impl Exposition {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: u64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use openraft::ServerState;
 use openraft::type_config::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -31,13 +30,7 @@ impl ClusterService {
         let metrics = self.ctx.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == self.ctx.node_id);
-        let role = match metrics.state {
-            ServerState::Leader => "leader",
-            ServerState::Candidate => "candidate",
-            ServerState::Follower if voter => "follower",
-            ServerState::Follower | ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
+        let role = crate::raft::role_name(metrics.state, voter);
         pb::NodeInfo {
             node_id: self.ctx.node_id,
             api_addr: self.ctx.config.api_addr.clone(),

@@ -14,6 +14,7 @@ pub mod service;
 use std::fmt;
 use std::time::Duration;
 
+use openraft::ServerState;
 use openraft::error::{ForwardReason, ForwardToLeader};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,19 @@ pub type Membership = openraft::Membership<NodeId, PeerNode>;
 /// How long a write that openraft refused for a lapsed leader lease waits
 /// before it is proposed again.
 pub const LEASE_LAPSE_RETRY_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The name of a node's role, as `Status` and the metrics give it:
+/// `leader`, `follower`, `candidate`, `learner` (a follower that is no
+/// voter) or `shutdown`.
+pub fn role_name(state: ServerState, voter: bool) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Candidate => "candidate",
+        ServerState::Follower if voter => "follower",
+        ServerState::Follower | ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
 
 /// Whether openraft refused a write only because this leader has not had an
 /// acknowledgement from a majority within its lease (one election timeout).
