@@ -76,6 +76,9 @@ done
 submit CANCELLED "cancelled while it runs" -- sleep 60
 cancel_id=$(printf '%s\n' "${!name[@]}" | sort -n | tail -n1)
 
+step "putting a periodic task: every second, it submits a task of its own"
+"$bin" periodic put demo-tick --every 1s -- sh -c 'echo "tick on node $TASKRAFT_NODE_ID"'
+
 step "cancelling task $cancel_id once it runs"
 until [ "$(state_of "$cancel_id")" = RUNNING ]; do sleep 0.2; done
 "$bin" cancel "$cancel_id" > /dev/null
@@ -88,6 +91,7 @@ old_leader=$(leader_id)
 step "killing the leader, node $old_leader, with SIGKILL"
 "${cluster[@]}" kill "$old_leader"
 started=$(date +%s%N)
+killed_at_ms=$((started / 1000000))
 after=$("$bin" submit --quiet -- echo "submitted after the failover")
 failover_ms=$((($(date +%s%N) - started) / 1000000))
 expected[$after]=SUCCEEDED
@@ -101,10 +105,25 @@ for id in $(printf '%s\n' "${!name[@]}" | sort -n); do
   "$bin" wait "$id" --for 120s > /dev/null || true
 done
 
+step "the periodic task kept firing through the failover; deleting it"
+deleted=$("$bin" --output json periodic delete demo-tick)
+fired_total=$(sed -n 's/.*"fired_total":\([0-9]*\).*/\1/p' <<< "$deleted")
+skipped_total=$(sed -n 's/.*"skipped_total":\([0-9]*\).*/\1/p' <<< "$deleted")
+# Each fired task's key is periodic/demo-tick/<fire time in Unix ms>.
+fire_times=$("$bin" --output json list --all | grep -o '"idempotency_key":"periodic/demo-tick/[0-9]*"' | grep -o '[0-9]*' || true)
+n_listed=$(grep -c . <<< "$fire_times" || true)
+n_after_kill=$(awk -v killed="$killed_at_ms" '$1 > killed' <<< "$fire_times" | grep -c . || true)
+echo "  demo-tick fired $fired_total tasks ($n_listed listed), $n_after_kill of them after the kill, skipped $skipped_total"
+periodic_failures=0
+if [ "$n_after_kill" -eq 0 ] || [ "$fired_total" != "$n_listed" ] || [ "$skipped_total" != 0 ]; then
+  echo "  WRONG: a periodic task should fire after the failover, once per tick" >&2
+  periodic_failures=1
+fi
+
 step "summary"
 "$bin" list --all
 echo
-failures=0
+failures=$periodic_failures
 for id in $(printf '%s\n' "${!name[@]}" | sort -n); do
   state=$(state_of "$id")
   mark=ok

@@ -48,6 +48,8 @@ trap cleanup EXIT
 TASKRAFT_CLUSTER_DIR="$smoke_dir" TASKRAFT_API_PORT_BASE=17000 TASKRAFT_RAFT_PORT_BASE=17100 TASKRAFT_METRICS_PORT_BASE=17200 TASKRAFT_SKIP_BUILD=1 \
   scripts/demo.sh > "$smoke_dir/demo.out" 2>&1 || { cat "$smoke_dir/demo.out"; echo "demo.sh failed"; exit 1; }
 grep -q "failover: a submission committed" "$smoke_dir/demo.out"
+grep -q "demo-tick fired [0-9]* tasks ([0-9]* listed), [1-9][0-9]* of them after the kill, skipped 0" "$smoke_dir/demo.out" ||
+  { grep -A2 "kept firing" "$smoke_dir/demo.out"; echo "demo.sh's periodic task did not fire through the failover"; exit 1; }
 # It names the leader it killed and the one that took over, a different node.
 killed=$(sed -n 's/.*killing the leader, node \([0-9]*\),.*/\1/p' "$smoke_dir/demo.out")
 took_over=$(sed -n 's/^node \([0-9]*\) leads now.*/\1/p' "$smoke_dir/demo.out")

@@ -84,6 +84,8 @@ pub struct LeaderService {
     clock: Arc<dyn Clock>,
     current: Mutex<Option<RunningLoop>>,
     placement_view: PlacementView,
+    /// The limit on tasks not yet terminal that fires of periodic tasks keep to.
+    queued_tasks_max: u64,
 }
 
 struct RunningLoop {
@@ -138,7 +140,15 @@ impl LeaderService {
             clock,
             current: Mutex::new(None),
             placement_view: PlacementView::default(),
+            queued_tasks_max: crate::scheduler::Limits::default().queued_tasks_max,
         }
+    }
+
+    /// Sets the node's limit on tasks not yet terminal, which the fires of
+    /// periodic tasks keep to as submissions do.
+    pub fn with_queued_tasks_max(mut self, queued_tasks_max: u64) -> LeaderService {
+        self.queued_tasks_max = queued_tasks_max;
+        self
     }
 
     /// The view the API proposes submissions with.
@@ -504,6 +514,13 @@ impl SchedulingLoop {
         let applied = self.service.state_machine.read();
         let state = &applied.state;
         let mut commands = Vec::new();
+        // First, so that what fires is placed in this round.
+        if state.next_periodic_fire_ms().is_some_and(|fire_ms| fire_ms <= now_ms) {
+            commands.push(Command::FirePeriodic {
+                now_ms,
+                queued_tasks_max: self.service.queued_tasks_max,
+            });
+        }
         if state.next_pending_run_at_ms().is_some_and(|run_at_ms| run_at_ms <= now_ms) {
             commands.push(Command::PromoteDue { now_ms });
         }
@@ -539,8 +556,10 @@ impl SchedulingLoop {
             });
         }
         let mut wake_in = self.next_purge_at.saturating_duration_since(Instant::now());
-        if let Some(run_at_ms) = state.next_pending_run_at_ms() {
-            wake_in = wake_in.min(Duration::from_millis(run_at_ms.saturating_sub(now_ms)));
+        for due_ms in
+            [state.next_pending_run_at_ms(), state.next_periodic_fire_ms()].into_iter().flatten()
+        {
+            wake_in = wake_in.min(Duration::from_millis(due_ms.saturating_sub(now_ms)));
         }
         if let Some(expiry_ms) = self.leases.next_expiry_ms(state) {
             wake_in = wake_in.min(Duration::from_millis(expiry_ms.saturating_sub(now_mono_ms)));
@@ -570,6 +589,11 @@ impl SchedulingLoop {
                     _ = cancel.cancelled() => return,
                     written = fenced_write(&self.service.raft, self.leader_id, command, timeout) => written,
                 };
+                if let Ok(Response::Fired(ids)) = &written {
+                    for id in ids {
+                        info!(task_id = %id, "a periodic task fired");
+                    }
+                }
                 match written {
                     Ok(Response::Rejected(rejection)) => {
                         warn!(cause = %rejection, "a scheduling command was refused")
@@ -615,7 +639,7 @@ impl SchedulingLoop {
 
 fn made_progress(response: &Response) -> bool {
     match response {
-        Response::Promoted(ids) | Response::Requeued(ids) => !ids.is_empty(),
+        Response::Promoted(ids) | Response::Requeued(ids) | Response::Fired(ids) => !ids.is_empty(),
         Response::Assigned { assigned, .. } => !assigned.is_empty(),
         _ => false,
     }

@@ -142,6 +142,9 @@ pub struct NodeMetrics {
     pub ready_by_queue: Vec<(String, u64)>,
     /// Queues with ready tasks that `ready_by_queue` leaves out.
     pub ready_queues_omitted: u64,
+    pub periodic_tasks: u64,
+    /// The earliest next fire time of a periodic task, Unix milliseconds.
+    pub periodic_next_fire_ms: Option<u64>,
     pub executor_slots: u32,
     /// Attempts assigned to this node and not yet finished, by its applied state.
     pub executor_attempts_active: u64,
@@ -227,6 +230,8 @@ impl NodeMetrics {
             .collect();
         self.ready_queues_omitted = (n_queues - self.ready_by_queue.len()) as u64;
         self.executor_attempts_active = state.n_active_on(self.node_id) as u64;
+        self.periodic_tasks = state.n_periodics() as u64;
+        self.periodic_next_fire_ms = state.next_periodic_fire_ms();
     }
 }
 
@@ -355,6 +360,24 @@ pub fn render(metrics: &NodeMetrics) -> String {
         "Queues with READY tasks left out of taskraft_ready_tasks (server.metrics_queues_max).",
         metrics.ready_queues_omitted,
     );
+
+    out.single(
+        "taskraft_periodic_tasks",
+        "gauge",
+        "Periodic tasks, in this node's applied state.",
+        metrics.periodic_tasks,
+    );
+    if let Some(next_fire_ms) = metrics.periodic_next_fire_ms {
+        out.family(
+            "taskraft_periodic_next_fire_timestamp_seconds",
+            "gauge",
+            "When the next periodic task is due to fire, Unix seconds; long past means no leader fires it.",
+        );
+        out.sample_f64(
+            "taskraft_periodic_next_fire_timestamp_seconds",
+            next_fire_ms as f64 / 1_000.0,
+        );
+    }
 
     let executor = [
         (
@@ -646,6 +669,8 @@ mod tests {
             tasks_by_state: TaskState::ALL.iter().zip(1..).map(|(state, n)| (*state, n)).collect(),
             ready_by_queue: vec![("default".into(), 4), ("odd \"q\"\\\nname".into(), 1)],
             ready_queues_omitted: 3,
+            periodic_tasks: 2,
+            periodic_next_fire_ms: Some(1_796_526_000_250),
             executor_slots: 2,
             executor_attempts_active: 5,
             executor_lease_held: true,
@@ -705,6 +730,8 @@ mod tests {
         assert_eq!(value("taskraft_tasks{state=\"CANCELLED\"}"), Some("7"));
         assert_eq!(value("taskraft_ready_tasks{queue=\"default\"}"), Some("4"));
         assert_eq!(value("taskraft_ready_queues_omitted"), Some("3"));
+        assert_eq!(value("taskraft_periodic_tasks"), Some("2"));
+        assert_eq!(value("taskraft_periodic_next_fire_timestamp_seconds"), Some("1796526000.25"));
         assert_eq!(value("taskraft_executor_lease_held"), Some("1"));
         assert_eq!(
             value("taskraft_executor_attempts_ended_total{outcome=\"timed_out\"}"),

@@ -256,20 +256,23 @@ async fn run_validated(
             .map_err(|err| NodeError::Raft(err.to_string()))?;
 
     // The scheduling loop runs exactly while this node is the committed leader.
-    let leader_service = Arc::new(LeaderService::new(
-        config.node_id,
-        raft.clone(),
-        state_machine.clone(),
-        config.execution.clone(),
-        Duration::from_millis(server.request_timeout_ms),
-        // Within the leader lease: by then a cut-off leader stops renewing
-        // task leases, before any other node can have been elected.
-        QuorumWatch {
-            acks: peer_acks,
-            fresh: Duration::from_millis(config.raft.quorum_fresh_ms()),
-        },
-        platform.clock.clone(),
-    ));
+    let leader_service = Arc::new(
+        LeaderService::new(
+            config.node_id,
+            raft.clone(),
+            state_machine.clone(),
+            config.execution.clone(),
+            Duration::from_millis(server.request_timeout_ms),
+            // Within the leader lease: by then a cut-off leader stops renewing
+            // task leases, before any other node can have been elected.
+            QuorumWatch {
+                acks: peer_acks,
+                fresh: Duration::from_millis(config.raft.quorum_fresh_ms()),
+            },
+            platform.clock.clone(),
+        )
+        .with_queued_tasks_max(config.limits.queued_tasks_max),
+    );
     let leader_watch = {
         let on_start = leader_service.clone();
         let on_stop = leader_service.clone();

@@ -4,7 +4,11 @@
 //! - **lost**: acknowledged submissions whose task is missing from the final
 //!   read, or never reached a terminal state. Must be empty.
 //! - **unexpected**: tasks that executed although no client ever invoked
-//!   their submission. Must be empty.
+//!   their submission, or the put of the periodic task that fired them.
+//!   Must be empty.
+//! - **periodic fires out of order**: a periodic task's fired tasks whose
+//!   fire times (in their idempotency keys) do not grow with their ids: a
+//!   tick fired twice, or fired after a later one. Must be empty.
 //! - **duplicated executions**: tasks that executed more than once. Counted;
 //!   allowed only where the earlier attempt was lost (its lease expired).
 //! - **overlapping attempts**: two attempts of one task running at the same
@@ -25,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use crate::history::{Event, FinalAttempt, SUBMIT};
+use crate::history::{Event, FinalAttempt, PUT_PERIODIC, SUBMIT};
 
 #[derive(Debug, Clone)]
 pub struct CheckerConfig {
@@ -63,6 +67,9 @@ pub struct Report {
     pub duplicated: BTreeMap<String, bool>,
     pub overlapping: Vec<String>,
     pub stale_accepted: Vec<String>,
+    /// Fired tasks whose fire time is not later than that of the task
+    /// fired before them by the same periodic task.
+    pub periodic_out_of_order: Vec<String>,
     /// Tasks a linearizable read did not find, although their submission
     /// had been acknowledged before the read was invoked.
     pub missed_reads: Vec<String>,
@@ -92,6 +99,7 @@ impl Report {
             && self.unexplained_duplicates().is_empty()
             && self.overlapping.is_empty()
             && self.stale_accepted.is_empty()
+            && self.periodic_out_of_order.is_empty()
             && self.missed_reads.is_empty()
             && self.liveness_ok()
     }
@@ -149,6 +157,12 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "periodic fires out of order: {} {:?}",
+            verdict(self.periodic_out_of_order.is_empty()),
+            self.periodic_out_of_order
+        )?;
+        writeln!(
+            f,
             "missed reads:              {} {:?}",
             verdict(self.missed_reads.is_empty()),
             self.missed_reads
@@ -186,12 +200,40 @@ struct Execution {
     gone_ns: Option<u64>,
 }
 
+/// The fired tasks, of each periodic task put, whose fire time is not later
+/// than that of the task with the next lower id fired by the same one.
+fn periodic_out_of_order(
+    prefixes: &BTreeSet<String>,
+    finals: &BTreeMap<String, (String, String, Vec<FinalAttempt>)>,
+) -> Vec<String> {
+    let mut out_of_order = Vec::new();
+    for prefix in prefixes {
+        let mut fired: Vec<(u64, u64, &String)> = finals
+            .iter()
+            .filter_map(|(task_id, (key, _, _))| {
+                let fire_ms = key.strip_prefix(prefix.as_str())?.parse().ok()?;
+                Some((task_id.parse().ok()?, fire_ms, task_id))
+            })
+            .collect();
+        fired.sort();
+        for pair in fired.windows(2) {
+            let ((_, before_ms, _), (_, fire_ms, task_id)) = (pair[0], pair[1]);
+            if fire_ms <= before_ms {
+                out_of_order.push(task_id.clone());
+            }
+        }
+    }
+    out_of_order
+}
+
 pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     let mut report = Report {
         liveness_deadline_ms: config.liveness_deadline.as_millis() as u64,
         ..Report::default()
     };
     let mut invoked_keys = BTreeSet::new();
+    // Key prefixes of the periodic tasks a client put.
+    let mut periodic_prefixes = BTreeSet::new();
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     let mut executions: BTreeMap<String, BTreeMap<u64, Execution>> = BTreeMap::new();
     let mut finals: BTreeMap<String, (String, String, Vec<FinalAttempt>)> = BTreeMap::new();
@@ -210,6 +252,8 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
             Event::Invoke { process, f, key, time_ns } => {
                 if f == SUBMIT {
                     invoked_keys.insert(key.clone());
+                } else if f == PUT_PERIODIC {
+                    periodic_prefixes.insert(key.clone());
                 } else {
                     reads_invoked_ns.insert((*process, key.clone()), *time_ns);
                 }
@@ -290,10 +334,12 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     }
     for task_id in executions.keys() {
         let key = finals.get(task_id).map(|(key, _, _)| key).or_else(|| acknowledged.get(task_id));
-        if !key.is_some_and(|key| invoked_keys.contains(key)) {
+        let fired = |key: &String| periodic_prefixes.iter().any(|prefix| key.starts_with(prefix));
+        if !key.is_some_and(|key| invoked_keys.contains(key) || fired(key)) {
             report.unexpected.push(task_id.clone());
         }
     }
+    report.periodic_out_of_order = periodic_out_of_order(&periodic_prefixes, &finals);
 
     for (task_id, runs) in &executions {
         let attempts =

@@ -103,6 +103,7 @@ fn only(report: &Report, violated: &str) {
         ("duplicated", report.unexplained_duplicates().is_empty()),
         ("overlapping", report.overlapping.is_empty()),
         ("stale", report.stale_accepted.is_empty()),
+        ("periodic", report.periodic_out_of_order.is_empty()),
         ("missed", report.missed_reads.is_empty()),
         ("liveness", report.liveness_ok()),
     ];
@@ -138,6 +139,46 @@ fn an_unsubmitted_execution_is_caught() {
     events.push(end("77", 50, 3, 4_600));
     let report = run(&events);
     assert_eq!(report.unexpected, vec!["77"]);
+    only(&report, "unexpected");
+}
+
+/// Tasks 10 and 11 fired by a periodic task a client put: expected, though
+/// no client submitted them, as long as their fire times grow with their ids.
+fn with_fired(fire_times_ms: [u64; 2]) -> Vec<Event> {
+    let mut events = good();
+    events.insert(
+        0,
+        Event::Invoke {
+            process: 0,
+            f: "put-periodic".into(),
+            key: "periodic/tick/".into(),
+            time_ns: 0,
+        },
+    );
+    for (task, fire_ms) in ["10", "11"].into_iter().zip(fire_times_ms) {
+        events.push(start(task, 20 + fire_ms, 3, fire_ms + 10));
+        events.push(end(task, 20 + fire_ms, 3, fire_ms + 20));
+        let key = format!("periodic/tick/{fire_ms}");
+        let attempts = vec![attempt(20 + fire_ms, 3, fire_ms + 5, fire_ms + 21, "exited 0")];
+        events.push(final_record(task, &key, "SUCCEEDED", attempts));
+    }
+    events
+}
+
+#[test]
+fn fired_tasks_are_expected_and_their_fire_times_must_grow() {
+    let report = run(&with_fired([1_000, 2_000]));
+    assert!(report.valid(), "{report}");
+    let report = run(&with_fired([2_000, 2_000]));
+    assert_eq!(report.periodic_out_of_order, vec!["11"]);
+    only(&report, "periodic");
+    let report = run(&with_fired([2_000, 1_000]));
+    assert_eq!(report.periodic_out_of_order, vec!["11"]);
+    // Without the put, the same tasks are unexpected.
+    let mut events = with_fired([1_000, 2_000]);
+    events.remove(0);
+    let report = run(&events);
+    assert_eq!(report.unexpected, vec!["10", "11"]);
     only(&report, "unexpected");
 }
 

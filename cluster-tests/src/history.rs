@@ -114,6 +114,10 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Event>> {
 /// The `f` of a submission.
 pub const SUBMIT: &str = "submit";
 
+/// The `f` of a periodic task's put; its `key` is the prefix of the
+/// idempotency keys of the tasks it fires (`periodic/<name>/`).
+pub const PUT_PERIODIC: &str = "put-periodic";
+
 /// The ids of the tasks whose submission was acknowledged, in order.
 pub fn acknowledged(events: &[Event]) -> Vec<String> {
     events

@@ -41,7 +41,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::checker::{CheckerConfig, Report, check};
 use crate::history::{self, Event, HistoryWriter};
 use crate::seeded::SplitMix64;
-use crate::workload::{read_recorded, record_final_read, submit_recorded, wait_until_all_finished};
+use crate::workload::{
+    delete_periodic, put_periodic_recorded, read_recorded, record_final_read, submit_recorded,
+    wait_until_all_finished,
+};
 
 /// Simulated time starts here (2026-01-01T00:00:00Z), so that times in the
 /// history look like times.
@@ -586,9 +589,15 @@ async fn prober(
 /// The prober's process number in the history, after the clients'.
 const PROBER_PROCESS: u64 = N_CLIENTS;
 
-/// One client: submits a mix of tasks until told to stop. Client 0 then
-/// waits for every task any client had acknowledged and records the final
-/// read: the liveness phase.
+/// The periodic task client 0 puts first: it fires every second through
+/// the faults, and its fires are checked for order, for their count and
+/// for none made twice.
+const SIM_PERIODIC: &str = "sim-tick";
+
+/// One client: submits a mix of tasks until told to stop. Client 0 first
+/// puts a periodic task, and in the end deletes it, waits for every task
+/// any client had acknowledged or the periodic task fired, and records the
+/// final read: the liveness phase.
 async fn client(run: ClientRun) -> anyhow::Result<()> {
     let ClientRun { process, seed, history, .. } = &run;
     let (process, seed) = (*process, *seed);
@@ -604,6 +613,32 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
     let mut rng = SplitMix64::new(seed ^ 0x10ad);
     let mut n_submitted: u64 = 0;
     let mut last_acknowledged: Option<String> = None;
+    if process == 0 {
+        let periodic = pb::PeriodicTask {
+            name: SIM_PERIODIC.into(),
+            cadence: Some(pb::periodic_task::Cadence::EveryMs(1_000)),
+            spec: Some(pb::TaskSpec {
+                command: Some(pb::Command {
+                    program: SIM_PROGRAM.into(),
+                    args: vec!["50".into()],
+                    ..Default::default()
+                }),
+                max_attempts: 10,
+                backoff: Some(pb::Backoff {
+                    initial_ms: 100,
+                    max_ms: 200,
+                    multiplier_milli: 1_000,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        while !run.stop.load(Ordering::Relaxed)
+            && put_periodic_recorded(&mut client, history, process, periodic.clone()).await.is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     while !run.stop.load(Ordering::Relaxed) {
         // Half the time, first a linearizable read of the last task this
         // client had acknowledged: after a fault (every node crashing, say)
@@ -647,12 +682,50 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
     while run.n_stopped.load(Ordering::Relaxed) < N_CLIENTS {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let acknowledged = history::acknowledged(&history::read(&run.history_path)?);
-    wait_until_all_finished(&mut client, &acknowledged, run.liveness_deadline)
+    let mut waited_for = history::acknowledged(&history::read(&run.history_path)?);
+    waited_for.extend(stop_periodic(&mut client).await?);
+    wait_until_all_finished(&mut client, &waited_for, run.liveness_deadline)
         .await
-        .context("liveness: the healed cluster did not finish every acknowledged task")?;
+        .context("liveness: the healed cluster did not finish every acknowledged or fired task")?;
     record_final_read(&mut client, history).await?;
     Ok(())
+}
+
+/// Deletes the periodic task of the run, once the cluster is healed, and
+/// returns the ids of the tasks it fired. Its counts, replicated with it,
+/// must match them: one task per fire, and no fire refused as made already.
+async fn stop_periodic(client: &mut taskraft::client::Client) -> anyhow::Result<Vec<String>> {
+    let mut deleted = delete_periodic(client, SIM_PERIODIC).await;
+    for _ in 0..5 {
+        if deleted.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        deleted = delete_periodic(client, SIM_PERIODIC).await;
+    }
+    let deleted = deleted.context("deleting the periodic task after the heal")?;
+    let prefix = format!("periodic/{SIM_PERIODIC}/");
+    let fired: Vec<String> = crate::list_all(client, false)
+        .await?
+        .into_iter()
+        .filter(|task| {
+            task.spec.as_ref().is_some_and(|spec| spec.idempotency_key.starts_with(&prefix))
+        })
+        .map(|task| task.id)
+        .collect();
+    // Never put (the faults outlasted every try): it may have been, all the same.
+    let Some(deleted) = deleted else {
+        anyhow::ensure!(fired.is_empty(), "tasks fired by a periodic task that does not exist");
+        return Ok(fired);
+    };
+    anyhow::ensure!(
+        deleted.fired_total == fired.len() as u64 && deleted.skipped_total == 0,
+        "the periodic task counts {} fired and {} skipped, but {} tasks carry its keys",
+        deleted.fired_total,
+        deleted.skipped_total,
+        fired.len()
+    );
+    Ok(fired)
 }
 
 #[cfg(test)]

@@ -61,6 +61,73 @@ pub async fn submit_recorded(
     }
 }
 
+/// Puts a periodic task, recording the put (its key is the prefix of the
+/// keys of the tasks it fires), so the checker expects what it fires.
+pub async fn put_periodic_recorded(
+    client: &mut Client,
+    history: &HistoryWriter,
+    process: u64,
+    periodic: pb::PeriodicTask,
+) -> anyhow::Result<pb::PeriodicTask> {
+    let key = format!("periodic/{}/", periodic.name);
+    let f = history::PUT_PERIODIC.to_owned();
+    history.record(&Event::Invoke {
+        process,
+        f: f.clone(),
+        key: key.clone(),
+        time_ns: history.now_ns(),
+    });
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::PutPeriodicRequest { periodic: Some(periodic.clone()) };
+            async move {
+                TasksClient::new(channel)
+                    .put_periodic(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await;
+    match reply {
+        Ok(reply) => {
+            history.record(&Event::Ok {
+                process,
+                f,
+                key,
+                task_id: None,
+                time_ns: history.now_ns(),
+            });
+            Ok(reply.into_inner().periodic.unwrap_or_default())
+        }
+        Err(status) => {
+            let error = status.to_string();
+            history.record(&Event::Info { process, f, key, error, time_ns: history.now_ns() });
+            Err(status.into())
+        }
+    }
+}
+
+/// Deletes a periodic task; `None` if there was none of that name.
+pub async fn delete_periodic(
+    client: &mut Client,
+    name: &str,
+) -> anyhow::Result<Option<pb::PeriodicTask>> {
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::DeletePeriodicRequest { name: name.to_owned() };
+            async move {
+                TasksClient::new(channel)
+                    .delete_periodic(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await;
+    match reply {
+        Ok(reply) => Ok(reply.into_inner().periodic),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(status.into()),
+    }
+}
+
 /// Reads one task linearizably, recording the read: `ok` with the task's id
 /// when it is there, `ok` without one when the cluster says there is no such
 /// task, `info` when the read failed. Whether the cluster answered.

@@ -3,8 +3,12 @@
 
 use crate::api::error::ApiError;
 use crate::proto::taskraft_v1 as pb;
+use crate::scheduler::periodic::check_name as check_periodic_name;
 use crate::scheduler::task::{Attempt, Outcome, QUEUE_DEFAULT};
-use crate::scheduler::{Backoff, CommandSpec, Limits, Schedule, Task, TaskId, TaskSpec, TaskState};
+use crate::scheduler::{
+    Backoff, Cadence, CommandSpec, CronExpr, Limits, Overlap, Periodic, Schedule, Task, TaskId,
+    TaskSpec, TaskState,
+};
 
 /// The per-attempt timeout of a spec that names none.
 pub const TIMEOUT_MS_DEFAULT: u64 = 3_600_000;
@@ -94,40 +98,107 @@ pub fn state_from_pb(value: i32) -> Result<TaskState, ApiError> {
 }
 
 pub fn task_to_pb(task: &Task) -> pb::Task {
-    let spec = &task.spec;
-    let schedule = match spec.schedule {
-        Schedule::Now => None,
-        Schedule::AtUnixMs(at_ms) => Some(pb::task_spec::Schedule::RunAtUnixMs(at_ms)),
-        Schedule::DelayMs(delay_ms) => Some(pb::task_spec::Schedule::DelayMs(delay_ms)),
-    };
     pb::Task {
         id: task.id.to_string(),
         state: state_to_pb(task.state) as i32,
-        spec: Some(pb::TaskSpec {
-            queue: spec.queue.to_string(),
-            priority: spec.priority,
-            schedule,
-            command: Some(pb::Command {
-                program: spec.command.program.to_string(),
-                args: spec.command.args.to_vec(),
-                env: spec.command.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                working_dir: spec.command.working_dir.as_deref().unwrap_or_default().to_owned(),
-            }),
-            timeout_ms: spec.timeout_ms,
-            max_attempts: spec.max_attempts,
-            backoff: Some(pb::Backoff {
-                initial_ms: spec.backoff.initial_ms,
-                max_ms: spec.backoff.max_ms,
-                multiplier_milli: spec.backoff.multiplier_milli,
-            }),
-            idempotency_key: spec.idempotency_key.as_deref().unwrap_or_default().to_owned(),
-            labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        }),
+        spec: Some(spec_to_pb(&task.spec)),
         run_at_unix_ms: task.run_at_ms,
         created_at_unix_ms: task.created_at_ms,
         updated_at_unix_ms: task.updated_at_ms,
         revision: task.revision,
         attempts: task.attempts.iter().map(attempt_to_pb).collect(),
+    }
+}
+
+fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
+    let schedule = match spec.schedule {
+        Schedule::Now => None,
+        Schedule::AtUnixMs(at_ms) => Some(pb::task_spec::Schedule::RunAtUnixMs(at_ms)),
+        Schedule::DelayMs(delay_ms) => Some(pb::task_spec::Schedule::DelayMs(delay_ms)),
+    };
+    pb::TaskSpec {
+        queue: spec.queue.to_string(),
+        priority: spec.priority,
+        schedule,
+        command: Some(pb::Command {
+            program: spec.command.program.to_string(),
+            args: spec.command.args.to_vec(),
+            env: spec.command.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            working_dir: spec.command.working_dir.as_deref().unwrap_or_default().to_owned(),
+        }),
+        timeout_ms: spec.timeout_ms,
+        max_attempts: spec.max_attempts,
+        backoff: Some(pb::Backoff {
+            initial_ms: spec.backoff.initial_ms,
+            max_ms: spec.backoff.max_ms,
+            multiplier_milli: spec.backoff.multiplier_milli,
+        }),
+        idempotency_key: spec.idempotency_key.as_deref().unwrap_or_default().to_owned(),
+        labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// A periodic task as put: its name, cadence, overlap and spec, the spec
+/// checked against the node's limits like a submitted one.
+pub struct PeriodicPut {
+    pub name: String,
+    pub cadence: Cadence,
+    pub overlap: Overlap,
+    pub spec: TaskSpec,
+}
+
+pub fn periodic_from_pb(
+    periodic: pb::PeriodicTask,
+    limits: &Limits,
+    now_ms: u64,
+) -> Result<PeriodicPut, ApiError> {
+    let cadence = match periodic.cadence {
+        None => {
+            return Err(ApiError::InvalidArgument(
+                "the periodic task has no cadence: give a cron expression or an interval".into(),
+            ));
+        }
+        Some(pb::periodic_task::Cadence::Cron(text)) => {
+            Cadence::Cron(CronExpr::parse(&text).map_err(ApiError::InvalidArgument)?)
+        }
+        Some(pb::periodic_task::Cadence::EveryMs(period_ms)) => Cadence::Every { period_ms },
+    };
+    cadence.check().map_err(ApiError::InvalidArgument)?;
+    check_periodic_name(&periodic.name).map_err(ApiError::InvalidArgument)?;
+    let overlap = match pb::Overlap::try_from(periodic.overlap) {
+        Ok(pb::Overlap::Unspecified | pb::Overlap::Allow) => Overlap::Allow,
+        Ok(pb::Overlap::Forbid) => Overlap::Forbid,
+        Err(_) => {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} is not an overlap policy",
+                periodic.overlap
+            )));
+        }
+    };
+    let spec = periodic
+        .spec
+        .ok_or_else(|| ApiError::InvalidArgument("the periodic task has no task spec".into()))?;
+    let spec = spec_from_pb(spec, limits, now_ms)?;
+    Ok(PeriodicPut { name: periodic.name, cadence, overlap, spec })
+}
+
+pub fn periodic_to_pb(periodic: &Periodic) -> pb::PeriodicTask {
+    pb::PeriodicTask {
+        name: periodic.name.clone(),
+        cadence: Some(match &periodic.cadence {
+            Cadence::Cron(cron) => pb::periodic_task::Cadence::Cron(cron.text().to_owned()),
+            Cadence::Every { period_ms } => pb::periodic_task::Cadence::EveryMs(*period_ms),
+        }),
+        overlap: match periodic.overlap {
+            Overlap::Allow => pb::Overlap::Allow,
+            Overlap::Forbid => pb::Overlap::Forbid,
+        } as i32,
+        spec: Some(spec_to_pb(&periodic.spec)),
+        next_fire_unix_ms: periodic.next_fire_ms.unwrap_or(0),
+        last_task_id: periodic.last_task.map(|id| id.to_string()).unwrap_or_default(),
+        last_fire_unix_ms: periodic.last_fire_ms.unwrap_or(0),
+        fired_total: periodic.fired_total,
+        skipped_total: periodic.skipped_total,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The `Tasks` service: submit, get, list, cancel and watch.
+//! The `Tasks` service: submit, get, list, cancel and watch tasks, and put,
+//! delete and list periodic tasks.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -14,12 +15,15 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
-use crate::api::convert::{parse_task_id, spec_from_pb, state_from_pb, task_to_pb};
+use crate::api::convert::{
+    parse_task_id, periodic_from_pb, periodic_to_pb, spec_from_pb, state_from_pb, task_to_pb,
+};
 use crate::api::error::ApiError;
 use crate::api::{Context, Routed, WATCH_AFTER_REVISION_KEY};
 use crate::proto::taskraft_v1 as pb;
 use crate::proto::taskraft_v1::tasks_client::TasksClient;
 use crate::proto::taskraft_v1::tasks_server::Tasks;
+use crate::scheduler::periodic::check_name as check_periodic_name;
 use crate::scheduler::{Command, Response as Applied, Task, TaskId, TaskState};
 use crate::storage::TaskEvent;
 
@@ -347,5 +351,118 @@ impl Tasks for TasksService {
             .metadata_mut()
             .insert(WATCH_AFTER_REVISION_KEY, MetadataValue::from(start_revision));
         Ok(response)
+    }
+
+    async fn put_periodic(
+        &self,
+        request: Request<pb::PutPeriodicRequest>,
+    ) -> Result<Response<pb::PutPeriodicResponse>, Status> {
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).put_periodic(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
+        let periodic = request
+            .into_inner()
+            .periodic
+            .ok_or_else(|| ApiError::InvalidArgument("no periodic task given".into()))?;
+        let limits = &self.ctx.config.limits;
+        let now_ms = self.ctx.clock.unix_now_ms();
+        let put = periodic_from_pb(periodic, limits, now_ms)?;
+        let command = Command::PutPeriodic {
+            now_ms,
+            periodic_tasks_max: limits.periodic_tasks_max,
+            name: put.name,
+            cadence: put.cadence,
+            overlap: put.overlap,
+            spec: put.spec,
+        };
+        match self.ctx.write(command).await? {
+            Applied::Periodic(periodic) => {
+                tracing::info!(periodic = %periodic.name, cadence = %periodic.cadence, "periodic task put");
+                Ok(Response::new(pb::PutPeriodicResponse {
+                    periodic: Some(periodic_to_pb(&periodic)),
+                }))
+            }
+            Applied::Rejected(rejection) => Err(ApiError::from(rejection).into()),
+            other => Err(ApiError::Internal(format!(
+                "unexpected answer to a periodic task's put: {other:?}"
+            ))
+            .into()),
+        }
+    }
+
+    async fn delete_periodic(
+        &self,
+        request: Request<pb::DeletePeriodicRequest>,
+    ) -> Result<Response<pb::DeletePeriodicResponse>, Status> {
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).delete_periodic(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
+        let name = request.into_inner().name;
+        check_periodic_name(&name).map_err(ApiError::InvalidArgument)?;
+        match self.ctx.write(Command::DeletePeriodic { name }).await? {
+            Applied::Periodic(periodic) => {
+                tracing::info!(periodic = %periodic.name, "periodic task deleted");
+                Ok(Response::new(pb::DeletePeriodicResponse {
+                    periodic: Some(periodic_to_pb(&periodic)),
+                }))
+            }
+            Applied::Rejected(rejection) => Err(ApiError::from(rejection).into()),
+            other => Err(ApiError::Internal(format!(
+                "unexpected answer to a periodic task's deletion: {other:?}"
+            ))
+            .into()),
+        }
+    }
+
+    async fn list_periodic(
+        &self,
+        request: Request<pb::ListPeriodicRequest>,
+    ) -> Result<Response<pb::ListPeriodicResponse>, Status> {
+        let server = &self.ctx.config.server;
+        let message = request.get_ref();
+        let page_size = match message.page_size {
+            0 => server.list_page_size_default,
+            page_size => page_size.min(server.list_page_size_max),
+        } as usize;
+        if !message.page_token.is_empty() {
+            check_periodic_name(&message.page_token)
+                .map_err(|_| ApiError::InvalidArgument("bad page token".into()))?;
+        }
+        let stale = message.stale;
+        let routed = self.read_route(request, stale, |channel, req| async move {
+            TasksClient::new(channel).list_periodic(req).await
+        });
+        let request = match routed.await? {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
+        let after = Some(request.get_ref().page_token.as_str()).filter(|token| !token.is_empty());
+        let (periodics, next_page_token) = {
+            let applied = self.ctx.state_machine.read();
+            let mut page = applied.state.periodics_after(after).take(page_size + 1);
+            let periodics: Vec<pb::PeriodicTask> =
+                page.by_ref().take(page_size).map(periodic_to_pb).collect();
+            let more = page.next().is_some();
+            let next_page_token = match periodics.last() {
+                Some(last) if more => last.name.clone(),
+                _ => String::new(),
+            };
+            (periodics, next_page_token)
+        };
+        Ok(Response::new(pb::ListPeriodicResponse { periodics, next_page_token }))
     }
 }

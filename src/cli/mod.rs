@@ -73,9 +73,44 @@ enum Command {
         #[arg(long = "for", value_parser = parse_duration)]
         wait_for: Option<Duration>,
     },
+    /// Periodic tasks: a task submitted again on a cron expression or an interval.
+    #[command(subcommand)]
+    Periodic(PeriodicCommand),
     /// Inspects and changes the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PeriodicCommand {
+    /// Creates a periodic task, or replaces the one of that name:
+    /// `taskraft periodic put NAME (--cron EXPR | --every D) [OPTIONS] -- PROGRAM [ARGS...]`.
+    Put(PeriodicPutArgs),
+    /// Lists the periodic tasks, by name.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Removes a periodic task; the tasks it fired stay.
+    Delete { name: String },
+}
+
+#[derive(Args, Debug)]
+struct PeriodicPutArgs {
+    /// 1 to 128 letters, digits, '-', '_' and '.'.
+    name: String,
+    /// A cron expression in UTC: minute hour day-of-month month day-of-week
+    /// ('*/5 * * * *', '0 9 * * MON-FRI'), or @hourly, @daily, @weekly, @monthly, @yearly.
+    #[arg(long, required_unless_present = "every", conflicts_with = "every")]
+    cron: Option<String>,
+    /// A fixed interval from now, at least 1s: 30s, 5m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    every: Option<Duration>,
+    /// Skip a fire while the task of the fire before has not finished.
+    #[arg(long)]
+    forbid_overlap: bool,
+    #[command(flatten)]
+    task: TaskArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,25 +210,35 @@ struct NodeArgs {
 
 #[derive(Args, Debug)]
 struct SubmitArgs {
-    /// Higher runs first.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    priority: i32,
     /// Run after this delay, e.g. 30s, 5m.
     #[arg(long, value_parser = parse_duration, conflicts_with = "at")]
     delay: Option<Duration>,
     /// Run at this time: RFC 3339 (2026-11-24T21:00:00Z) or Unix milliseconds.
     #[arg(long)]
     at: Option<String>,
+    /// Idempotency key: submitting it again returns the same task. The CLI
+    /// makes up one when none is given, so its own retries never duplicate.
+    #[arg(long)]
+    key: Option<String>,
+    /// Print only the task id.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    task: TaskArgs,
+}
+
+/// What a task runs and how, for `submit` and `periodic put`.
+#[derive(Args, Debug)]
+struct TaskArgs {
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
     /// Per-attempt timeout, e.g. 10m (default: 1h).
     #[arg(long = "task-timeout", value_parser = parse_duration)]
     task_timeout: Option<Duration>,
     /// Attempts in all (default: 3).
     #[arg(long)]
     max_attempts: Option<u32>,
-    /// Idempotency key: submitting it again returns the same task. The CLI
-    /// makes up one when none is given, so its own retries never duplicate.
-    #[arg(long)]
-    key: Option<String>,
     #[arg(long, default_value = "default")]
     queue: String,
     /// A label the running node must have, KEY=VALUE; repeatable.
@@ -205,9 +250,6 @@ struct SubmitArgs {
     /// Working directory of the task.
     #[arg(long)]
     workdir: Option<String>,
-    /// Print only the task id.
-    #[arg(long)]
-    quiet: bool,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -350,8 +392,80 @@ pub async fn run(job: Job) -> Result<ExitCode, Failure> {
             watch(&mut client, &printer, id, after_revision, None).await
         }
         Command::Wait { id, wait_for } => wait(&mut client, &printer, id, wait_for).await,
+        Command::Periodic(command) => periodic(&mut client, &printer, command).await,
         Command::Cluster(command) => cluster(&mut client, &printer, command).await,
     }
+}
+
+async fn periodic(
+    client: &mut Client,
+    printer: &Printer,
+    command: PeriodicCommand,
+) -> Result<ExitCode, Failure> {
+    match command {
+        PeriodicCommand::Put(args) => {
+            let cadence = match (&args.cron, args.every) {
+                (Some(cron), _) => pb::periodic_task::Cadence::Cron(cron.clone()),
+                (None, Some(every)) => {
+                    pb::periodic_task::Cadence::EveryMs(every.as_millis() as u64)
+                }
+                (None, None) => return Err(usage("give --cron or --every".into())),
+            };
+            let overlap =
+                if args.forbid_overlap { pb::Overlap::Forbid } else { pb::Overlap::Allow };
+            let periodic = pb::PeriodicTask {
+                name: args.name.clone(),
+                cadence: Some(cadence),
+                overlap: overlap as i32,
+                spec: Some(spec_from_args(&args.task)?),
+                ..pb::PeriodicTask::default()
+            };
+            // A put replaces by name, so the client's retries are harmless.
+            let reply = client
+                .call(|channel, timeout| {
+                    let message = pb::PutPeriodicRequest { periodic: Some(periodic.clone()) };
+                    async move { tasks(channel).put_periodic(request(message, timeout)).await }
+                })
+                .await
+                .map_err(status_error)?;
+            printer.periodic(&reply.into_inner().periodic.unwrap_or_default(), "put");
+        }
+        PeriodicCommand::Delete { name } => {
+            let reply = client
+                .call(|channel, timeout| {
+                    let message = pb::DeletePeriodicRequest { name: name.clone() };
+                    async move { tasks(channel).delete_periodic(request(message, timeout)).await }
+                })
+                .await
+                .map_err(status_error)?;
+            printer.periodic(&reply.into_inner().periodic.unwrap_or_default(), "deleted");
+        }
+        PeriodicCommand::List { stale } => {
+            let mut page_token = String::new();
+            let mut first_page = true;
+            loop {
+                let reply = client
+                    .call(|channel, timeout| {
+                        let message = pb::ListPeriodicRequest {
+                            page_size: 0,
+                            page_token: page_token.clone(),
+                            stale,
+                        };
+                        async move { tasks(channel).list_periodic(request(message, timeout)).await }
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                printer.periodic_rows(&reply.periodics, first_page);
+                first_page = false;
+                if reply.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = reply.next_page_token;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(default_level: &str) {
@@ -466,7 +580,8 @@ fn parse_time_ms(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{text:?} is before 1970"))
 }
 
-fn spec_from_args(args: &SubmitArgs) -> Result<pb::TaskSpec, Failure> {
+/// The spec of `args`, to run now, with no idempotency key.
+fn spec_from_args(args: &TaskArgs) -> Result<pb::TaskSpec, Failure> {
     let (program, rest) =
         args.command.split_first().ok_or_else(|| usage("no program given after --".into()))?;
     let env: HashMap<String, String> = args
@@ -481,18 +596,10 @@ fn spec_from_args(args: &SubmitArgs) -> Result<pb::TaskSpec, Failure> {
         .map(|pair| split_pair(pair, "label"))
         .collect::<Result<_, _>>()
         .map_err(usage)?;
-    let schedule = match (&args.at, args.delay) {
-        (Some(at), _) => {
-            Some(pb::task_spec::Schedule::RunAtUnixMs(parse_time_ms(at).map_err(usage)?))
-        }
-        (None, Some(delay)) => Some(pb::task_spec::Schedule::DelayMs(delay.as_millis() as u64)),
-        (None, None) => None,
-    };
-    let key = args.key.clone().unwrap_or_else(|| taskraft::client::fresh_idempotency_key("cli"));
     Ok(pb::TaskSpec {
         queue: args.queue.clone(),
         priority: args.priority,
-        schedule,
+        schedule: None,
         command: Some(pb::Command {
             program: program.clone(),
             args: rest.to_vec(),
@@ -502,7 +609,7 @@ fn spec_from_args(args: &SubmitArgs) -> Result<pb::TaskSpec, Failure> {
         timeout_ms: args.task_timeout.map_or(0, |timeout| timeout.as_millis() as u64),
         max_attempts: args.max_attempts.unwrap_or(0),
         backoff: None,
-        idempotency_key: key,
+        idempotency_key: String::new(),
         labels,
     })
 }
@@ -512,7 +619,16 @@ async fn submit(
     printer: &Printer,
     args: SubmitArgs,
 ) -> Result<ExitCode, Failure> {
-    let spec = spec_from_args(&args)?;
+    let mut spec = spec_from_args(&args.task)?;
+    spec.schedule = match (&args.at, args.delay) {
+        (Some(at), _) => {
+            Some(pb::task_spec::Schedule::RunAtUnixMs(parse_time_ms(at).map_err(usage)?))
+        }
+        (None, Some(delay)) => Some(pb::task_spec::Schedule::DelayMs(delay.as_millis() as u64)),
+        (None, None) => None,
+    };
+    spec.idempotency_key =
+        args.key.clone().unwrap_or_else(|| taskraft::client::fresh_idempotency_key("cli"));
     let reply = client
         .call(|channel, timeout| {
             let message = pb::SubmitTaskRequest { spec: Some(spec.clone()) };

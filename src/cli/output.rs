@@ -34,7 +34,11 @@ fn time(unix_ms: u64) -> String {
 }
 
 fn command_line(task: &pb::Task) -> String {
-    let Some(command) = task.spec.as_ref().and_then(|spec| spec.command.as_ref()) else {
+    spec_command_line(task.spec.as_ref())
+}
+
+fn spec_command_line(spec: Option<&pb::TaskSpec>) -> String {
+    let Some(command) = spec.and_then(|spec| spec.command.as_ref()) else {
         return String::new();
     };
     std::iter::once(&command.program)
@@ -99,6 +103,51 @@ pub fn task_json(task: &pb::Task) -> Value {
             "stdout_tail": attempt.stdout_tail,
             "stderr_tail": attempt.stderr_tail,
         })).collect::<Vec<_>>(),
+    })
+}
+
+fn cadence(periodic: &pb::PeriodicTask) -> String {
+    match &periodic.cadence {
+        Some(pb::periodic_task::Cadence::Cron(cron)) => format!("cron {cron}"),
+        Some(pb::periodic_task::Cadence::EveryMs(every_ms)) => {
+            format!("every {}", humantime::format_duration(Duration::from_millis(*every_ms)))
+        }
+        None => String::new(),
+    }
+}
+
+fn overlap_name(overlap: i32) -> &'static str {
+    match pb::Overlap::try_from(overlap) {
+        Ok(pb::Overlap::Forbid) => "forbid",
+        _ => "allow",
+    }
+}
+
+pub fn periodic_json(periodic: &pb::PeriodicTask) -> Value {
+    let spec = periodic.spec.clone().unwrap_or_default();
+    let command = spec.command.unwrap_or_default();
+    let (cron, every_ms) = match &periodic.cadence {
+        Some(pb::periodic_task::Cadence::Cron(cron)) => (json!(cron), Value::Null),
+        Some(pb::periodic_task::Cadence::EveryMs(every_ms)) => (Value::Null, json!(every_ms)),
+        None => (Value::Null, Value::Null),
+    };
+    json!({
+        "name": periodic.name,
+        "cron": cron,
+        "every_ms": every_ms,
+        "overlap": overlap_name(periodic.overlap),
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "command": { "program": command.program, "args": command.args, "env": command.env, "working_dir": command.working_dir },
+        "timeout_ms": spec.timeout_ms,
+        "max_attempts": spec.max_attempts,
+        "labels": spec.labels,
+        "next_fire": time(periodic.next_fire_unix_ms),
+        "next_fire_unix_ms": periodic.next_fire_unix_ms,
+        "last_fire_unix_ms": periodic.last_fire_unix_ms,
+        "last_task_id": periodic.last_task_id,
+        "fired_total": periodic.fired_total,
+        "skipped_total": periodic.skipped_total,
     })
 }
 
@@ -184,6 +233,48 @@ impl Printer {
                     tail.lines().for_each(|line| println!("    {line}"));
                 }
             }
+        }
+    }
+
+    /// A periodic task that was put or deleted.
+    pub fn periodic(&self, periodic: &pb::PeriodicTask, what: &str) {
+        if self.format == OutputFormat::Json {
+            return self.json(&periodic_json(periodic));
+        }
+        let next = match periodic.next_fire_unix_ms {
+            0 => "never".to_owned(),
+            next_ms => time(next_ms),
+        };
+        println!(
+            "periodic task {} {what}: {}, overlap {}, next fire {next}",
+            periodic.name,
+            cadence(periodic),
+            overlap_name(periodic.overlap)
+        );
+    }
+
+    pub fn periodic_rows(&self, periodics: &[pb::PeriodicTask], header: bool) {
+        if self.format == OutputFormat::Json {
+            return periodics.iter().for_each(|periodic| self.json(&periodic_json(periodic)));
+        }
+        if header {
+            println!(
+                "{:<20} {:<22} {:<7} {:<24} {:>6} {:>7} {:<8} COMMAND",
+                "NAME", "CADENCE", "OVERLAP", "NEXT FIRE", "FIRED", "SKIPPED", "LAST"
+            );
+        }
+        for periodic in periodics {
+            println!(
+                "{:<20} {:<22} {:<7} {:<24} {:>6} {:>7} {:<8} {}",
+                periodic.name,
+                cadence(periodic),
+                overlap_name(periodic.overlap),
+                time(periodic.next_fire_unix_ms),
+                periodic.fired_total,
+                periodic.skipped_total,
+                periodic.last_task_id,
+                spec_command_line(periodic.spec.as_ref())
+            );
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scheduler::periodic::{Cadence, Overlap, Periodic};
 use crate::scheduler::policy::ExecutorCapacity;
 use crate::scheduler::task::{NodeId, Outcome, Task, TaskId, TaskSpec, TaskState};
 
@@ -57,7 +58,32 @@ pub enum Command {
         specs: Vec<TaskSpec>,
         placement: Placement,
     },
+    /// Creates the periodic task `name`, or replaces it: its cadence counts
+    /// from `now_ms` again, and what it fired before stays counted. (The
+    /// periodic variants come last too.)
+    PutPeriodic {
+        now_ms: u64,
+        /// The proposer's limit on periodic tasks.
+        periodic_tasks_max: u64,
+        name: String,
+        cadence: Cadence,
+        overlap: Overlap,
+        spec: TaskSpec,
+    },
+    /// Removes the periodic task `name`; the tasks it fired stay.
+    DeletePeriodic { name: String },
+    /// Fires the periodic tasks whose next fire time is at or before
+    /// `now_ms`, at most [`FIRES_PER_ENTRY_MAX`] of them.
+    FirePeriodic {
+        now_ms: u64,
+        /// The proposer's limit on tasks not yet terminal.
+        queued_tasks_max: u64,
+    },
 }
+
+/// The most periodic tasks one `FirePeriodic` entry fires; the leader
+/// proposes another for the rest.
+pub const FIRES_PER_ENTRY_MAX: usize = 1_000;
 
 /// The leader's view of its live executors when it proposed a submission.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +159,11 @@ impl fmt::Display for Command {
                 specs.len(),
                 placement.executors.len()
             ),
+            Command::PutPeriodic { name, cadence, .. } => {
+                write!(f, "PutPeriodic({name}, {cadence})")
+            }
+            Command::DeletePeriodic { name } => write!(f, "DeletePeriodic({name})"),
+            Command::FirePeriodic { now_ms, .. } => write!(f, "FirePeriodic(now_ms={now_ms})"),
         }
     }
 }
@@ -162,6 +193,10 @@ pub enum Response {
     Requeued(Vec<TaskId>),
     Purged(Vec<TaskId>),
     Rejected(Rejection),
+    /// A periodic task as put, or as it was when deleted.
+    Periodic(Arc<Periodic>),
+    /// The tasks a `FirePeriodic` created.
+    Fired(Vec<TaskId>),
 }
 
 /// The task a report was about, and its state after the report.

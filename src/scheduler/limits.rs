@@ -41,6 +41,8 @@ pub struct Limits {
     pub queued_tasks_max: u64,
     /// Tasks in one `SubmitTasks` call.
     pub batch_tasks_max: usize,
+    /// Periodic tasks the cluster keeps.
+    pub periodic_tasks_max: u64,
 }
 
 impl Default for Limits {
@@ -62,6 +64,7 @@ impl Default for Limits {
             backoff_ms_max: 24 * 3600 * 1000,
             queued_tasks_max: 1 << 20,
             batch_tasks_max: 1_000,
+            periodic_tasks_max: 1_000,
         }
     }
 }
@@ -94,12 +97,13 @@ impl Limits {
         backoff_ms_max: 30 * 24 * 3600 * 1000,
         queued_tasks_max: 1 << 26,
         batch_tasks_max: 100_000,
+        periodic_tasks_max: 100_000,
     };
 
     /// Checks that these limits are usable and within [`Limits::CEILING`].
     pub fn validate(&self) -> Result<(), LimitError> {
         let c = &Limits::CEILING;
-        let pairs: [(&str, u64, u64); 16] = [
+        let pairs: [(&str, u64, u64); 17] = [
             ("program_bytes_max", self.program_bytes_max as u64, c.program_bytes_max as u64),
             ("args_max", self.args_max as u64, c.args_max as u64),
             ("args_bytes_max", self.args_bytes_max as u64, c.args_bytes_max as u64),
@@ -128,6 +132,7 @@ impl Limits {
             ("backoff_ms_max", self.backoff_ms_max, c.backoff_ms_max),
             ("queued_tasks_max", self.queued_tasks_max, c.queued_tasks_max),
             ("batch_tasks_max", self.batch_tasks_max as u64, c.batch_tasks_max as u64),
+            ("periodic_tasks_max", self.periodic_tasks_max, c.periodic_tasks_max),
         ];
         for (name, value, ceiling) in pairs {
             if value == 0 {

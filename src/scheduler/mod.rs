@@ -11,6 +11,7 @@
 //! - [`command`]: `Command` (a log entry's payload) and `Response`.
 //! - [`limits`]: named limits on specs and their validation.
 //! - [`state`]: `State` with its indexes and `apply`, fencing included.
+//! - [`periodic`]: periodic tasks, their cron expressions and intervals.
 //! - [`backoff`]: retry delays with deterministic jitter.
 //! - [`policy`]: where ready tasks go: fair queues, labels, least loaded.
 //! - [`lease`]: the leader's executor leases and what counts as lost.
@@ -19,6 +20,7 @@ pub mod backoff;
 pub mod command;
 pub mod lease;
 pub mod limits;
+pub mod periodic;
 pub mod policy;
 pub mod state;
 pub mod task;
@@ -28,6 +30,7 @@ pub use command::{
     Submitted,
 };
 pub use limits::Limits;
+pub use periodic::{Cadence, CronExpr, Overlap, Periodic};
 pub use state::{Applied, FrozenState, State, StateMeta, TaskPage};
 pub use task::{
     Attempt, Backoff, CommandSpec, NodeId, Outcome, OutcomeKind, Schedule, StringMap, Task, TaskId,

@@ -19,11 +19,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::backoff::retry_delay_ms;
+use crate::scheduler::command::FIRES_PER_ENTRY_MAX;
 use crate::scheduler::command::{
     Assignment, AttemptReport, Command, LostAttempt, Placement, Recorded, Rejection, RejectionKind,
     Response, Submitted,
 };
 use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
+use crate::scheduler::periodic::{self, Cadence, Overlap, Periodic};
 use crate::scheduler::policy::{PlacementCursor, plan};
 use crate::scheduler::task::{
     Attempt, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
@@ -59,6 +61,10 @@ pub struct State {
     n_tasks_by_state: [u64; TaskState::ALL.len()],
     /// Queue names and programs, each kept once however many tasks share it.
     interner: Interner,
+    /// Periodic tasks by name.
+    periodics: BTreeMap<Arc<str>, Arc<Periodic>>,
+    /// Periodic tasks that will fire, by their next fire time.
+    periodic_by_next_fire: BTreeSet<(u64, Arc<str>)>,
 }
 
 /// How many distinct strings the state shares between tasks; past it, a
@@ -108,6 +114,7 @@ impl Interner {
 pub struct FrozenState {
     meta: StateMeta,
     tasks: BTreeMap<TaskId, Arc<Task>>,
+    periodics: BTreeMap<Arc<str>, Arc<Periodic>>,
 }
 
 impl FrozenState {
@@ -133,6 +140,11 @@ impl FrozenState {
 
     pub fn n_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Every periodic task in name order.
+    pub fn periodics(&self) -> impl ExactSizeIterator<Item = &Periodic> {
+        self.periodics.values().map(|periodic| &**periodic)
     }
 }
 
@@ -178,8 +190,57 @@ impl State {
         Ok(state)
     }
 
+    /// Adds persisted periodic tasks to a state rebuilt by
+    /// [`State::from_parts`]. Refuses what no command could have produced.
+    pub fn with_periodics(
+        mut self,
+        periodics: impl IntoIterator<Item = Periodic>,
+    ) -> Result<State, String> {
+        for periodic in periodics {
+            periodic::check_name(&periodic.name)?;
+            let name: Arc<str> = periodic.name.as_str().into();
+            if self.periodics.contains_key(&name) {
+                return Err(format!("periodic task {name} appears twice"));
+            }
+            if let Some(fire_ms) = periodic.next_fire_ms {
+                self.periodic_by_next_fire.insert((fire_ms, name.clone()));
+            }
+            self.periodics.insert(name, Arc::new(periodic));
+        }
+        Ok(self)
+    }
+
     pub fn meta(&self) -> &StateMeta {
         &self.meta
+    }
+
+    /// The periodic task `name`.
+    pub fn periodic(&self, name: &str) -> Option<&Periodic> {
+        self.periodics.get(name).map(|periodic| &**periodic)
+    }
+
+    /// Periodic tasks whose names sort after `after`, in name order.
+    pub fn periodics_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Periodic> + 'a {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.periodics.range::<str, _>((start, Bound::Unbounded)).map(|(_, periodic)| &**periodic)
+    }
+
+    /// Every periodic task in name order.
+    pub fn periodics(&self) -> impl ExactSizeIterator<Item = &Periodic> {
+        self.periodics.values().map(|periodic| &**periodic)
+    }
+
+    pub fn n_periodics(&self) -> usize {
+        self.periodics.len()
+    }
+
+    /// The earliest next fire time among periodic tasks.
+    pub fn next_periodic_fire_ms(&self) -> Option<u64> {
+        self.periodic_by_next_fire.first().map(|(fire_ms, _)| *fire_ms)
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {
@@ -206,7 +267,11 @@ impl State {
     /// for a snapshot. Cheap: the tasks are shared, not copied, until a
     /// command changes one.
     pub fn frozen(&self) -> FrozenState {
-        FrozenState { meta: self.meta.clone(), tasks: self.tasks.clone() }
+        FrozenState {
+            meta: self.meta.clone(),
+            tasks: self.tasks.clone(),
+            periodics: self.periodics.clone(),
+        }
     }
 
     /// Tasks with an id greater than `after`, in id order.
@@ -356,6 +421,14 @@ impl State {
                     self.place(revision, *now_ms, placement, first_id, &mut changed);
                     Response::Submitted(self.as_they_are_now(submitted))
                 }),
+            Command::PutPeriodic { now_ms, periodic_tasks_max, name, cadence, overlap, spec } => {
+                self.put_periodic(*now_ms, *periodic_tasks_max, name, cadence, *overlap, spec)
+                    .map(Response::Periodic)
+            }
+            Command::DeletePeriodic { name } => self.delete_periodic(name).map(Response::Periodic),
+            Command::FirePeriodic { now_ms, queued_tasks_max } => Ok(Response::Fired(
+                self.fire_periodic(revision, *now_ms, *queued_tasks_max, &mut changed),
+            )),
         };
         let response = result.unwrap_or_else(|rejection| {
             assert!(changed.is_empty(), "a rejected command changed tasks");
@@ -426,33 +499,186 @@ impl State {
                     .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
                 continue;
             }
-            let id = TaskId(self.meta.next_task_id);
-            self.meta.next_task_id += 1;
-            let run_at_ms = match spec.schedule {
-                Schedule::Now => now_ms,
-                Schedule::AtUnixMs(at_ms) => at_ms,
-                Schedule::DelayMs(delay_ms) => now_ms.saturating_add(delay_ms),
-            };
-            let state = if run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
-            let mut spec = spec.clone();
-            self.interner.intern_spec(&mut spec);
-            let task = Task {
-                id,
-                spec,
-                state,
-                run_at_ms,
-                created_at_ms: now_ms,
-                updated_at_ms: now_ms,
-                revision,
-                attempts: Vec::new(),
-            };
-            self.index_insert(&task);
-            let task = Arc::new(task);
-            self.tasks.insert(id, task.clone());
-            changed.push(id);
+            let task = self.insert_task(revision, now_ms, spec.clone(), changed);
             results.push(Submitted { task, already_existed: false });
         }
         Ok(results)
+    }
+
+    /// Creates a task from a spec already checked.
+    fn insert_task(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        mut spec: TaskSpec,
+        changed: &mut Vec<TaskId>,
+    ) -> Arc<Task> {
+        let id = TaskId(self.meta.next_task_id);
+        self.meta.next_task_id += 1;
+        let run_at_ms = match spec.schedule {
+            Schedule::Now => now_ms,
+            Schedule::AtUnixMs(at_ms) => at_ms,
+            Schedule::DelayMs(delay_ms) => now_ms.saturating_add(delay_ms),
+        };
+        let state = if run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
+        self.interner.intern_spec(&mut spec);
+        let task = Task {
+            id,
+            spec,
+            state,
+            run_at_ms,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            revision,
+            attempts: Vec::new(),
+        };
+        self.index_insert(&task);
+        let task = Arc::new(task);
+        self.tasks.insert(id, task.clone());
+        changed.push(id);
+        task
+    }
+
+    fn put_periodic(
+        &mut self,
+        now_ms: u64,
+        periodic_tasks_max: u64,
+        name: &str,
+        cadence: &Cadence,
+        overlap: Overlap,
+        spec: &TaskSpec,
+    ) -> Result<Arc<Periodic>, Rejection> {
+        let invalid = |message: String| Rejection::new(RejectionKind::InvalidArgument, message);
+        periodic::check_name(name).map_err(invalid)?;
+        cadence.check().map_err(invalid)?;
+        Limits::CEILING.check_spec(spec, now_ms).map_err(|err| invalid(err.0))?;
+        if spec.schedule != Schedule::Now {
+            return Err(invalid(
+                "a periodic task's spec runs when it fires; it takes no delay or run-at time"
+                    .into(),
+            ));
+        }
+        if spec.idempotency_key.is_some() {
+            return Err(invalid(
+                "a periodic task's spec takes no idempotency key; each fire gets its own".into(),
+            ));
+        }
+        let next_fire_ms = cadence.next_after(now_ms, now_ms);
+        let previous = self.periodics.get(name).cloned();
+        if previous.is_none() {
+            let periodic_tasks_max = periodic_tasks_max.min(Limits::CEILING.periodic_tasks_max);
+            if self.periodics.len() as u64 >= periodic_tasks_max {
+                return Err(Rejection::new(
+                    RejectionKind::ResourceExhausted,
+                    format!(
+                        "there are {} periodic tasks, the limit is {periodic_tasks_max}",
+                        self.periodics.len()
+                    ),
+                ));
+            }
+        }
+        let name: Arc<str> = name.into();
+        let mut periodic = Periodic {
+            name: name.to_string(),
+            cadence: cadence.clone(),
+            overlap,
+            spec: spec.clone(),
+            anchor_ms: now_ms,
+            next_fire_ms,
+            last_task: None,
+            last_fire_ms: None,
+            fired_total: 0,
+            skipped_total: 0,
+        };
+        if let Some(previous) = previous {
+            self.periodic_index_remove(&previous);
+            periodic.last_task = previous.last_task;
+            periodic.last_fire_ms = previous.last_fire_ms;
+            periodic.fired_total = previous.fired_total;
+            periodic.skipped_total = previous.skipped_total;
+        }
+        self.interner.intern_spec(&mut periodic.spec);
+        let periodic = Arc::new(periodic);
+        if let Some(fire_ms) = periodic.next_fire_ms {
+            self.periodic_by_next_fire.insert((fire_ms, name.clone()));
+        }
+        self.periodics.insert(name, periodic.clone());
+        Ok(periodic)
+    }
+
+    fn delete_periodic(&mut self, name: &str) -> Result<Arc<Periodic>, Rejection> {
+        let Some(periodic) = self.periodics.remove(name) else {
+            return Err(Rejection::new(
+                RejectionKind::NotFound,
+                format!("periodic task {name} does not exist"),
+            ));
+        };
+        self.periodic_index_remove(&periodic);
+        Ok(periodic)
+    }
+
+    fn periodic_index_remove(&mut self, periodic: &Periodic) {
+        if let Some(fire_ms) = periodic.next_fire_ms {
+            let removed =
+                self.periodic_by_next_fire.remove(&(fire_ms, periodic.name.as_str().into()));
+            assert!(removed, "periodic task {} missing from the fire index", periodic.name);
+        }
+    }
+
+    /// Fires what is due: each creates a task, unless its last task is
+    /// still going and it forbids overlap, or the queue is full, and then
+    /// moves on to its first fire time after `now_ms`. A periodic task that
+    /// missed several fire times (the cluster had no leader, say) fires
+    /// once for them.
+    fn fire_periodic(
+        &mut self,
+        revision: u64,
+        now_ms: u64,
+        queued_tasks_max: u64,
+        changed: &mut Vec<TaskId>,
+    ) -> Vec<TaskId> {
+        let queued_tasks_max = queued_tasks_max.min(Limits::CEILING.queued_tasks_max);
+        let due: Vec<(u64, Arc<str>)> = self
+            .periodic_by_next_fire
+            .iter()
+            .take_while(|(fire_ms, _)| *fire_ms <= now_ms)
+            .take(FIRES_PER_ENTRY_MAX)
+            .cloned()
+            .collect();
+        let mut fired = Vec::new();
+        for entry in due {
+            let (fire_ms, name) = &entry;
+            self.periodic_by_next_fire.remove(&entry);
+            let mut periodic =
+                self.periodics.remove(name).expect("a periodic task in the fire index exists");
+            let last_going = periodic
+                .last_task
+                .and_then(|id| self.tasks.get(&id))
+                .is_some_and(|task| !task.state.is_terminal());
+            let periodic_mut = Arc::make_mut(&mut periodic);
+            let key = periodic_mut.fire_key(*fire_ms);
+            let skip = (periodic_mut.overlap == Overlap::Forbid && last_going)
+                || self.n_tasks_queued >= queued_tasks_max
+                || self.task_by_idempotency_key.contains_key(key.as_str());
+            if skip {
+                periodic_mut.skipped_total += 1;
+            } else {
+                let mut spec = periodic_mut.spec.clone();
+                spec.idempotency_key = Some(key.into_boxed_str());
+                let task = self.insert_task(revision, now_ms, spec, changed);
+                periodic_mut.last_task = Some(task.id);
+                periodic_mut.fired_total += 1;
+                fired.push(task.id);
+            }
+            periodic_mut.last_fire_ms = Some(*fire_ms);
+            periodic_mut.next_fire_ms =
+                periodic_mut.cadence.next_after(periodic_mut.anchor_ms, now_ms.max(*fire_ms));
+            if let Some(next_ms) = periodic_mut.next_fire_ms {
+                self.periodic_by_next_fire.insert((next_ms, name.clone()));
+            }
+            self.periodics.insert(name.clone(), periodic);
+        }
+        fired
     }
 
     fn cancel(
@@ -928,6 +1154,10 @@ impl State {
         }
         if rebuilt.finished_by_time != self.finished_by_time {
             return Err("finished index differs from the tasks".into());
+        }
+        let rebuilt = rebuilt.with_periodics(self.periodics().cloned())?;
+        if rebuilt.periodic_by_next_fire != self.periodic_by_next_fire {
+            return Err("periodic fire index differs from the periodic tasks".into());
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use crate::scheduler::{
-    Command, Limits, RejectionKind, Response, Schedule, State, StateMeta, Task, TaskId, TaskSpec,
-    TaskState,
+    Cadence, Command, CronExpr, Limits, Overlap, RejectionKind, Response, Schedule, State,
+    StateMeta, Task, TaskId, TaskSpec, TaskState,
 };
 
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -59,9 +59,11 @@ impl Harness {
 
     fn rejection(&mut self, command: Command) -> (RejectionKind, String) {
         let n_tasks = self.state.n_tasks();
+        let periodics: Vec<_> = self.state.periodics().cloned().collect();
         match self.apply(command) {
             Response::Rejected(rejection) => {
                 assert_eq!(self.state.n_tasks(), n_tasks, "a rejection changes nothing");
+                assert!(self.state.periodics().eq(periodics.iter()), "a rejection changes nothing");
                 (rejection.kind, rejection.message)
             }
             other => panic!("expected a rejection, got {other:?}"),
@@ -466,4 +468,161 @@ fn a_filtered_listing_looks_at_a_bounded_number_of_tasks_per_page_and_misses_non
     let pages = list_to_end(&h.state, 10, 8, |_| false);
     assert_eq!(pages.len(), 5, "forty tasks, eight per page");
     assert!(pages.iter().all(Vec::is_empty));
+}
+
+fn put_periodic(name: &str, cadence: Cadence, overlap: Overlap, now_ms: u64) -> Command {
+    Command::PutPeriodic {
+        now_ms,
+        periodic_tasks_max: Limits::default().periodic_tasks_max,
+        name: name.into(),
+        cadence,
+        overlap,
+        spec: spec("report"),
+    }
+}
+
+fn fire(h: &mut Harness, now_ms: u64) -> Vec<TaskId> {
+    let queued_tasks_max = Limits::default().queued_tasks_max;
+    match h.apply(Command::FirePeriodic { now_ms, queued_tasks_max }) {
+        Response::Fired(ids) => ids,
+        other => panic!("expected fired tasks, got {other:?}"),
+    }
+}
+
+const EVERY_SECOND: Cadence = Cadence::Every { period_ms: 1_000 };
+
+/// The cursor moves in the same entry that creates the task, so applying
+/// the same fire again (a new leader that proposes what its predecessor
+/// committed) creates nothing, and missed fire times fire once.
+#[test]
+fn a_periodic_task_fires_once_per_due_time_and_never_twice() {
+    let mut h = Harness::new();
+    assert!(matches!(
+        h.apply(put_periodic("tick", EVERY_SECOND, Overlap::Allow, NOW_MS)),
+        Response::Periodic(_)
+    ));
+    assert_eq!(h.state.next_periodic_fire_ms(), Some(NOW_MS + 1_000));
+    assert_eq!(fire(&mut h, NOW_MS + 999), vec![]);
+    let fired = fire(&mut h, NOW_MS + 1_000);
+    assert_eq!(fired.len(), 1);
+    let task = h.state.task(fired[0]).unwrap();
+    assert_eq!(task.state, TaskState::Ready);
+    assert_eq!(
+        task.spec.idempotency_key.as_deref(),
+        Some(&*format!("periodic/tick/{}", NOW_MS + 1_000))
+    );
+    assert_eq!(fire(&mut h, NOW_MS + 1_000), vec![], "the same time fires once");
+    assert_eq!(fire(&mut h, NOW_MS + 1_999), vec![]);
+    // Three fire times missed: one task, for the first of them, and the
+    // cadence goes on from now.
+    let fired = fire(&mut h, NOW_MS + 5_500);
+    assert_eq!(fired.len(), 1);
+    let key = h.state.task(fired[0]).unwrap().spec.idempotency_key.clone();
+    assert_eq!(key.as_deref(), Some(&*format!("periodic/tick/{}", NOW_MS + 2_000)));
+    let periodic = h.state.periodic("tick").unwrap();
+    assert_eq!(periodic.next_fire_ms, Some(NOW_MS + 6_000));
+    assert_eq!(periodic.last_fire_ms, Some(NOW_MS + 2_000));
+    assert_eq!(periodic.last_task, Some(fired[0]));
+    assert_eq!((periodic.fired_total, periodic.skipped_total), (2, 0));
+}
+
+#[test]
+fn a_periodic_task_that_forbids_overlap_skips_while_its_last_task_is_going() {
+    let mut h = Harness::new();
+    h.apply(put_periodic("nightly", EVERY_SECOND, Overlap::Forbid, NOW_MS));
+    let first = fire(&mut h, NOW_MS + 1_000);
+    assert_eq!(first.len(), 1);
+    assert_eq!(fire(&mut h, NOW_MS + 2_000), vec![], "the first task is still READY");
+    assert_eq!(h.state.periodic("nightly").unwrap().skipped_total, 1);
+    h.apply(Command::CancelTask { now_ms: NOW_MS + 2_100, id: first[0] });
+    assert_eq!(fire(&mut h, NOW_MS + 3_000).len(), 1, "the last task has finished");
+    // Overlap allowed: a task while the one before is still ready.
+    h.apply(put_periodic("often", EVERY_SECOND, Overlap::Allow, NOW_MS + 3_000));
+    let first_often = fire(&mut h, NOW_MS + 4_000);
+    let second_often = fire(&mut h, NOW_MS + 5_000);
+    assert_eq!((first_often.len(), second_often.len()), (1, 1), "nightly skips, often fires");
+    assert_eq!(h.state.task(first_often[0]).unwrap().state, TaskState::Ready);
+    let nightly = h.state.periodic("nightly").unwrap();
+    assert_eq!((nightly.fired_total, nightly.skipped_total), (2, 3));
+}
+
+#[test]
+fn a_full_queue_skips_a_fire_and_the_cadence_goes_on() {
+    let mut h = Harness::new();
+    h.apply(put_periodic("tick", EVERY_SECOND, Overlap::Allow, NOW_MS));
+    h.submit_one(spec("true"));
+    let full = Command::FirePeriodic { now_ms: NOW_MS + 1_000, queued_tasks_max: 1 };
+    assert_eq!(h.apply(full), Response::Fired(vec![]));
+    let periodic = h.state.periodic("tick").unwrap();
+    assert_eq!((periodic.fired_total, periodic.skipped_total), (0, 1));
+    assert_eq!(periodic.next_fire_ms, Some(NOW_MS + 2_000));
+}
+
+#[test]
+fn a_bad_periodic_task_is_refused_and_changes_nothing() {
+    let mut h = Harness::new();
+    h.apply(put_periodic("kept", EVERY_SECOND, Overlap::Allow, NOW_MS));
+    let mut delayed = spec("report");
+    delayed.schedule = Schedule::DelayMs(5);
+    let mut keyed = spec("report");
+    keyed.idempotency_key = Some("k".into());
+    let with_spec = |spec: TaskSpec| Command::PutPeriodic {
+        now_ms: NOW_MS,
+        periodic_tasks_max: 10,
+        name: "p".into(),
+        cadence: EVERY_SECOND,
+        overlap: Overlap::Allow,
+        spec,
+    };
+    let cases = [
+        (put_periodic("a/b", EVERY_SECOND, Overlap::Allow, NOW_MS), "name may hold"),
+        (put_periodic("p", Cadence::Every { period_ms: 10 }, Overlap::Allow, NOW_MS), "interval"),
+        (with_spec(delayed), "no delay"),
+        (with_spec(keyed), "no idempotency key"),
+        (with_spec(spec("")), "no program"),
+    ];
+    for (command, expected) in cases {
+        let (kind, message) = h.rejection(command);
+        assert_eq!(kind, RejectionKind::InvalidArgument, "{message}");
+        assert!(message.contains(expected), "{message}");
+        assert_eq!(h.state.n_periodics(), 1);
+    }
+    let mut over = put_periodic("another", EVERY_SECOND, Overlap::Allow, NOW_MS);
+    if let Command::PutPeriodic { periodic_tasks_max, .. } = &mut over {
+        *periodic_tasks_max = 1;
+    }
+    let (kind, message) = h.rejection(over.clone());
+    assert_eq!(kind, RejectionKind::ResourceExhausted, "{message}");
+    // Replacing one that exists is no new periodic task.
+    if let Command::PutPeriodic { name, .. } = &mut over {
+        *name = "kept".into();
+    }
+    assert!(matches!(h.apply(over), Response::Periodic(_)));
+    let (kind, _) = h.rejection(Command::DeletePeriodic { name: "missing".into() });
+    assert_eq!(kind, RejectionKind::NotFound);
+    assert_eq!(h.state.n_periodics(), 1);
+}
+
+#[test]
+fn replacing_keeps_the_counts_and_restarts_the_cadence_and_deleting_stops_it() {
+    let mut h = Harness::new();
+    h.apply(put_periodic("tick", EVERY_SECOND, Overlap::Allow, NOW_MS));
+    let fired = fire(&mut h, NOW_MS + 1_000);
+    let hourly = Cadence::Cron(CronExpr::parse("@hourly").unwrap());
+    let Response::Periodic(replaced) =
+        h.apply(put_periodic("tick", hourly, Overlap::Forbid, NOW_MS + 1_500))
+    else {
+        panic!("expected the periodic task");
+    };
+    assert_eq!((replaced.fired_total, replaced.last_task), (1, Some(fired[0])));
+    let next_hour = (NOW_MS + 1_500) / 3_600_000 * 3_600_000 + 3_600_000;
+    assert_eq!(replaced.next_fire_ms, Some(next_hour));
+    assert_eq!(h.state.next_periodic_fire_ms(), Some(next_hour));
+    assert!(matches!(
+        h.apply(Command::DeletePeriodic { name: "tick".into() }),
+        Response::Periodic(_)
+    ));
+    assert_eq!(h.state.next_periodic_fire_ms(), None);
+    assert_eq!(fire(&mut h, next_hour), vec![]);
+    assert!(h.state.task(fired[0]).is_some(), "the tasks it fired stay");
 }

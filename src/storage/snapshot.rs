@@ -10,13 +10,14 @@
 //! log flushes once took 900 ms together, and their leader, having heard
 //! from no majority for a second, refused writes.
 //!
-//! Layout: the magic `TRSNAP02`, a little-endian CRC-32 of everything after
+//! Layout: the magic `TRSNAP03`, a little-endian CRC-32 of everything after
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
-//! [`SnapshotMeta`], then the postcard-encoded body (meta and tasks). Each
-//! task is a `TaskRecord`, its run-at and update times relative to its
-//! creation: absolute, each took 6 bytes, about 4 % of a pending task of
-//! 256 bytes. Files of the format before (`TRSNAP01`, each task as a
-//! [`Task`]) are still read; a node of that version cannot read this one.
+//! [`SnapshotMeta`], then the postcard-encoded body (meta, tasks, then the
+//! periodic tasks). Each task is a `TaskRecord`, its run-at and update times
+//! relative to its creation: absolute, each took 6 bytes, about 4 % of a
+//! pending task of 256 bytes. Files of the formats before (`TRSNAP02`, with
+//! no periodic tasks, and `TRSNAP01`, each task as a [`Task`]) are still
+//! read; a node of an earlier version cannot read this one.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -29,10 +30,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::raft::SnapshotMeta;
 use crate::raft::codec;
-use crate::scheduler::{Attempt, FrozenState, State, StateMeta, Task, TaskId, TaskSpec, TaskState};
+use crate::scheduler::{
+    Attempt, FrozenState, Periodic, State, StateMeta, Task, TaskId, TaskSpec, TaskState,
+};
 
-/// The magic of the format written: each task a [`TaskRecord`].
-const MAGIC: &[u8; 8] = b"TRSNAP02";
+/// The magic of the format written: each task a [`TaskRecord`], then the
+/// periodic tasks.
+const MAGIC: &[u8; 8] = b"TRSNAP03";
+/// The magic of the format before, still read: no periodic tasks.
+const MAGIC_TASK_RECORDS: &[u8; 8] = b"TRSNAP02";
 /// The magic of the format before, still read: each task a [`Task`].
 const MAGIC_TASKS_ABSOLUTE: &[u8; 8] = b"TRSNAP01";
 const HEADER_BYTES: u64 = 8 + 4 + 8;
@@ -155,6 +161,8 @@ enum Format {
     TasksAbsolute,
     /// `TRSNAP02`: each task as a [`TaskRecord`].
     TaskRecords,
+    /// `TRSNAP03`: each task as a [`TaskRecord`], then the periodic tasks.
+    TaskRecordsPeriodics,
 }
 
 /// A task as a snapshot holds it: a [`Task`] whose run-at and update times
@@ -245,10 +253,18 @@ fn write_after_crc<W: Write>(
     for task in state.tasks() {
         task_bytes.clear();
         match format {
-            Format::TaskRecords => codec::encode_into(&TaskRecordRef::of(task), &mut task_bytes),
+            Format::TaskRecords | Format::TaskRecordsPeriodics => {
+                codec::encode_into(&TaskRecordRef::of(task), &mut task_bytes)
+            }
             Format::TasksAbsolute => codec::encode_into(task, &mut task_bytes),
         }
         out.write_all(&task_bytes)?;
+    }
+    if format == Format::TaskRecordsPeriodics {
+        out.write_all(&codec::encode(&state.periodics().len()))?;
+        for periodic in state.periodics() {
+            out.write_all(&codec::encode(periodic))?;
+        }
     }
     out.flush()?;
     Ok(out.hasher.finalize())
@@ -258,7 +274,7 @@ fn write_after_crc<W: Write>(
 /// tests, which check the two agree.
 #[cfg(test)]
 pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
-    encode_in(Format::TaskRecords, meta, state)
+    encode_in(Format::TaskRecordsPeriodics, meta, state)
 }
 
 /// Encodes a snapshot in `format`; for tests.
@@ -266,7 +282,8 @@ pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
 fn encode_in(format: Format, meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize);
     bytes.extend_from_slice(match format {
-        Format::TaskRecords => MAGIC,
+        Format::TaskRecordsPeriodics => MAGIC,
+        Format::TaskRecords => MAGIC_TASK_RECORDS,
         Format::TasksAbsolute => MAGIC_TASKS_ABSOLUTE,
     });
     bytes.extend_from_slice(&[0; 4]);
@@ -293,7 +310,7 @@ pub fn write(
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, PacedFile::new(&tmp));
         out.write_all(MAGIC)?;
         out.write_all(&[0; 4])?;
-        let crc = write_after_crc(Format::TaskRecords, meta, state, &mut out)?;
+        let crc = write_after_crc(Format::TaskRecordsPeriodics, meta, state, &mut out)?;
         out.flush()?;
         drop(out);
         tmp.write_all_at(&crc.to_le_bytes(), MAGIC.len() as u64)?;
@@ -383,8 +400,10 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
         }
         let decoded = match format {
             Format::TasksAbsolute => codec::decode_prefix::<Task>("snapshot task", rest),
-            Format::TaskRecords => codec::decode_prefix::<TaskRecord>("snapshot task", rest)
-                .map(|(record, after)| (Task::from(record), after)),
+            Format::TaskRecords | Format::TaskRecordsPeriodics => {
+                codec::decode_prefix::<TaskRecord>("snapshot task", rest)
+                    .map(|(record, after)| (Task::from(record), after))
+            }
         };
         match decoded {
             Ok((task, after)) => {
@@ -402,7 +421,20 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
     if let Some(failure) = failure {
         return Err(failure);
     }
-    let state = state?;
+    let mut state = state?;
+    if format == Format::TaskRecordsPeriodics {
+        let (n_periodics, mut after): (usize, _) =
+            codec::decode_prefix("snapshot periodic task count", rest).map_err(bad)?;
+        let mut periodics = Vec::new();
+        for _ in 0..n_periodics {
+            let (periodic, next): (Periodic, _) =
+                codec::decode_prefix("snapshot periodic task", after).map_err(bad)?;
+            periodics.push(periodic);
+            after = next;
+        }
+        state = state.with_periodics(periodics).map_err(corrupt)?;
+        rest = after;
+    }
     if !rest.is_empty() {
         return Err(corrupt(format!("{} bytes follow the last task", rest.len())));
     }
@@ -413,7 +445,8 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
 /// of its metadata.
 fn check_header(header: &[u8], file_len: u64) -> io::Result<(Format, u64)> {
     let format = match &header[..8] {
-        magic if magic == MAGIC => Format::TaskRecords,
+        magic if magic == MAGIC => Format::TaskRecordsPeriodics,
+        magic if magic == MAGIC_TASK_RECORDS => Format::TaskRecords,
         magic if magic == MAGIC_TASKS_ABSOLUTE => Format::TasksAbsolute,
         _ => return Err(corrupt("it does not start with a snapshot magic".into())),
     };
@@ -509,6 +542,42 @@ mod tests {
             before.len(),
             pending.n_tasks()
         );
+    }
+
+    /// Periodic tasks come back with their cursors, and a file of the
+    /// format before, which has none, still reads.
+    #[test]
+    fn periodic_tasks_come_back_from_a_snapshot() {
+        use crate::scheduler::{Cadence, CronExpr, Overlap};
+        let mut state = state_with_tasks(3);
+        for (idx, cadence) in [
+            Cadence::Every { period_ms: 60_000 },
+            Cadence::Cron(CronExpr::parse("*/5 9-17 * * MON-FRI").unwrap()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let put = Command::PutPeriodic {
+                now_ms: NOW_MS,
+                periodic_tasks_max: 10,
+                name: format!("p{idx}"),
+                cadence,
+                overlap: Overlap::Forbid,
+                spec: TaskSpec::for_test("report"),
+            };
+            state.apply(2 + idx as u64, &put);
+        }
+        let fire = Command::FirePeriodic { now_ms: NOW_MS + 60_000, queued_tasks_max: 100 };
+        state.apply(4, &fire);
+        assert_eq!(state.n_tasks(), 4);
+        let meta = SnapshotMeta::default();
+        let (_, decoded) = decode(&encode(&meta, &state.frozen())).unwrap();
+        assert!(decoded.periodics().eq(state.periodics()));
+        assert_eq!(decoded.next_periodic_fire_ms(), state.next_periodic_fire_ms());
+        decoded.check_invariants().unwrap();
+        let (_, before) = decode(&encode_in(Format::TaskRecords, &meta, &state.frozen())).unwrap();
+        assert_eq!(before.n_periodics(), 0);
+        assert_eq!(before.n_tasks(), 4);
     }
 
     /// Bytes written through a paced file past several chunks read back

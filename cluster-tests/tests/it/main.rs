@@ -9,6 +9,7 @@ mod failover;
 mod membership;
 mod metrics;
 mod nemesis;
+mod periodic;
 mod power_cut;
 mod replication;
 mod simulation;

@@ -4,7 +4,7 @@
 //! status with a message, and the endpoint goes on serving.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_tests::workload::{submit_batch, wait_until_all_finished};
 use cluster_tests::{TestCluster, get, spec, submit, unplaceable};
@@ -45,6 +45,16 @@ async fn each_node_s_metrics_show_its_role_the_tasks_and_what_it_ran() -> anyhow
     let commit_index = cluster.local_status(leader).await?.commit_index;
     for id in 1..=3 {
         cluster.wait_for_applied(id, commit_index, Duration::from_secs(10)).await?;
+        // An executor takes its first lease with a heartbeat the leader
+        // answers once a majority has acknowledged it: a test this quick
+        // (0.4 s) can scrape a node before that. Within a lease of starting,
+        // every executor holds one.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while value(&cluster.metrics(id).await?, "taskraft_executor_lease_held")? != 1.0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     for id in 1..=3 {
         let metrics = cluster.metrics(id).await?;
