@@ -6,8 +6,8 @@ use crate::proto::taskraft_v1 as pb;
 use crate::scheduler::periodic::check_name as check_periodic_name;
 use crate::scheduler::task::{Attempt, Outcome, QUEUE_DEFAULT};
 use crate::scheduler::{
-    Backoff, Cadence, CommandSpec, CronExpr, Limits, Overlap, Periodic, Schedule, Task, TaskId,
-    TaskSpec, TaskState,
+    Backoff, Cadence, CommandSpec, CronExpr, Limits, Overlap, Periodic, Schedule, State, Task,
+    TaskId, TaskSpec, TaskState,
 };
 
 /// The per-attempt timeout of a spec that names none.
@@ -223,6 +223,17 @@ fn attempt_to_pb(attempt: &Attempt) -> pb::Attempt {
         exit_code,
         stdout_tail: attempt.stdout_tail.clone(),
         stderr_tail: attempt.stderr_tail.clone(),
+    }
+}
+
+/// A queue as `state` holds it: its limit and how many of its tasks are
+/// ready and active.
+pub fn queue_to_pb(state: &State, queue: &str) -> pb::Queue {
+    pb::Queue {
+        name: queue.to_owned(),
+        running_max: state.queue_running_max(queue),
+        ready: state.n_ready_in_queue(queue) as u64,
+        active: state.n_active_in_queue(queue),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The `Tasks` service: submit, get, list, cancel and watch tasks, and put,
-//! delete and list periodic tasks.
+//! The `Tasks` service: submit, get, list, cancel and watch tasks; put,
+//! delete and list periodic tasks; limit and list queues.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
 use crate::api::convert::{
-    parse_task_id, periodic_from_pb, periodic_to_pb, spec_from_pb, state_from_pb, task_to_pb,
+    parse_task_id, periodic_from_pb, periodic_to_pb, queue_to_pb, spec_from_pb, state_from_pb,
+    task_to_pb,
 };
 use crate::api::error::ApiError;
 use crate::api::{Context, Routed, WATCH_AFTER_REVISION_KEY};
@@ -464,5 +465,80 @@ impl Tasks for TasksService {
             (periodics, next_page_token)
         };
         Ok(Response::new(pb::ListPeriodicResponse { periodics, next_page_token }))
+    }
+
+    async fn set_queue_limit(
+        &self,
+        request: Request<pb::SetQueueLimitRequest>,
+    ) -> Result<Response<pb::SetQueueLimitResponse>, Status> {
+        let request = match self
+            .ctx
+            .to_leader(request, |channel, req| async move {
+                TasksClient::new(channel).set_queue_limit(req).await
+            })
+            .await?
+        {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
+        let pb::SetQueueLimitRequest { queue, running_max } = request.into_inner();
+        self.ctx
+            .config
+            .limits
+            .check_queue(&queue)
+            .map_err(|err| ApiError::InvalidArgument(err.0))?;
+        let command = Command::SetQueueLimit { queue: queue.clone(), running_max };
+        match self.ctx.write(command).await? {
+            Applied::Rejected(rejection) => Err(ApiError::from(rejection).into()),
+            _ => {
+                tracing::info!(%queue, ?running_max, "queue limit set");
+                let applied = self.ctx.state_machine.read();
+                Ok(Response::new(pb::SetQueueLimitResponse {
+                    queue: Some(queue_to_pb(&applied.state, &queue)),
+                }))
+            }
+        }
+    }
+
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let server = &self.ctx.config.server;
+        let message = request.get_ref();
+        let page_size = match message.page_size {
+            0 => server.list_page_size_default,
+            page_size => page_size.min(server.list_page_size_max),
+        } as usize;
+        if !message.page_token.is_empty() {
+            self.ctx
+                .config
+                .limits
+                .check_queue(&message.page_token)
+                .map_err(|_| ApiError::InvalidArgument("bad page token".into()))?;
+        }
+        let stale = message.stale;
+        let routed = self.read_route(request, stale, |channel, req| async move {
+            TasksClient::new(channel).list_queues(req).await
+        });
+        let request = match routed.await? {
+            Routed::Local(request) => request,
+            Routed::Forwarded(reply) => return Ok(Response::new(reply)),
+        };
+        let after = Some(request.get_ref().page_token.as_str()).filter(|token| !token.is_empty());
+        let (queues, next_page_token) = {
+            let applied = self.ctx.state_machine.read();
+            let state = &applied.state;
+            let mut names = state.known_queues_after(after).take(page_size + 1);
+            let queues: Vec<pb::Queue> =
+                names.by_ref().take(page_size).map(|queue| queue_to_pb(state, queue)).collect();
+            let more = names.next().is_some();
+            let next_page_token = match queues.last() {
+                Some(last) if more => last.name.clone(),
+                _ => String::new(),
+            };
+            (queues, next_page_token)
+        };
+        Ok(Response::new(pb::ListQueuesResponse { queues, next_page_token }))
     }
 }

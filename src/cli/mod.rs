@@ -76,6 +76,9 @@ enum Command {
     /// Periodic tasks: a task submitted again on a cron expression or an interval.
     #[command(subcommand)]
     Periodic(PeriodicCommand),
+    /// Queues: their limits, and their ready and active tasks.
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Inspects and changes the cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -93,6 +96,25 @@ enum PeriodicCommand {
     },
     /// Removes a periodic task; the tasks it fired stay.
     Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCommand {
+    /// Limits how many tasks of a queue are ASSIGNED or RUNNING at once,
+    /// across the cluster (0 pauses it), or lifts the limit.
+    Limit {
+        queue: String,
+        #[arg(long, required_unless_present = "unlimited", conflicts_with = "unlimited")]
+        running_max: Option<u32>,
+        /// Lift the limit.
+        #[arg(long)]
+        unlimited: bool,
+    },
+    /// Lists the queues that have a limit, ready tasks or active tasks.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -393,8 +415,54 @@ pub async fn run(job: Job) -> Result<ExitCode, Failure> {
         }
         Command::Wait { id, wait_for } => wait(&mut client, &printer, id, wait_for).await,
         Command::Periodic(command) => periodic(&mut client, &printer, command).await,
+        Command::Queue(command) => queue(&mut client, &printer, command).await,
         Command::Cluster(command) => cluster(&mut client, &printer, command).await,
     }
+}
+
+async fn queue(
+    client: &mut Client,
+    printer: &Printer,
+    command: QueueCommand,
+) -> Result<ExitCode, Failure> {
+    match command {
+        QueueCommand::Limit { queue, running_max, unlimited: _ } => {
+            // Setting a limit is idempotent: the client's retries are harmless.
+            let reply = client
+                .call(|channel, timeout| {
+                    let message = pb::SetQueueLimitRequest { queue: queue.clone(), running_max };
+                    async move { tasks(channel).set_queue_limit(request(message, timeout)).await }
+                })
+                .await
+                .map_err(status_error)?;
+            printer.queue_rows(&[reply.into_inner().queue.unwrap_or_default()], true);
+        }
+        QueueCommand::List { stale } => {
+            let mut page_token = String::new();
+            let mut first_page = true;
+            loop {
+                let reply = client
+                    .call(|channel, timeout| {
+                        let message = pb::ListQueuesRequest {
+                            page_size: 0,
+                            page_token: page_token.clone(),
+                            stale,
+                        };
+                        async move { tasks(channel).list_queues(request(message, timeout)).await }
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                printer.queue_rows(&reply.queues, first_page);
+                first_page = false;
+                if reply.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = reply.next_page_token;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn periodic(

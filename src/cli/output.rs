@@ -278,6 +278,29 @@ impl Printer {
         }
     }
 
+    pub fn queue_rows(&self, queues: &[pb::Queue], header: bool) {
+        if self.format == OutputFormat::Json {
+            return queues.iter().for_each(|queue| {
+                self.json(&json!({
+                    "name": queue.name,
+                    "running_max": queue.running_max,
+                    "ready": queue.ready,
+                    "active": queue.active,
+                }))
+            });
+        }
+        if header {
+            println!("{:<24} {:>11} {:>8} {:>8}", "QUEUE", "RUNNING MAX", "READY", "ACTIVE");
+        }
+        for queue in queues {
+            let running_max = queue.running_max.map_or("-".to_owned(), |max| max.to_string());
+            println!(
+                "{:<24} {:>11} {:>8} {:>8}",
+                queue.name, running_max, queue.ready, queue.active
+            );
+        }
+    }
+
     pub fn task_rows(&self, tasks: &[pb::Task], header: bool) {
         if self.format == OutputFormat::Json {
             return tasks.iter().for_each(|task| self.json(&task_json(task)));

@@ -79,6 +79,9 @@ pub enum Command {
         /// The proposer's limit on tasks not yet terminal.
         queued_tasks_max: u64,
     },
+    /// Sets the most tasks of `queue` that may be ASSIGNED or RUNNING at
+    /// once (0 pauses the queue), or with `None` lifts the limit.
+    SetQueueLimit { queue: String, running_max: Option<u32> },
 }
 
 /// The most periodic tasks one `FirePeriodic` entry fires; the leader
@@ -164,6 +167,9 @@ impl fmt::Display for Command {
             }
             Command::DeletePeriodic { name } => write!(f, "DeletePeriodic({name})"),
             Command::FirePeriodic { now_ms, .. } => write!(f, "FirePeriodic(now_ms={now_ms})"),
+            Command::SetQueueLimit { queue, running_max } => {
+                write!(f, "SetQueueLimit({queue}, {running_max:?})")
+            }
         }
     }
 }

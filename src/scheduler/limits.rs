@@ -145,13 +145,20 @@ impl Limits {
         Ok(())
     }
 
+    /// Checks a queue's name: not empty, within the limit, and only
+    /// letters, digits, '-', '_' and '.'.
+    pub fn check_queue(&self, queue: &str) -> Result<(), LimitError> {
+        check_text("queue", queue, self.queue_name_bytes_max)?;
+        if !queue.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            refuse!("queue name {queue:?} may hold only letters, digits, '-', '_' and '.'");
+        }
+        Ok(())
+    }
+
     /// Checks one spec against these limits. `now_ms` is the time the
     /// submission is judged at, for `Schedule::AtUnixMs` and delays.
     pub fn check_spec(&self, spec: &TaskSpec, now_ms: u64) -> Result<(), LimitError> {
-        check_text("queue", &spec.queue, self.queue_name_bytes_max)?;
-        if !spec.queue.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            refuse!("queue name {:?} may hold only letters, digits, '-', '_' and '.'", spec.queue);
-        }
+        self.check_queue(&spec.queue)?;
         let command = &spec.command;
         if command.program.is_empty() {
             refuse!("the command has no program");

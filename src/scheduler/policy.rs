@@ -12,7 +12,8 @@
 //!   attempts it queues to start the moment a slot frees. Because the least
 //!   loaded executor goes first, attempts queue only once every executor
 //!   that can run them has its slots full.
-//! - Draining nodes and full nodes get nothing.
+//! - Draining nodes and full nodes get nothing, and neither does a queue
+//!   whose tasks ASSIGNED or RUNNING have reached its limit.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -86,13 +87,19 @@ pub fn plan(
         let split = queues.partition_point(|queue| *queue <= last.as_str());
         queues.rotate_left(split);
     }
-    let mut iterators: Vec<(&str, Box<dyn Iterator<Item = &Task> + '_>)> = queues
+    // Each queue with its room under its limit, if it has one.
+    type Turns<'a> = Vec<(&'a str, Option<u64>, Box<dyn Iterator<Item = &'a Task> + 'a>)>;
+    let mut iterators: Turns<'_> = queues
         .iter()
         .map(|queue| {
-            (*queue, Box::new(state.ready_in_queue(queue)) as Box<dyn Iterator<Item = &Task>>)
+            let room = state.queue_running_max(queue).map(|running_max| {
+                u64::from(running_max).saturating_sub(state.n_active_in_queue(queue))
+            });
+            let tasks = Box::new(state.ready_in_queue(queue)) as Box<dyn Iterator<Item = &Task>>;
+            (*queue, room, tasks)
         })
         .collect();
-    if let Some((first, _)) = iterators.first() {
+    if let Some((first, _, _)) = iterators.first() {
         cursor.last_first_queue = Some(first.to_string());
     }
 
@@ -103,9 +110,13 @@ pub fn plan(
         }
         // One turn: each queue places at most one task.
         let mut exhausted = Vec::new();
-        for (queue_idx, (_, tasks)) in iterators.iter_mut().enumerate() {
+        for (queue_idx, (_, room, tasks)) in iterators.iter_mut().enumerate() {
             if assignments.len() == assignments_max {
                 break;
+            }
+            if *room == Some(0) {
+                exhausted.push(queue_idx);
+                continue;
             }
             let placed = tasks.find_map(|task| {
                 pick(&candidates, task, cursor.last_tie_node)
@@ -115,6 +126,9 @@ pub fn plan(
                 Some((task, candidate_idx)) => {
                     let candidate = &mut candidates[candidate_idx];
                     candidate.n_active += 1;
+                    if let Some(room) = room {
+                        *room -= 1;
+                    }
                     cursor.last_tie_node = Some(candidate.capacity.node_id);
                     assignments
                         .push(Assignment { task: task.id, node: candidate.capacity.node_id });

@@ -230,6 +230,70 @@ fn draining_nodes_get_no_new_assignments() {
     assert!(cluster.schedule(10).iter().any(|(assignment, _)| assignment.node == 1));
 }
 
+fn limit(queue: &str, running_max: Option<u32>) -> Command {
+    Command::SetQueueLimit { queue: queue.into(), running_max }
+}
+
+fn queue_of(cluster: &Cluster, assigned: &[(Assignment, u64)]) -> Vec<String> {
+    assigned
+        .iter()
+        .map(|(assignment, _)| cluster.task(assignment.task).spec.queue.to_string())
+        .collect()
+}
+
+/// A queue with a limit gets no more tasks ASSIGNED or RUNNING than it
+/// allows, by the plan and by apply alike, while other queues use the
+/// free slots; 0 pauses a queue; lifting the limit lets it go on.
+#[test]
+fn a_queue_limit_caps_its_active_tasks_and_leaves_the_slots_to_others() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[]), executor(2, 4, &[])]);
+    cluster.apply(limit("serial", Some(2)));
+    let serial: Vec<TaskId> = (0..5).map(|_| cluster.submit(spec_in("serial", 5))).collect();
+    for _ in 0..3 {
+        cluster.submit(spec_in("other", 0));
+    }
+    let assigned = cluster.schedule(100);
+    let queues = queue_of(&cluster, &assigned);
+    assert_eq!(queues.iter().filter(|queue| *queue == "serial").count(), 2, "{queues:?}");
+    assert_eq!(queues.iter().filter(|queue| *queue == "other").count(), 3, "{queues:?}");
+    assert_eq!(cluster.state.n_active_in_queue("serial"), 2);
+    assert!(cluster.schedule(100).is_empty(), "serial is at its limit, slots are free");
+    // An assignment beyond the limit that slipped through is skipped by apply.
+    let response = cluster.apply(Command::Assign {
+        now_ms: NOW_MS,
+        assignments: vec![Assignment { task: serial[4], node: 1 }],
+    });
+    assert_eq!(response, Response::Assigned { assigned: vec![], skipped: vec![serial[4]] });
+    // One finishes: one more may go.
+    let (done, token) = assigned
+        .iter()
+        .map(|(assignment, token)| (assignment.task, *token))
+        .find(|(id, _)| cluster.task(*id).spec.queue.as_ref() == "serial")
+        .unwrap();
+    cluster.complete(done, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    let assigned = cluster.schedule(100);
+    assert_eq!(queue_of(&cluster, &assigned), ["serial"]);
+    // Paused: nothing more, though tasks are ready and slots free.
+    cluster.apply(limit("serial", Some(0)));
+    assert_eq!(cluster.state.queue_running_max("serial"), Some(0));
+    let still_ready = cluster.state.ready_in_queue("serial").count();
+    assert_eq!(still_ready, 2);
+    assert!(cluster.schedule(100).is_empty());
+    cluster.apply(limit("serial", None));
+    let assigned = cluster.schedule(100);
+    assert_eq!(queue_of(&cluster, &assigned), ["serial", "serial"]);
+}
+
+#[test]
+fn a_queue_limit_on_a_bad_queue_name_is_refused() {
+    let mut cluster = Cluster::new(vec![]);
+    for queue in ["", "a b", &"q".repeat(2_000)] {
+        let kind = rejection_kind(cluster.apply(limit(queue, Some(1))));
+        assert_eq!(kind, RejectionKind::InvalidArgument, "{queue:?}");
+    }
+    assert_eq!(cluster.state.queue_limits().len(), 0);
+}
+
 #[test]
 fn an_attempt_runs_and_succeeds_with_its_token() {
     let mut cluster = Cluster::new(vec![executor(7, 1, &[])]);

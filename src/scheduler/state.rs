@@ -65,6 +65,11 @@ pub struct State {
     periodics: BTreeMap<Arc<str>, Arc<Periodic>>,
     /// Periodic tasks that will fire, by their next fire time.
     periodic_by_next_fire: BTreeSet<(u64, Arc<str>)>,
+    /// The most tasks of a queue ASSIGNED or RUNNING at once, for the
+    /// queues that have a limit (0 pauses a queue).
+    running_max_by_queue: BTreeMap<Arc<str>, u32>,
+    /// Tasks ASSIGNED or RUNNING, by queue; queues with none are absent.
+    n_active_by_queue: BTreeMap<Arc<str>, u64>,
 }
 
 /// How many distinct strings the state shares between tasks; past it, a
@@ -115,6 +120,7 @@ pub struct FrozenState {
     meta: StateMeta,
     tasks: BTreeMap<TaskId, Arc<Task>>,
     periodics: BTreeMap<Arc<str>, Arc<Periodic>>,
+    running_max_by_queue: BTreeMap<Arc<str>, u32>,
 }
 
 impl FrozenState {
@@ -145,6 +151,11 @@ impl FrozenState {
     /// Every periodic task in name order.
     pub fn periodics(&self) -> impl ExactSizeIterator<Item = &Periodic> {
         self.periodics.values().map(|periodic| &**periodic)
+    }
+
+    /// Every queue limit, by queue name.
+    pub fn queue_limits(&self) -> impl ExactSizeIterator<Item = (&str, u32)> {
+        self.running_max_by_queue.iter().map(|(queue, running_max)| (&**queue, *running_max))
     }
 }
 
@@ -210,8 +221,71 @@ impl State {
         Ok(self)
     }
 
+    /// Adds persisted queue limits to a rebuilt state. Refuses what no
+    /// command could have produced.
+    pub fn with_queue_limits(
+        mut self,
+        limits: impl IntoIterator<Item = (String, u32)>,
+    ) -> Result<State, String> {
+        for (queue, running_max) in limits {
+            check_queue_name(&queue)?;
+            if self.running_max_by_queue.insert(queue.as_str().into(), running_max).is_some() {
+                return Err(format!("queue {queue} has two limits"));
+            }
+        }
+        Ok(self)
+    }
+
     pub fn meta(&self) -> &StateMeta {
         &self.meta
+    }
+
+    /// The most tasks of `queue` that may be ASSIGNED or RUNNING at once;
+    /// `None` for no limit.
+    pub fn queue_running_max(&self, queue: &str) -> Option<u32> {
+        self.running_max_by_queue.get(queue).copied()
+    }
+
+    /// Ready tasks of `queue`.
+    pub fn n_ready_in_queue(&self, queue: &str) -> usize {
+        self.ready_by_queue.get(queue).map_or(0, BTreeSet::len)
+    }
+
+    /// Tasks of `queue` ASSIGNED or RUNNING.
+    pub fn n_active_in_queue(&self, queue: &str) -> u64 {
+        self.n_active_by_queue.get(queue).copied().unwrap_or(0)
+    }
+
+    /// Every queue limit, by queue name.
+    pub fn queue_limits(&self) -> impl ExactSizeIterator<Item = (&str, u32)> {
+        self.running_max_by_queue.iter().map(|(queue, running_max)| (&**queue, *running_max))
+    }
+
+    /// The queues that have a limit, ready tasks or active tasks, in name
+    /// order, after `after`.
+    pub fn known_queues_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        use std::ops::Bound;
+        let range = || (after.map_or(Bound::Unbounded, Bound::Excluded), Bound::Unbounded);
+        type Run<'a> = std::iter::Peekable<Box<dyn Iterator<Item = &'a str> + 'a>>;
+        let run = |names: Box<dyn Iterator<Item = &'a str> + 'a>| -> Run<'a> { names.peekable() };
+        // Three sorted runs merged; each is walked only as far as asked.
+        let mut runs = [
+            run(Box::new(self.running_max_by_queue.range::<str, _>(range()).map(|(q, _)| &**q))),
+            run(Box::new(self.ready_by_queue.range::<str, _>(range()).map(|(q, _)| &**q))),
+            run(Box::new(self.n_active_by_queue.range::<str, _>(range()).map(|(q, _)| &**q))),
+        ];
+        std::iter::from_fn(move || {
+            let next = runs.iter_mut().filter_map(|run| run.peek().copied()).min()?;
+            for run in &mut runs {
+                if run.peek() == Some(&next) {
+                    run.next();
+                }
+            }
+            Some(next)
+        })
     }
 
     /// The periodic task `name`.
@@ -271,6 +345,7 @@ impl State {
             meta: self.meta.clone(),
             tasks: self.tasks.clone(),
             periodics: self.periodics.clone(),
+            running_max_by_queue: self.running_max_by_queue.clone(),
         }
     }
 
@@ -429,6 +504,9 @@ impl State {
             Command::FirePeriodic { now_ms, queued_tasks_max } => Ok(Response::Fired(
                 self.fire_periodic(revision, *now_ms, *queued_tasks_max, &mut changed),
             )),
+            Command::SetQueueLimit { queue, running_max } => {
+                self.set_queue_limit(queue, *running_max).map(|()| Response::Empty)
+            }
         };
         let response = result.unwrap_or_else(|rejection| {
             assert!(changed.is_empty(), "a rejected command changed tasks");
@@ -606,6 +684,20 @@ impl State {
         Ok(periodic)
     }
 
+    fn set_queue_limit(&mut self, queue: &str, running_max: Option<u32>) -> Result<(), Rejection> {
+        check_queue_name(queue)
+            .map_err(|message| Rejection::new(RejectionKind::InvalidArgument, message))?;
+        match running_max {
+            Some(running_max) => {
+                self.running_max_by_queue.insert(queue.into(), running_max);
+            }
+            None => {
+                self.running_max_by_queue.remove(queue);
+            }
+        }
+        Ok(())
+    }
+
     fn delete_periodic(&mut self, name: &str) -> Result<Arc<Periodic>, Rejection> {
         let Some(periodic) = self.periodics.remove(name) else {
             return Err(Rejection::new(
@@ -764,9 +856,19 @@ impl State {
         let mut assigned = Vec::new();
         let mut skipped = Vec::new();
         for assignment in assignments {
-            let ready =
-                self.tasks.get(&assignment.task).is_some_and(|task| task.state == TaskState::Ready);
-            if !ready || self.is_draining(assignment.node) {
+            let Some(task) =
+                self.tasks.get(&assignment.task).filter(|task| task.state == TaskState::Ready)
+            else {
+                skipped.push(assignment.task);
+                continue;
+            };
+            // A queue at its limit takes no more, whoever planned it: a
+            // plan made before another entry filled the queue is cut here.
+            let queue = &*task.spec.queue;
+            let queue_full = self
+                .queue_running_max(queue)
+                .is_some_and(|running_max| self.n_active_in_queue(queue) >= u64::from(running_max));
+            if queue_full || self.is_draining(assignment.node) {
                 skipped.push(assignment.task);
                 continue;
             }
@@ -1069,6 +1171,7 @@ impl State {
             TaskState::Assigned | TaskState::Running => {
                 let node = task.attempts.last().expect("an active task has an attempt").node_id;
                 self.active_by_node.entry(node).or_default().insert(task.id);
+                *self.n_active_by_queue.entry(task.spec.queue.clone()).or_default() += 1;
             }
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
                 self.finished_by_time.insert((task.updated_at_ms, task.id));
@@ -1108,6 +1211,14 @@ impl State {
                 assert!(active.remove(&task.id), "active index out of step");
                 if active.is_empty() {
                     self.active_by_node.remove(&node);
+                }
+                let in_queue = self
+                    .n_active_by_queue
+                    .get_mut(&task.spec.queue)
+                    .expect("active queue count out of step");
+                *in_queue -= 1;
+                if *in_queue == 0 {
+                    self.n_active_by_queue.remove(&task.spec.queue);
                 }
             }
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
@@ -1152,6 +1263,9 @@ impl State {
         if rebuilt.active_by_node != self.active_by_node {
             return Err("active index differs from the tasks".into());
         }
+        if rebuilt.n_active_by_queue != self.n_active_by_queue {
+            return Err("active counts by queue differ from the tasks".into());
+        }
         if rebuilt.finished_by_time != self.finished_by_time {
             return Err("finished index differs from the tasks".into());
         }
@@ -1161,6 +1275,11 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Checks a queue name as a spec's is checked, against the ceiling.
+fn check_queue_name(queue: &str) -> Result<(), String> {
+    Limits::CEILING.check_queue(queue).map_err(|err| err.0)
 }
 
 /// After a failed or lost attempt: another attempt after the backoff delay

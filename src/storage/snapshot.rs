@@ -10,14 +10,15 @@
 //! log flushes once took 900 ms together, and their leader, having heard
 //! from no majority for a second, refused writes.
 //!
-//! Layout: the magic `TRSNAP03`, a little-endian CRC-32 of everything after
+//! Layout: the magic `TRSNAP04`, a little-endian CRC-32 of everything after
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
-//! [`SnapshotMeta`], then the postcard-encoded body (meta, tasks, then the
-//! periodic tasks). Each task is a `TaskRecord`, its run-at and update times
-//! relative to its creation: absolute, each took 6 bytes, about 4 % of a
-//! pending task of 256 bytes. Files of the formats before (`TRSNAP02`, with
-//! no periodic tasks, and `TRSNAP01`, each task as a [`Task`]) are still
-//! read; a node of an earlier version cannot read this one.
+//! [`SnapshotMeta`], then the postcard-encoded body (meta, tasks, the
+//! periodic tasks, then the queue limits). Each task is a `TaskRecord`, its
+//! run-at and update times relative to its creation: absolute, each took 6
+//! bytes, about 4 % of a pending task of 256 bytes. Files of the formats
+//! before (`TRSNAP03`, with no queue limits, `TRSNAP02`, with no periodic
+//! tasks either, and `TRSNAP01`, each task as a [`Task`]) are still read; a
+//! node of an earlier version cannot read this one.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -35,8 +36,10 @@ use crate::scheduler::{
 };
 
 /// The magic of the format written: each task a [`TaskRecord`], then the
-/// periodic tasks.
-const MAGIC: &[u8; 8] = b"TRSNAP03";
+/// periodic tasks, then the queue limits.
+const MAGIC: &[u8; 8] = b"TRSNAP04";
+/// The magic of the format before, still read: no queue limits.
+const MAGIC_PERIODICS: &[u8; 8] = b"TRSNAP03";
 /// The magic of the format before, still read: no periodic tasks.
 const MAGIC_TASK_RECORDS: &[u8; 8] = b"TRSNAP02";
 /// The magic of the format before, still read: each task a [`Task`].
@@ -155,7 +158,7 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 /// Which of the formats a file is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Format {
     /// `TRSNAP01`: each task as a [`Task`].
     TasksAbsolute,
@@ -163,6 +166,8 @@ enum Format {
     TaskRecords,
     /// `TRSNAP03`: each task as a [`TaskRecord`], then the periodic tasks.
     TaskRecordsPeriodics,
+    /// `TRSNAP04`: as `TRSNAP03`, then the queue limits.
+    QueueLimits,
 }
 
 /// A task as a snapshot holds it: a [`Task`] whose run-at and update times
@@ -253,18 +258,22 @@ fn write_after_crc<W: Write>(
     for task in state.tasks() {
         task_bytes.clear();
         match format {
-            Format::TaskRecords | Format::TaskRecordsPeriodics => {
+            Format::TaskRecords | Format::TaskRecordsPeriodics | Format::QueueLimits => {
                 codec::encode_into(&TaskRecordRef::of(task), &mut task_bytes)
             }
             Format::TasksAbsolute => codec::encode_into(task, &mut task_bytes),
         }
         out.write_all(&task_bytes)?;
     }
-    if format == Format::TaskRecordsPeriodics {
+    if format >= Format::TaskRecordsPeriodics {
         out.write_all(&codec::encode(&state.periodics().len()))?;
         for periodic in state.periodics() {
             out.write_all(&codec::encode(periodic))?;
         }
+    }
+    if format >= Format::QueueLimits {
+        let limits: Vec<(&str, u32)> = state.queue_limits().collect();
+        out.write_all(&codec::encode(&limits))?;
     }
     out.flush()?;
     Ok(out.hasher.finalize())
@@ -274,7 +283,7 @@ fn write_after_crc<W: Write>(
 /// tests, which check the two agree.
 #[cfg(test)]
 pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
-    encode_in(Format::TaskRecordsPeriodics, meta, state)
+    encode_in(Format::QueueLimits, meta, state)
 }
 
 /// Encodes a snapshot in `format`; for tests.
@@ -282,7 +291,8 @@ pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
 fn encode_in(format: Format, meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize);
     bytes.extend_from_slice(match format {
-        Format::TaskRecordsPeriodics => MAGIC,
+        Format::QueueLimits => MAGIC,
+        Format::TaskRecordsPeriodics => MAGIC_PERIODICS,
         Format::TaskRecords => MAGIC_TASK_RECORDS,
         Format::TasksAbsolute => MAGIC_TASKS_ABSOLUTE,
     });
@@ -310,7 +320,7 @@ pub fn write(
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, PacedFile::new(&tmp));
         out.write_all(MAGIC)?;
         out.write_all(&[0; 4])?;
-        let crc = write_after_crc(Format::TaskRecordsPeriodics, meta, state, &mut out)?;
+        let crc = write_after_crc(Format::QueueLimits, meta, state, &mut out)?;
         out.flush()?;
         drop(out);
         tmp.write_all_at(&crc.to_le_bytes(), MAGIC.len() as u64)?;
@@ -400,7 +410,7 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
         }
         let decoded = match format {
             Format::TasksAbsolute => codec::decode_prefix::<Task>("snapshot task", rest),
-            Format::TaskRecords | Format::TaskRecordsPeriodics => {
+            Format::TaskRecords | Format::TaskRecordsPeriodics | Format::QueueLimits => {
                 codec::decode_prefix::<TaskRecord>("snapshot task", rest)
                     .map(|(record, after)| (Task::from(record), after))
             }
@@ -422,7 +432,7 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
         return Err(failure);
     }
     let mut state = state?;
-    if format == Format::TaskRecordsPeriodics {
+    if format >= Format::TaskRecordsPeriodics {
         let (n_periodics, mut after): (usize, _) =
             codec::decode_prefix("snapshot periodic task count", rest).map_err(bad)?;
         let mut periodics = Vec::new();
@@ -435,6 +445,12 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
         state = state.with_periodics(periodics).map_err(corrupt)?;
         rest = after;
     }
+    if format >= Format::QueueLimits {
+        let (limits, after): (Vec<(String, u32)>, _) =
+            codec::decode_prefix("snapshot queue limits", rest).map_err(bad)?;
+        state = state.with_queue_limits(limits).map_err(corrupt)?;
+        rest = after;
+    }
     if !rest.is_empty() {
         return Err(corrupt(format!("{} bytes follow the last task", rest.len())));
     }
@@ -445,7 +461,8 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
 /// of its metadata.
 fn check_header(header: &[u8], file_len: u64) -> io::Result<(Format, u64)> {
     let format = match &header[..8] {
-        magic if magic == MAGIC => Format::TaskRecordsPeriodics,
+        magic if magic == MAGIC => Format::QueueLimits,
+        magic if magic == MAGIC_PERIODICS => Format::TaskRecordsPeriodics,
         magic if magic == MAGIC_TASK_RECORDS => Format::TaskRecords,
         magic if magic == MAGIC_TASKS_ABSOLUTE => Format::TasksAbsolute,
         _ => return Err(corrupt("it does not start with a snapshot magic".into())),
@@ -544,8 +561,8 @@ mod tests {
         );
     }
 
-    /// Periodic tasks come back with their cursors, and a file of the
-    /// format before, which has none, still reads.
+    /// Periodic tasks come back with their cursors and queue limits as they
+    /// were, and files of the formats before, which lack them, still read.
     #[test]
     fn periodic_tasks_come_back_from_a_snapshot() {
         use crate::scheduler::{Cadence, CronExpr, Overlap};
@@ -569,12 +586,22 @@ mod tests {
         }
         let fire = Command::FirePeriodic { now_ms: NOW_MS + 60_000, queued_tasks_max: 100 };
         state.apply(4, &fire);
+        for (revision, queue, running_max) in [(5, "serial", 1), (6, "paused", 0)] {
+            let limit =
+                Command::SetQueueLimit { queue: queue.into(), running_max: Some(running_max) };
+            state.apply(revision, &limit);
+        }
         assert_eq!(state.n_tasks(), 4);
         let meta = SnapshotMeta::default();
         let (_, decoded) = decode(&encode(&meta, &state.frozen())).unwrap();
         assert!(decoded.periodics().eq(state.periodics()));
         assert_eq!(decoded.next_periodic_fire_ms(), state.next_periodic_fire_ms());
+        assert_eq!(decoded.queue_limits().collect::<Vec<_>>(), [("paused", 0), ("serial", 1)]);
         decoded.check_invariants().unwrap();
+        let (_, before) =
+            decode(&encode_in(Format::TaskRecordsPeriodics, &meta, &state.frozen())).unwrap();
+        assert!(before.periodics().eq(state.periodics()));
+        assert_eq!(before.queue_limits().len(), 0);
         let (_, before) = decode(&encode_in(Format::TaskRecords, &meta, &state.frozen())).unwrap();
         assert_eq!(before.n_periodics(), 0);
         assert_eq!(before.n_tasks(), 4);

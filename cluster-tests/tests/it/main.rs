@@ -11,5 +11,6 @@ mod metrics;
 mod nemesis;
 mod periodic;
 mod power_cut;
+mod queues;
 mod replication;
 mod simulation;
