@@ -15,6 +15,10 @@
 //!   time, beyond a tolerance. Must be empty. An attempt that did not log
 //!   its end ended when the harness saw its last process gone (`exec-gone`),
 //!   or else within one tick of its last `exec-alive`.
+//! - **queue limits exceeded**: more executions of a limited queue's tasks
+//!   running at once than its limit, not counting attempts the cluster
+//!   judged lost (their place is freed when they are re-queued). Must be
+//!   empty.
 //! - **accepted stale completions**: a result the cluster recorded for an
 //!   attempt that ended after a newer attempt had been assigned. Must be empty.
 //! - **missed reads**: linearizable reads that found no task where a
@@ -70,6 +74,9 @@ pub struct Report {
     /// Fired tasks whose fire time is not later than that of the task
     /// fired before them by the same periodic task.
     pub periodic_out_of_order: Vec<String>,
+    /// Limited queues that ran more executions at once than their limit,
+    /// with when.
+    pub queue_limit_exceeded: Vec<String>,
     /// Tasks a linearizable read did not find, although their submission
     /// had been acknowledged before the read was invoked.
     pub missed_reads: Vec<String>,
@@ -100,6 +107,7 @@ impl Report {
             && self.overlapping.is_empty()
             && self.stale_accepted.is_empty()
             && self.periodic_out_of_order.is_empty()
+            && self.queue_limit_exceeded.is_empty()
             && self.missed_reads.is_empty()
             && self.liveness_ok()
     }
@@ -154,6 +162,12 @@ impl fmt::Display for Report {
             "accepted stale completions: {} {:?}",
             verdict(self.stale_accepted.is_empty()),
             self.stale_accepted
+        )?;
+        writeln!(
+            f,
+            "queue limits exceeded:     {} {:?}",
+            verdict(self.queue_limit_exceeded.is_empty()),
+            self.queue_limit_exceeded
         )?;
         writeln!(
             f,
@@ -226,6 +240,36 @@ fn periodic_out_of_order(
     out_of_order
 }
 
+/// Each limited queue that ran more executions at once than its limit,
+/// with the first time it did, by a sweep over the executions' ends and
+/// starts (an end before a start at the same instant). Only executions that
+/// started after the limit was acknowledged count: one already running then
+/// is not stopped by it.
+fn queue_limit_exceeded(
+    limits: &BTreeMap<String, (u32, u64)>,
+    runs: &BTreeMap<String, Vec<(u64, u64, String)>>,
+) -> Vec<String> {
+    let mut exceeded = Vec::new();
+    for (queue, runs) in runs {
+        let Some((limit, set_ns)) = limits.get(queue) else { continue };
+        let mut edges: Vec<(u64, i8)> = runs
+            .iter()
+            .filter(|(start, end, _)| end > start && start >= set_ns)
+            .flat_map(|(start, end, _)| [(*start, 1), (*end, -1)])
+            .collect();
+        edges.sort();
+        let mut running: i64 = 0;
+        for (at_ns, step) in edges {
+            running += i64::from(step);
+            if running > i64::from(*limit) {
+                exceeded.push(format!("{queue}: {running} running at {} ms", at_ns / 1_000_000));
+                break;
+            }
+        }
+    }
+    exceeded
+}
+
 pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     let mut report = Report {
         liveness_deadline_ms: config.liveness_deadline.as_millis() as u64,
@@ -234,6 +278,11 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     let mut invoked_keys = BTreeSet::new();
     // Key prefixes of the periodic tasks a client put.
     let mut periodic_prefixes = BTreeSet::new();
+    let mut queue_of: BTreeMap<String, String> = BTreeMap::new();
+    // Each limited queue's limit and when it was acknowledged.
+    let mut queue_limits: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+    // Each limited queue's executions that count: (start, end, task).
+    let mut limited_runs: BTreeMap<String, Vec<(u64, u64, String)>> = BTreeMap::new();
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     let mut executions: BTreeMap<String, BTreeMap<u64, Execution>> = BTreeMap::new();
     let mut finals: BTreeMap<String, (String, String, Vec<FinalAttempt>)> = BTreeMap::new();
@@ -305,10 +354,14 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 }
             }
             Event::Heal { time_ns } => heal_ns = Some(*time_ns),
-            Event::Final { task_id, key, state, attempts } => {
+            Event::Final { task_id, key, state, attempts, queue } => {
                 finals.insert(task_id.clone(), (key.clone(), state.clone(), attempts.clone()));
+                queue_of.insert(task_id.clone(), queue.clone());
             }
             Event::Scan { time_ns } => scan_ns = Some(*time_ns),
+            Event::QueueLimit { queue, running_max, time_ns } => {
+                queue_limits.insert(queue.clone(), (*running_max, *time_ns));
+            }
         }
     }
     // Only for runs that started: a process killed before it logged its
@@ -390,6 +443,17 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 }
             }
         }
+        if let Some(queue) = queue_of.get(task_id).filter(|queue| queue_limits.contains_key(*queue))
+        {
+            let lost = |token: u64| {
+                attempts.iter().any(|attempt| attempt.token == token && attempt.outcome == "lost")
+            };
+            let counted = intervals
+                .iter()
+                .filter(|(token, _, _)| !lost(*token))
+                .map(|(_, start, end)| (*start, end.saturating_sub(tolerance_ns), task_id.clone()));
+            limited_runs.entry(queue.clone()).or_default().extend(counted);
+        }
         // A process outcome recorded for an attempt whose process ended after
         // the next attempt was assigned: the cluster took a stale result.
         for pair in attempts.windows(2) {
@@ -407,6 +471,8 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
             }
         }
     }
+
+    report.queue_limit_exceeded = queue_limit_exceeded(&queue_limits, &limited_runs);
 
     ok_times.sort_unstable();
     for fault_ns in leader_faults {

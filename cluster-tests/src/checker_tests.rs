@@ -44,7 +44,13 @@ fn attempt(token: u64, node: u64, assigned_ms: u64, ended_ms: u64, outcome: &str
     }
 }
 fn final_record(task: &str, key: &str, state: &str, attempts: Vec<FinalAttempt>) -> Event {
-    Event::Final { task_id: task.into(), key: key.into(), state: state.into(), attempts }
+    Event::Final {
+        task_id: task.into(),
+        key: key.into(),
+        state: state.into(),
+        attempts,
+        queue: String::new(),
+    }
 }
 
 /// Two tasks; the leader (node 1) is killed while task 2 runs on it, and
@@ -104,6 +110,7 @@ fn only(report: &Report, violated: &str) {
         ("overlapping", report.overlapping.is_empty()),
         ("stale", report.stale_accepted.is_empty()),
         ("periodic", report.periodic_out_of_order.is_empty()),
+        ("queue", report.queue_limit_exceeded.is_empty()),
         ("missed", report.missed_reads.is_empty()),
         ("liveness", report.liveness_ok()),
     ];
@@ -182,6 +189,34 @@ fn fired_tasks_are_expected_and_their_fire_times_must_grow() {
     only(&report, "unexpected");
 }
 
+/// `good()` with the tasks named in `queued` in queue `serial`, limited to
+/// `running_max`.
+fn with_limited_queue(running_max: u32, queued: &[&str]) -> Vec<Event> {
+    let mut events = good();
+    for event in &mut events {
+        if let Event::Final { task_id, queue, .. } = event
+            && queued.contains(&task_id.as_str())
+        {
+            *queue = "serial".into();
+        }
+    }
+    events.insert(0, Event::QueueLimit { queue: "serial".into(), running_max, time_ns: 0 });
+    events
+}
+
+#[test]
+fn a_limited_queue_running_more_than_its_limit_is_caught() {
+    // Tasks 2 (its second run, 4,200-4,300 ms) and 3 (4,210-4,220 ms) ran
+    // together: two at once.
+    let report = run(&with_limited_queue(1, &["2", "3"]));
+    assert_eq!(report.queue_limit_exceeded, vec!["serial: 2 running at 4210 ms"]);
+    only(&report, "queue");
+    assert!(run(&with_limited_queue(2, &["2", "3"])).valid());
+    // Task 2's lost first run overlapped task 1; a lost attempt's place is
+    // freed when it is re-queued, so it does not count.
+    assert!(run(&with_limited_queue(1, &["1", "2"])).valid());
+}
+
 #[test]
 fn an_unexplained_second_execution_is_caught() {
     let mut events = good();
@@ -213,6 +248,7 @@ fn overlapping_attempts_are_caught_beyond_the_tolerance() {
         key: "a".into(),
         state: "SUCCEEDED".into(),
         attempts: vec![],
+        queue: String::new(),
     });
     assert_eq!(run(&events).overlapping, vec!["2"]);
 }

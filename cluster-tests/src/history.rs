@@ -44,7 +44,17 @@ pub enum Event {
     /// Every fault was undone.
     Heal { time_ns: u64 },
     /// A task as the cluster holds it at the end.
-    Final { task_id: String, key: String, state: String, attempts: Vec<FinalAttempt> },
+    Final {
+        task_id: String,
+        key: String,
+        state: String,
+        attempts: Vec<FinalAttempt>,
+        /// Its queue; empty in histories from before queues were recorded.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        queue: String,
+    },
+    /// A client set a queue's limit on its active tasks, and it was acknowledged.
+    QueueLimit { queue: String, running_max: u32, time_ns: u64 },
     /// When the final read was done.
     Scan { time_ns: u64 },
 }

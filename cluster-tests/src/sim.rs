@@ -33,6 +33,7 @@ use taskraft::config::NodeConfig;
 use taskraft::executor::process::{ProcessResult, RunRequest, StopReason, TaskRunner};
 use taskraft::platform::{Clock, Connection, Incoming, Network, Platform};
 use taskraft::proto::taskraft_v1 as pb;
+use taskraft::proto::taskraft_v1::tasks_client::TasksClient;
 use taskraft::scheduler::Outcome;
 use taskraft::storage::{Disk, MemoryDisk};
 use tokio::sync::oneshot;
@@ -594,6 +595,12 @@ const PROBER_PROCESS: u64 = N_CLIENTS;
 /// for none made twice.
 const SIM_PERIODIC: &str = "sim-tick";
 
+/// A queue client 0 limits first: a sixth of the tasks go to it, at most
+/// [`SIM_LIMITED_RUNNING_MAX`] of them active at once. Its tasks must all
+/// finish like the others, and its count of active tasks end at zero.
+const SIM_LIMITED_QUEUE: &str = "limited";
+const SIM_LIMITED_RUNNING_MAX: u32 = 2;
+
 /// One client: submits a mix of tasks until told to stop. Client 0 first
 /// puts a periodic task, and in the end deletes it, waits for every task
 /// any client had acknowledged or the periodic task fired, and records the
@@ -638,6 +645,17 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        while !run.stop.load(Ordering::Relaxed) {
+            if set_limit(&mut client, Some(SIM_LIMITED_RUNNING_MAX)).await.is_ok() {
+                history.record(&Event::QueueLimit {
+                    queue: SIM_LIMITED_QUEUE.into(),
+                    running_max: SIM_LIMITED_RUNNING_MAX,
+                    time_ns: history.now_ns(),
+                });
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     while !run.stop.load(Ordering::Relaxed) {
         // Half the time, first a linearizable read of the last task this
@@ -667,6 +685,9 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         if rng.below(5) == 0 {
             spec.schedule = Some(pb::task_spec::Schedule::DelayMs(200 + rng.below(2_000)));
         }
+        if rng.below(6) == 0 {
+            spec.queue = SIM_LIMITED_QUEUE.into();
+        }
         // Failures are in the history as `info`; only acks count.
         if let Ok(ids) = submit_recorded(&mut client, history, process, vec![spec]).await {
             last_acknowledged = ids.last().cloned().or(last_acknowledged);
@@ -688,7 +709,35 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         .await
         .context("liveness: the healed cluster did not finish every acknowledged or fired task")?;
     record_final_read(&mut client, history).await?;
+    // Every task has finished: the limited queue's count of active tasks,
+    // kept through the faults, restarts and snapshots, must say so.
+    let queue = set_limit(&mut client, None).await.context("lifting the queue limit")?;
+    anyhow::ensure!(
+        queue.active == 0 && queue.ready == 0,
+        "the limited queue counts {} active and {} ready tasks after every task finished",
+        queue.active,
+        queue.ready
+    );
     Ok(())
+}
+
+/// Sets (or with `None` lifts) the limit of [`SIM_LIMITED_QUEUE`]; the
+/// queue as the leader then holds it.
+async fn set_limit(
+    client: &mut taskraft::client::Client,
+    running_max: Option<u32>,
+) -> anyhow::Result<pb::Queue> {
+    let reply = client
+        .call(|channel, timeout| {
+            let message = pb::SetQueueLimitRequest { queue: SIM_LIMITED_QUEUE.into(), running_max };
+            async move {
+                TasksClient::new(channel)
+                    .set_queue_limit(taskraft::client::request(message, timeout))
+                    .await
+            }
+        })
+        .await?;
+    reply.into_inner().queue.context("a queue limit's answer without its queue")
 }
 
 /// Deletes the periodic task of the run, once the cluster is healed, and
