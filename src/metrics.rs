@@ -726,8 +726,9 @@ mod tests {
         assert_eq!(value("taskraft_raft_role{role=\"leader\"}"), Some("0"));
         assert_eq!(value("taskraft_raft_term"), Some("7"));
         assert_eq!(value("taskraft_raft_applied_index"), Some("118"));
-        assert_eq!(value("taskraft_tasks{state=\"PENDING\"}"), Some("1"));
-        assert_eq!(value("taskraft_tasks{state=\"CANCELLED\"}"), Some("7"));
+        assert_eq!(value("taskraft_tasks{state=\"WAITING\"}"), Some("1"));
+        assert_eq!(value("taskraft_tasks{state=\"PENDING\"}"), Some("2"));
+        assert_eq!(value("taskraft_tasks{state=\"CANCELLED\"}"), Some("8"));
         assert_eq!(value("taskraft_ready_tasks{queue=\"default\"}"), Some("4"));
         assert_eq!(value("taskraft_ready_queues_omitted"), Some("3"));
         assert_eq!(value("taskraft_periodic_tasks"), Some("2"));

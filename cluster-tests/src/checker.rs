@@ -19,6 +19,11 @@
 //!   running at once than its limit, not counting attempts the cluster
 //!   judged lost (their place is freed when they are re-queued). Must be
 //!   empty.
+//! - **ran before the tasks it runs after**: a task that executed before
+//!   every task it names had succeeded (its execution began before the
+//!   successful attempt of one of them logged its end), that succeeded while
+//!   one of them did not, or that was not cancelled when one of them failed
+//!   or was cancelled. Must be empty.
 //! - **accepted stale completions**: a result the cluster recorded for an
 //!   attempt that ended after a newer attempt had been assigned. Must be empty.
 //! - **missed reads**: linearizable reads that found no task where a
@@ -77,6 +82,9 @@ pub struct Report {
     /// Limited queues that ran more executions at once than their limit,
     /// with when.
     pub queue_limit_exceeded: Vec<String>,
+    /// Tasks that ran before the tasks they run after had succeeded, or
+    /// ended otherwise than those tasks' ends allow, with why.
+    pub ran_before_after: Vec<String>,
     /// Tasks a linearizable read did not find, although their submission
     /// had been acknowledged before the read was invoked.
     pub missed_reads: Vec<String>,
@@ -108,6 +116,7 @@ impl Report {
             && self.stale_accepted.is_empty()
             && self.periodic_out_of_order.is_empty()
             && self.queue_limit_exceeded.is_empty()
+            && self.ran_before_after.is_empty()
             && self.missed_reads.is_empty()
             && self.liveness_ok()
     }
@@ -168,6 +177,12 @@ impl fmt::Display for Report {
             "queue limits exceeded:     {} {:?}",
             verdict(self.queue_limit_exceeded.is_empty()),
             self.queue_limit_exceeded
+        )?;
+        writeln!(
+            f,
+            "ran before their tasks:    {} {:?}",
+            verdict(self.ran_before_after.is_empty()),
+            self.ran_before_after
         )?;
         writeln!(
             f,
@@ -270,6 +285,60 @@ fn queue_limit_exceeded(
     exceeded
 }
 
+/// A task as the final read found it: its key, state and attempts.
+type Final = (String, String, Vec<FinalAttempt>);
+
+/// The tasks that broke the order of the tasks they run after, with why:
+/// an execution that began before the successful run of a task it names
+/// logged its end (that run by its token, the one the cluster recorded as
+/// `exited 0`), a success while a task it names did not succeed, or an end
+/// other than CANCELLED when one of them failed or was cancelled.
+fn ran_before_after(
+    after_of: &BTreeMap<String, Vec<String>>,
+    finals: &BTreeMap<String, Final>,
+    executions: &BTreeMap<String, BTreeMap<u64, Execution>>,
+) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (task_id, after) in after_of {
+        let Some((_, state, _)) = finals.get(task_id) else { continue };
+        let starts: Vec<u64> = executions
+            .get(task_id)
+            .map(|runs| runs.values().map(|run| run.start_ns).collect())
+            .unwrap_or_default();
+        for dependency in after {
+            let Some((_, dependency_state, attempts)) = finals.get(dependency) else {
+                broken.push(format!("{task_id}: runs after {dependency}, not in the final read"));
+                continue;
+            };
+            if dependency_state != "SUCCEEDED" {
+                if !starts.is_empty() || state != "CANCELLED" {
+                    broken.push(format!(
+                        "{task_id}: {state}, {} runs, after {dependency} {dependency_state}",
+                        starts.len()
+                    ));
+                }
+                continue;
+            }
+            let succeeded_token = attempts.iter().rev().find(|a| a.outcome == "exited 0");
+            let succeeded_end = succeeded_token
+                .and_then(|attempt| executions.get(dependency)?.get(&attempt.token)?.end_ns);
+            match (succeeded_end, starts.iter().min()) {
+                (_, None) => {}
+                (None, Some(_)) => broken.push(format!(
+                    "{task_id}: ran, but {dependency}'s successful run logged no end"
+                )),
+                (Some(end_ns), Some(start_ns)) if start_ns < &end_ns => broken.push(format!(
+                    "{task_id}: started at {} ms, before {dependency} ended at {} ms",
+                    start_ns / 1_000_000,
+                    end_ns / 1_000_000
+                )),
+                _ => {}
+            }
+        }
+    }
+    broken
+}
+
 pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     let mut report = Report {
         liveness_deadline_ms: config.liveness_deadline.as_millis() as u64,
@@ -279,6 +348,8 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     // Key prefixes of the periodic tasks a client put.
     let mut periodic_prefixes = BTreeSet::new();
     let mut queue_of: BTreeMap<String, String> = BTreeMap::new();
+    // The tasks each task runs after, for those that name any.
+    let mut after_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Each limited queue's limit and when it was acknowledged.
     let mut queue_limits: BTreeMap<String, (u32, u64)> = BTreeMap::new();
     // Each limited queue's executions that count: (start, end, task).
@@ -354,9 +425,12 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
                 }
             }
             Event::Heal { time_ns } => heal_ns = Some(*time_ns),
-            Event::Final { task_id, key, state, attempts, queue } => {
+            Event::Final { task_id, key, state, attempts, queue, after } => {
                 finals.insert(task_id.clone(), (key.clone(), state.clone(), attempts.clone()));
                 queue_of.insert(task_id.clone(), queue.clone());
+                if !after.is_empty() {
+                    after_of.insert(task_id.clone(), after.clone());
+                }
             }
             Event::Scan { time_ns } => scan_ns = Some(*time_ns),
             Event::QueueLimit { queue, running_max, time_ns } => {
@@ -473,6 +547,7 @@ pub fn check(events: &[Event], config: &CheckerConfig) -> Report {
     }
 
     report.queue_limit_exceeded = queue_limit_exceeded(&queue_limits, &limited_runs);
+    report.ran_before_after = ran_before_after(&after_of, &finals, &executions);
 
     ok_times.sort_unstable();
     for fault_ns in leader_faults {

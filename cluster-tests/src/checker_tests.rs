@@ -50,6 +50,7 @@ fn final_record(task: &str, key: &str, state: &str, attempts: Vec<FinalAttempt>)
         state: state.into(),
         attempts,
         queue: String::new(),
+        after: Vec::new(),
     }
 }
 
@@ -111,6 +112,7 @@ fn only(report: &Report, violated: &str) {
         ("stale", report.stale_accepted.is_empty()),
         ("periodic", report.periodic_out_of_order.is_empty()),
         ("queue", report.queue_limit_exceeded.is_empty()),
+        ("after", report.ran_before_after.is_empty()),
         ("missed", report.missed_reads.is_empty()),
         ("liveness", report.liveness_ok()),
     ];
@@ -217,6 +219,49 @@ fn a_limited_queue_running_more_than_its_limit_is_caught() {
     assert!(run(&with_limited_queue(1, &["1", "2"])).valid());
 }
 
+/// [`good`] with task 3 running after `after`, and task 1 ending `state_1`.
+fn with_after(after: &[&str], state_1: &str) -> Vec<Event> {
+    let mut events = good();
+    for event in &mut events {
+        match event {
+            Event::Final { task_id, after: list, .. } if task_id == "3" => {
+                *list = after.iter().map(|id| id.to_string()).collect();
+            }
+            Event::Final { task_id, state, .. } if task_id == "1" => *state = state_1.into(),
+            _ => {}
+        }
+    }
+    events
+}
+
+#[test]
+fn a_task_that_ran_before_the_tasks_it_runs_after_succeeded_is_caught() {
+    // Task 3 began (4,210 ms) after task 1 had ended (40 ms): in order.
+    assert!(run(&with_after(&["1"], "SUCCEEDED")).valid());
+    // Task 2's successful run (token 9) logged its end at 4,300 ms: task 3
+    // began before it. Task 2's lost first run does not count as its end.
+    let report = run(&with_after(&["1", "2"], "SUCCEEDED"));
+    assert_eq!(report.ran_before_after, vec!["3: started at 4210 ms, before 2 ended at 4300 ms"]);
+    only(&report, "after");
+    // After a task that failed, a task must be cancelled and never run.
+    let report = run(&with_after(&["1"], "FAILED"));
+    assert_eq!(report.ran_before_after, vec!["3: SUCCEEDED, 1 runs, after 1 FAILED"]);
+    only(&report, "after");
+    let mut events = with_after(&["1"], "FAILED");
+    events.retain(|event| {
+        !matches!(event, Event::ExecStart { task_id, .. } | Event::ExecEnd { task_id, .. } if task_id == "3")
+    });
+    for event in &mut events {
+        if let Event::Final { task_id, state, attempts, .. } = event
+            && task_id == "3"
+        {
+            *state = "CANCELLED".into();
+            attempts.clear();
+        }
+    }
+    assert!(run(&events).valid(), "{}", run(&events));
+}
+
 #[test]
 fn an_unexplained_second_execution_is_caught() {
     let mut events = good();
@@ -249,6 +294,7 @@ fn overlapping_attempts_are_caught_beyond_the_tolerance() {
         state: "SUCCEEDED".into(),
         attempts: vec![],
         queue: String::new(),
+        after: Vec::new(),
     });
     assert_eq!(run(&events).overlapping, vec!["2"]);
 }

@@ -52,6 +52,9 @@ pub enum Event {
         /// Its queue; empty in histories from before queues were recorded.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         queue: String,
+        /// The tasks it runs after, by id.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        after: Vec<String>,
     },
     /// A client set a queue's limit on its active tasks, and it was acknowledged.
     QueueLimit { queue: String, running_max: u32, time_ns: u64 },

@@ -688,6 +688,13 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         if rng.below(6) == 0 {
             spec.queue = SIM_LIMITED_QUEUE.into();
         }
+        // A sixth of the tasks run after the last task this client had
+        // acknowledged: chains that the faults cut through.
+        if let Some(task_id) = &last_acknowledged
+            && rng.below(6) == 0
+        {
+            spec.after = vec![task_id.clone()];
+        }
         // Failures are in the history as `info`; only acks count.
         if let Ok(ids) = submit_recorded(&mut client, history, process, vec![spec]).await {
             last_acknowledged = ids.last().cloned().or(last_acknowledged);

@@ -178,9 +178,11 @@ pub async fn record_final_read(client: &mut Client, history: &HistoryWriter) -> 
         let state = pb::TaskState::try_from(task.state).map_or("UNKNOWN".into(), |state| {
             state.as_str_name().trim_start_matches("TASK_STATE_").to_owned()
         });
-        let (key, queue) =
-            task.spec.map(|spec| (spec.idempotency_key, spec.queue)).unwrap_or_default();
-        history.record(&Event::Final { task_id: task.id, key, state, attempts, queue });
+        let (key, queue, after) = task
+            .spec
+            .map(|spec| (spec.idempotency_key, spec.queue, spec.after))
+            .unwrap_or_default();
+        history.record(&Event::Final { task_id: task.id, key, state, attempts, queue, after });
     }
     history.record(&Event::Scan { time_ns: history.now_ns() });
     Ok(())

@@ -63,6 +63,14 @@ pub fn spec_from_pb(
     Ok(spec)
 }
 
+/// The tasks a submitted spec runs after, checked against the node's
+/// configured limits.
+pub fn after_from_pb(after: &[String], limits: &Limits) -> Result<Vec<TaskId>, ApiError> {
+    let after = after.iter().map(|id| parse_task_id(id)).collect::<Result<Vec<_>, _>>()?;
+    limits.check_after(&after).map_err(|err| ApiError::InvalidArgument(err.0))?;
+    Ok(after)
+}
+
 pub fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
     id.trim()
         .parse::<u64>()
@@ -72,6 +80,7 @@ pub fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
 
 pub fn state_to_pb(state: TaskState) -> pb::TaskState {
     match state {
+        TaskState::Waiting => pb::TaskState::Waiting,
         TaskState::Pending => pb::TaskState::Pending,
         TaskState::Ready => pb::TaskState::Ready,
         TaskState::Assigned => pb::TaskState::Assigned,
@@ -84,6 +93,7 @@ pub fn state_to_pb(state: TaskState) -> pb::TaskState {
 
 pub fn state_from_pb(value: i32) -> Result<TaskState, ApiError> {
     match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Waiting) => Ok(TaskState::Waiting),
         Ok(pb::TaskState::Pending) => Ok(TaskState::Pending),
         Ok(pb::TaskState::Ready) => Ok(TaskState::Ready),
         Ok(pb::TaskState::Assigned) => Ok(TaskState::Assigned),
@@ -101,7 +111,10 @@ pub fn task_to_pb(task: &Task) -> pb::Task {
     pb::Task {
         id: task.id.to_string(),
         state: state_to_pb(task.state) as i32,
-        spec: Some(spec_to_pb(&task.spec)),
+        spec: Some(pb::TaskSpec {
+            after: task.after.iter().map(TaskId::to_string).collect(),
+            ..spec_to_pb(&task.spec)
+        }),
         run_at_unix_ms: task.run_at_ms,
         created_at_unix_ms: task.created_at_ms,
         updated_at_unix_ms: task.updated_at_ms,
@@ -135,6 +148,7 @@ fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
         }),
         idempotency_key: spec.idempotency_key.as_deref().unwrap_or_default().to_owned(),
         labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        after: Vec::new(),
     }
 }
 
@@ -178,6 +192,11 @@ pub fn periodic_from_pb(
     let spec = periodic
         .spec
         .ok_or_else(|| ApiError::InvalidArgument("the periodic task has no task spec".into()))?;
+    if !spec.after.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "a periodic task's spec names no tasks to run after".into(),
+        ));
+    }
     let spec = spec_from_pb(spec, limits, now_ms)?;
     Ok(PeriodicPut { name: periodic.name, cadence, overlap, spec })
 }
@@ -290,9 +309,41 @@ mod tests {
             updated_at_ms: 0,
             revision: 3,
             attempts: vec![],
+            after: vec![TaskId(2), TaskId(5)].into(),
         };
         let back = task_to_pb(&task);
         assert_eq!((back.id.as_str(), back.state), ("7", pb::TaskState::Pending as i32));
-        assert_eq!(spec_from_pb(back.spec.unwrap(), &Limits::default(), 0).unwrap(), spec);
+        let back_spec = back.spec.unwrap();
+        assert_eq!(after_from_pb(&back_spec.after, &Limits::default()).unwrap(), &*task.after);
+        assert_eq!(spec_from_pb(back_spec, &Limits::default(), 0).unwrap(), spec);
+    }
+
+    #[test]
+    fn bad_lists_of_tasks_to_run_after_are_refused() {
+        let limits = Limits { after_tasks_max: 2, ..Limits::default() };
+        let ids = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        for (after, expected) in [
+            (ids(&["1", "x"]), "task id \"x\" is not a number"),
+            (ids(&["1", "2", "3"]), "runs after 3 tasks, more than 2"),
+            (ids(&["4", "4"]), "runs after task 4 twice"),
+        ] {
+            match after_from_pb(&after, &limits) {
+                Err(ApiError::InvalidArgument(message)) => {
+                    assert!(message.contains(expected), "{message}")
+                }
+                other => panic!("{after:?}: {other:?}"),
+            }
+        }
+        let mut periodic = pb::PeriodicTask {
+            name: "p".into(),
+            cadence: Some(pb::periodic_task::Cadence::EveryMs(1_000)),
+            spec: Some(pb_spec("true")),
+            ..Default::default()
+        };
+        periodic.spec.as_mut().unwrap().after = ids(&["1"]);
+        match periodic_from_pb(periodic, &limits, 0) {
+            Err(err) => assert!(err.to_string().contains("names no tasks to run after"), "{err}"),
+            Ok(_) => panic!("a periodic spec with tasks to run after was taken"),
+        }
     }
 }

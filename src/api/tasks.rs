@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
 use crate::api::convert::{
-    parse_task_id, periodic_from_pb, periodic_to_pb, queue_to_pb, spec_from_pb, state_from_pb,
-    task_to_pb,
+    after_from_pb, parse_task_id, periodic_from_pb, periodic_to_pb, queue_to_pb, spec_from_pb,
+    state_from_pb, task_to_pb,
 };
 use crate::api::error::ApiError;
 use crate::api::{Context, Routed, WATCH_AFTER_REVISION_KEY};
@@ -54,21 +54,31 @@ impl TasksService {
         }
         let now_ms = self.ctx.clock.unix_now_ms();
         let n_specs = specs.len();
-        let specs = specs
+        let (specs, after): (Vec<_>, Vec<_>) = specs
             .into_iter()
             .enumerate()
             .map(|(spec_idx, spec)| {
-                spec_from_pb(spec, limits, now_ms).map_err(|err| match err {
-                    ApiError::InvalidArgument(message) if n_specs > 1 => ApiError::InvalidArgument(
-                        format!("task {spec_idx} of the batch: {message}"),
-                    ),
-                    other => other,
-                })
+                after_from_pb(&spec.after, limits)
+                    .and_then(|after| Ok((spec_from_pb(spec, limits, now_ms)?, after)))
+                    .map_err(|err| match err {
+                        ApiError::InvalidArgument(message) if n_specs > 1 => {
+                            ApiError::InvalidArgument(format!(
+                                "task {spec_idx} of the batch: {message}"
+                            ))
+                        }
+                        other => other,
+                    })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let queued_tasks_max = limits.queued_tasks_max;
-        // On the leader, the entry that submits the tasks also places them.
+        // On the leader, the entry that submits the tasks also places them,
+        // unless they wait for other tasks.
         let command = match self.ctx.placement_view.current() {
+            _ if after.iter().any(|after| !after.is_empty()) => {
+                Command::SubmitAfter { now_ms, queued_tasks_max, specs, after }
+            }
             Some(placement) => {
                 Command::SubmitAndPlace { now_ms, queued_tasks_max, specs, placement }
             }

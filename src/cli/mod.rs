@@ -242,6 +242,10 @@ struct SubmitArgs {
     /// makes up one when none is given, so its own retries never duplicate.
     #[arg(long)]
     key: Option<String>,
+    /// Run only after this task has succeeded (WAITING until then; CANCELLED
+    /// if it fails or is cancelled); repeatable, or IDs separated by commas.
+    #[arg(long = "after", value_name = "ID", value_delimiter = ',')]
+    after: Vec<String>,
     /// Print only the task id.
     #[arg(long)]
     quiet: bool,
@@ -679,6 +683,7 @@ fn spec_from_args(args: &TaskArgs) -> Result<pb::TaskSpec, Failure> {
         backoff: None,
         idempotency_key: String::new(),
         labels,
+        after: Vec::new(),
     })
 }
 
@@ -697,6 +702,7 @@ async fn submit(
     };
     spec.idempotency_key =
         args.key.clone().unwrap_or_else(|| taskraft::client::fresh_idempotency_key("cli"));
+    spec.after = args.after.clone();
     let reply = client
         .call(|channel, timeout| {
             let message = pb::SubmitTaskRequest { spec: Some(spec.clone()) };

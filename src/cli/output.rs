@@ -15,6 +15,7 @@ pub struct Printer {
 
 fn state_name(state: i32) -> &'static str {
     match pb::TaskState::try_from(state) {
+        Ok(pb::TaskState::Waiting) => "WAITING",
         Ok(pb::TaskState::Pending) => "PENDING",
         Ok(pb::TaskState::Ready) => "READY",
         Ok(pb::TaskState::Assigned) => "ASSIGNED",
@@ -91,6 +92,7 @@ pub fn task_json(task: &pb::Task) -> Value {
         "max_attempts": spec.max_attempts,
         "idempotency_key": spec.idempotency_key,
         "labels": spec.labels,
+        "after": spec.after,
         "attempts": task.attempts.iter().map(|attempt| json!({
             "number": attempt.number,
             "node_id": attempt.node_id,
@@ -210,6 +212,9 @@ impl Printer {
                 spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             labels.sort();
             println!("  labels:    {}", labels.join(","));
+        }
+        if !spec.after.is_empty() {
+            println!("  after:     {}", spec.after.join(","));
         }
         println!("  revision:  {}", task.revision);
         if task.attempts.is_empty() {

@@ -82,6 +82,15 @@ pub enum Command {
     /// Sets the most tasks of `queue` that may be ASSIGNED or RUNNING at
     /// once (0 pauses the queue), or with `None` lifts the limit.
     SetQueueLimit { queue: String, running_max: Option<u32> },
+    /// Submits tasks as `SubmitTasks` does, each after the tasks its entry
+    /// of `after` names (parallel to `specs`): a task whose dependencies
+    /// have not all succeeded waits for them.
+    SubmitAfter {
+        now_ms: u64,
+        queued_tasks_max: u64,
+        specs: Vec<TaskSpec>,
+        after: Vec<Vec<TaskId>>,
+    },
 }
 
 /// The most periodic tasks one `FirePeriodic` entry fires; the leader
@@ -170,6 +179,12 @@ impl fmt::Display for Command {
             Command::SetQueueLimit { queue, running_max } => {
                 write!(f, "SetQueueLimit({queue}, {running_max:?})")
             }
+            Command::SubmitAfter { specs, after, .. } => write!(
+                f,
+                "SubmitAfter(n={}, dependencies={})",
+                specs.len(),
+                after.iter().map(Vec::len).sum::<usize>()
+            ),
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::task::{Schedule, TaskSpec};
+use crate::scheduler::task::{Schedule, TaskId, TaskSpec};
 
 /// The most output of one stream kept for one attempt in the replicated
 /// state; executors keep less (their own configured tail).
@@ -43,6 +43,8 @@ pub struct Limits {
     pub batch_tasks_max: usize,
     /// Periodic tasks the cluster keeps.
     pub periodic_tasks_max: u64,
+    /// The tasks one task may run after.
+    pub after_tasks_max: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +67,7 @@ impl Default for Limits {
             queued_tasks_max: 1 << 20,
             batch_tasks_max: 1_000,
             periodic_tasks_max: 1_000,
+            after_tasks_max: 64,
         }
     }
 }
@@ -98,12 +101,13 @@ impl Limits {
         queued_tasks_max: 1 << 26,
         batch_tasks_max: 100_000,
         periodic_tasks_max: 100_000,
+        after_tasks_max: 4_096,
     };
 
     /// Checks that these limits are usable and within [`Limits::CEILING`].
     pub fn validate(&self) -> Result<(), LimitError> {
         let c = &Limits::CEILING;
-        let pairs: [(&str, u64, u64); 17] = [
+        let pairs: [(&str, u64, u64); 18] = [
             ("program_bytes_max", self.program_bytes_max as u64, c.program_bytes_max as u64),
             ("args_max", self.args_max as u64, c.args_max as u64),
             ("args_bytes_max", self.args_bytes_max as u64, c.args_bytes_max as u64),
@@ -133,6 +137,7 @@ impl Limits {
             ("queued_tasks_max", self.queued_tasks_max, c.queued_tasks_max),
             ("batch_tasks_max", self.batch_tasks_max as u64, c.batch_tasks_max as u64),
             ("periodic_tasks_max", self.periodic_tasks_max, c.periodic_tasks_max),
+            ("after_tasks_max", self.after_tasks_max as u64, c.after_tasks_max as u64),
         ];
         for (name, value, ceiling) in pairs {
             if value == 0 {
@@ -151,6 +156,23 @@ impl Limits {
         check_text("queue", queue, self.queue_name_bytes_max)?;
         if !queue.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             refuse!("queue name {queue:?} may hold only letters, digits, '-', '_' and '.'");
+        }
+        Ok(())
+    }
+
+    /// Checks the tasks one task is to run after: at most
+    /// `after_tasks_max` of them, each once.
+    pub fn check_after(&self, after: &[TaskId]) -> Result<(), LimitError> {
+        if after.len() > self.after_tasks_max {
+            refuse!(
+                "the task runs after {} tasks, more than {}",
+                after.len(),
+                self.after_tasks_max
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = after.iter().find(|id| !seen.insert(**id)) {
+            refuse!("the task runs after task {twice} twice");
         }
         Ok(())
     }

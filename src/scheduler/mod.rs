@@ -34,7 +34,7 @@ pub use periodic::{Cadence, CronExpr, Overlap, Periodic};
 pub use state::{Applied, FrozenState, State, StateMeta, TaskPage};
 pub use task::{
     Attempt, Backoff, CommandSpec, NodeId, Outcome, OutcomeKind, Schedule, StringMap, Task, TaskId,
-    TaskSpec, TaskState,
+    TaskIds, TaskSpec, TaskState,
 };
 
 #[cfg(test)]

@@ -678,3 +678,218 @@ fn a_submission_places_by_the_same_rules_as_the_loop() {
     let plain = cluster.submit_and_place(vec![spec_in("q", 0)]);
     assert_eq!(plain[0].state, TaskState::Ready);
 }
+
+impl Cluster {
+    /// Submits one task to run after `after`; the answer as it came.
+    fn submit_after(&mut self, spec: TaskSpec, after: &[TaskId]) -> Response {
+        self.apply(Command::SubmitAfter {
+            now_ms: NOW_MS,
+            queued_tasks_max: 1_000,
+            specs: vec![spec],
+            after: vec![after.to_vec()],
+        })
+    }
+
+    fn submit_after_ok(&mut self, spec: TaskSpec, after: &[TaskId]) -> TaskId {
+        match self.submit_after(spec, after) {
+            Response::Submitted(results) => results[0].task.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Assigns `id` to its node now, alone, and returns the attempt's token.
+    fn assign_now(&mut self, id: TaskId) -> u64 {
+        let assignments = vec![Assignment { task: id, node: self.executors[0].node_id }];
+        match self.apply(Command::Assign { now_ms: NOW_MS, assignments }) {
+            Response::Assigned { assigned, skipped } if skipped.is_empty() => assigned[0].1,
+            other => panic!("{id} was not assigned: {other:?}"),
+        }
+    }
+
+    fn state_of(&self, ids: &[TaskId]) -> Vec<TaskState> {
+        ids.iter().map(|id| self.task(*id).state).collect()
+    }
+}
+
+#[test]
+fn a_task_after_others_waits_until_all_of_them_succeeded() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let (a, b) = (cluster.submit(spec_in("q", 0)), cluster.submit(spec_in("q", 0)));
+    // Listed unsorted: kept sorted.
+    let c = cluster.submit_after_ok(spec_in("q", 9), &[b, a]);
+    assert_eq!(&*cluster.task(c).after, &[a, b]);
+    assert_eq!(cluster.task(c).state, TaskState::Waiting);
+    assert_eq!(cluster.state.n_tasks_in(TaskState::Waiting), 1);
+    assert_eq!(cluster.state.n_tasks_queued(), 3, "a waiting task is queued");
+    // The plan never places it, whatever its priority.
+    let placed: Vec<TaskId> = cluster.schedule(10).iter().map(|(a, _)| a.task).collect();
+    assert_eq!(placed, vec![a, b]);
+    let (token_a, token_b) =
+        (cluster.task(a).attempts[0].fencing_token, cluster.task(b).attempts[0].fencing_token);
+
+    cluster.complete(a, token_a, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    assert_eq!(cluster.task(c).state, TaskState::Waiting, "b has not succeeded yet");
+    let applied = cluster.state.apply(
+        cluster.revision + 1,
+        &Command::CompleteAttempt {
+            now_ms: NOW_MS + 20,
+            task: b,
+            token: token_b,
+            report: AttemptReport {
+                started_at_ms: Some(NOW_MS + 19),
+                ended_at_ms: NOW_MS + 20,
+                outcome: Outcome::Exited { code: 0 },
+                stdout_tail: String::new(),
+                stderr_tail: String::new(),
+            },
+        },
+    );
+    cluster.revision += 1;
+    cluster.state.check_invariants().unwrap();
+    assert_eq!(applied.changed, vec![b, c], "the release is part of the entry that ended b");
+    let released = cluster.task(c);
+    assert_eq!((released.state, released.revision), (TaskState::Ready, cluster.revision));
+    assert_eq!(released.updated_at_ms, NOW_MS + 20);
+    let placed: Vec<TaskId> = cluster.schedule(10).iter().map(|(a, _)| a.task).collect();
+    assert_eq!(placed, vec![c]);
+}
+
+#[test]
+fn a_task_after_tasks_that_already_succeeded_is_ready_and_a_delayed_one_pending() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let a = cluster.submit(spec_in("q", 0));
+    let token = cluster.assign_now(a);
+    cluster.complete(a, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    let now = cluster.submit_after_ok(spec_in("q", 0), &[a]);
+    assert_eq!(cluster.task(now).state, TaskState::Ready);
+
+    // Released before its run-at time: PENDING until then.
+    let b = cluster.submit(spec_in("q", 0));
+    let later = TaskSpec { schedule: Schedule::DelayMs(60_000), ..spec_in("q", 0) };
+    let later = cluster.submit_after_ok(later, &[b]);
+    assert_eq!(cluster.task(later).state, TaskState::Waiting);
+    let token = cluster.assign_now(b);
+    cluster.complete(b, token, Outcome::Exited { code: 0 }, NOW_MS + 20);
+    assert_eq!(cluster.task(later).state, TaskState::Pending);
+    assert_eq!(cluster.task(later).run_at_ms, NOW_MS + 60_000);
+    // A task purged after it succeeded is no longer there to name.
+    cluster.apply(Command::PurgeFinished {
+        now_ms: NOW_MS + 5_000,
+        retention_ms: 1_000,
+        tasks_max: 100,
+    });
+    assert!(cluster.state.task(a).is_none());
+    let response = cluster.submit_after(spec_in("q", 0), &[a]);
+    assert_eq!(rejection_kind(response), RejectionKind::NotFound);
+}
+
+#[test]
+fn a_failure_or_a_cancel_cancels_the_tasks_after_it_and_theirs_in_the_same_entry() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let once = TaskSpec { max_attempts: 1, ..spec_in("q", 0) };
+    let (a, other) = (cluster.submit(once), cluster.submit(spec_in("q", 0)));
+    let b = cluster.submit_after_ok(spec_in("q", 0), &[a]);
+    let c = cluster.submit_after_ok(spec_in("q", 0), &[b, other]);
+    let d = cluster.submit_after_ok(spec_in("q", 0), &[other]);
+    let token = cluster.assign_now(a);
+    cluster.complete(a, token, Outcome::Exited { code: 3 }, NOW_MS + 10);
+    assert_eq!(
+        cluster.state_of(&[a, b, c, d]),
+        [TaskState::Failed, TaskState::Cancelled, TaskState::Cancelled, TaskState::Waiting]
+    );
+    assert_eq!(cluster.task(c).revision, cluster.revision);
+    assert!(cluster.task(c).attempts.is_empty());
+    // A retry is not a failure: the tasks after it go on waiting.
+    let twice = cluster.submit(spec_in("q", 0));
+    let e = cluster.submit_after_ok(spec_in("q", 0), &[twice]);
+    let token = cluster.assign_now(twice);
+    cluster.complete(twice, token, Outcome::Exited { code: 1 }, NOW_MS + 10);
+    assert_eq!(cluster.state_of(&[twice, e]), [TaskState::Pending, TaskState::Waiting]);
+    // Cancelling an awaited task cancels the tasks after it.
+    cluster.apply(Command::CancelTask { now_ms: NOW_MS + 30, id: other });
+    assert_eq!(cluster.state_of(&[other, d]), [TaskState::Cancelled, TaskState::Cancelled]);
+    // Cancelling a waiting task leaves the task it waits for alone.
+    cluster.apply(Command::CancelTask { now_ms: NOW_MS + 40, id: e });
+    assert_eq!(cluster.state_of(&[twice, e]), [TaskState::Pending, TaskState::Cancelled]);
+}
+
+#[test]
+fn a_submission_after_tasks_that_cannot_succeed_or_are_unknown_is_refused() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let once = TaskSpec { max_attempts: 1, ..spec_in("q", 0) };
+    let (failed, live) = (cluster.submit(once), cluster.submit(spec_in("q", 0)));
+    let token = cluster.assign_now(failed);
+    cluster.complete(failed, token, Outcome::Exited { code: 1 }, NOW_MS + 10);
+    let n_tasks = cluster.state.n_tasks();
+    let cases: [(&[TaskId], RejectionKind, &str); 4] = [
+        (
+            &[live, failed],
+            RejectionKind::FailedPrecondition,
+            "is FAILED, so this task would never run",
+        ),
+        (&[TaskId(99)], RejectionKind::NotFound, "task 99, to run after, does not exist"),
+        (&[live, live], RejectionKind::InvalidArgument, "runs after task 1 twice"),
+        (&[], RejectionKind::InvalidArgument, ""),
+    ];
+    for (after, kind, message) in cases.into_iter().take(3) {
+        match cluster.submit_after(spec_in("q", 0), after) {
+            Response::Rejected(rejection) => {
+                assert_eq!(rejection.kind, kind);
+                assert!(rejection.message.contains(message), "{}", rejection.message);
+            }
+            other => panic!("{after:?}: {other:?}"),
+        }
+    }
+    let too_many: Vec<TaskId> = (0..5_000).map(TaskId).collect();
+    let response = cluster.submit_after(spec_in("q", 0), &too_many);
+    assert_eq!(rejection_kind(response), RejectionKind::InvalidArgument);
+    // A batch with a list per task or none: anything else is refused.
+    let mismatched = Command::SubmitAfter {
+        now_ms: NOW_MS,
+        queued_tasks_max: 1_000,
+        specs: vec![spec_in("q", 0), spec_in("q", 0)],
+        after: vec![vec![live]],
+    };
+    assert_eq!(rejection_kind(cluster.apply(mismatched)), RejectionKind::InvalidArgument);
+    // In a batch, one bad list refuses the whole batch.
+    let batch = Command::SubmitAfter {
+        now_ms: NOW_MS,
+        queued_tasks_max: 1_000,
+        specs: vec![spec_in("q", 0), spec_in("q", 0)],
+        after: vec![vec![live], vec![failed]],
+    };
+    match cluster.apply(batch) {
+        Response::Rejected(rejection) => {
+            assert!(rejection.message.starts_with("task 1 of the batch: "), "{}", rejection.message)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cluster.state.n_tasks(), n_tasks, "nothing was added");
+}
+
+#[test]
+fn parts_with_an_after_no_command_could_produce_are_refused() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let a = cluster.submit(spec_in("q", 0));
+    let b = cluster.submit_after_ok(spec_in("q", 0), &[a]);
+    let tasks = |change: &dyn Fn(&mut Task)| {
+        let mut waiting = cluster.task(b).clone();
+        change(&mut waiting);
+        vec![cluster.task(a).clone(), waiting]
+    };
+    let meta = cluster.state.meta().clone();
+    let refusal = |tasks: Vec<Task>| State::from_parts(meta.clone(), tasks).unwrap_err();
+    assert!(refusal(tasks(&|task| task.state = TaskState::Ready)).contains("READY before"));
+    assert!(refusal(tasks(&|task| task.after = vec![b].into())).contains("not earlier tasks"));
+    let mut failed = cluster.task(a).clone();
+    failed.state = TaskState::Failed;
+    let err = State::from_parts(meta.clone(), vec![failed, cluster.task(b).clone()]).unwrap_err();
+    assert!(err.contains("failed or was cancelled"), "{err}");
+    let mut succeeded = cluster.task(a).clone();
+    succeeded.state = TaskState::Succeeded;
+    let err =
+        State::from_parts(meta.clone(), vec![succeeded, cluster.task(b).clone()]).unwrap_err();
+    assert!(err.contains("all succeeded"), "{err}");
+    // As they are, they rebuild.
+    State::from_parts(meta, vec![cluster.task(a).clone(), cluster.task(b).clone()]).unwrap();
+}

@@ -2,7 +2,8 @@
 //!
 //! [`State`] holds every task plus the indexes the scheduler needs: ready
 //! tasks per queue in run order, pending tasks by run-at time, the active
-//! attempts of each node, finished tasks by time, and the idempotency keys.
+//! attempts of each node, finished tasks by time, the idempotency keys, and
+//! the waiting tasks by each task they wait for.
 //! [`State::apply`] is the only way to change it. It is deterministic: it
 //! reads no clock and does no I/O, so replaying the same log gives the same
 //! state on every node.
@@ -28,7 +29,7 @@ use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
 use crate::scheduler::periodic::{self, Cadence, Overlap, Periodic};
 use crate::scheduler::policy::{PlacementCursor, plan};
 use crate::scheduler::task::{
-    Attempt, NodeId, Outcome, Schedule, Task, TaskId, TaskSpec, TaskState,
+    Attempt, NodeId, Outcome, Schedule, Task, TaskId, TaskIds, TaskSpec, TaskState,
 };
 
 /// The order of ready tasks within a queue: higher priority first, then
@@ -70,6 +71,12 @@ pub struct State {
     running_max_by_queue: BTreeMap<Arc<str>, u32>,
     /// Tasks ASSIGNED or RUNNING, by queue; queues with none are absent.
     n_active_by_queue: BTreeMap<Arc<str>, u64>,
+    /// WAITING tasks by each task of their `after` that has not succeeded
+    /// (and is still kept); tasks nobody waits for are absent.
+    waiting_by_dependency: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// Tasks that ended during the command being applied while others
+    /// waited for them: `apply` releases or cancels those before it answers.
+    ended_awaited: Vec<TaskId>,
 }
 
 /// How many distinct strings the state shares between tasks; past it, a
@@ -194,11 +201,50 @@ impl State {
             if state.tasks.contains_key(&task.id) {
                 return Err(format!("task {} appears twice", task.id));
             }
+            state.check_after(&task)?;
             state.interner.intern_spec(&mut task.spec);
             state.index_insert(&task);
             state.tasks.insert(task.id, Arc::new(task));
         }
         Ok(state)
+    }
+
+    /// Refuses a persisted task whose `after` no command could have
+    /// produced, given the tasks before it: unsorted, not earlier tasks, a
+    /// WAITING task that waits for nothing or for a task that failed or was
+    /// cancelled, or a task set to run while one of its `after` has not
+    /// succeeded.
+    fn check_after(&self, task: &Task) -> Result<(), String> {
+        let id = task.id;
+        if !task.after.is_sorted_by(|a, b| a < b)
+            || task.after.last().is_some_and(|last| *last >= id)
+        {
+            return Err(format!(
+                "task {id} runs after tasks that are not earlier tasks, once each"
+            ));
+        }
+        let unsucceeded: Vec<TaskState> =
+            self.unsucceeded(&task.after).map(|dependency| self.tasks[&dependency].state).collect();
+        match task.state {
+            TaskState::Waiting if unsucceeded.is_empty() => {
+                Err(format!("task {id} is WAITING for tasks that all succeeded"))
+            }
+            TaskState::Waiting
+                if unsucceeded
+                    .iter()
+                    .any(|state| matches!(state, TaskState::Failed | TaskState::Cancelled)) =>
+            {
+                Err(format!("task {id} is WAITING for a task that failed or was cancelled"))
+            }
+            state
+                if !state.is_terminal()
+                    && state != TaskState::Waiting
+                    && !unsucceeded.is_empty() =>
+            {
+                Err(format!("task {id} is {state} before the tasks it runs after succeeded"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Adds persisted periodic tasks to a state rebuilt by
@@ -455,7 +501,10 @@ impl State {
         let mut changed = Vec::new();
         let result = match command {
             Command::SubmitTasks { now_ms, queued_tasks_max, specs } => self
-                .submit(revision, *now_ms, *queued_tasks_max, specs, &mut changed)
+                .submit(revision, *now_ms, *queued_tasks_max, specs, &[], &mut changed)
+                .map(Response::Submitted),
+            Command::SubmitAfter { now_ms, queued_tasks_max, specs, after } => self
+                .submit(revision, *now_ms, *queued_tasks_max, specs, after, &mut changed)
                 .map(Response::Submitted),
             Command::CancelTask { now_ms, id } => {
                 self.cancel(revision, *now_ms, *id, &mut changed).map(Response::Cancelled)
@@ -490,7 +539,7 @@ impl State {
                 self.purge_finished(*now_ms, *retention_ms, *tasks_max, &mut changed),
             )),
             Command::SubmitAndPlace { now_ms, queued_tasks_max, specs, placement } => self
-                .submit(revision, *now_ms, *queued_tasks_max, specs, &mut changed)
+                .submit(revision, *now_ms, *queued_tasks_max, specs, &[], &mut changed)
                 .map(|submitted| {
                     let first_id = submitted.first().map_or(0, |answer| answer.task.id.0);
                     self.place(revision, *now_ms, placement, first_id, &mut changed);
@@ -508,11 +557,72 @@ impl State {
                 self.set_queue_limit(queue, *running_max).map(|()| Response::Empty)
             }
         };
-        let response = result.unwrap_or_else(|rejection| {
-            assert!(changed.is_empty(), "a rejected command changed tasks");
-            Response::Rejected(rejection)
-        });
+        let response = match result {
+            Ok(response) => {
+                self.settle_awaited(revision, &mut changed);
+                response
+            }
+            Err(rejection) => {
+                assert!(changed.is_empty(), "a rejected command changed tasks");
+                assert!(self.ended_awaited.is_empty(), "a rejected command ended tasks");
+                Response::Rejected(rejection)
+            }
+        };
         Applied { response, changed }
+    }
+
+    /// Releases the tasks that waited for a task that succeeded in this
+    /// command, once nothing else holds them back, and cancels those that
+    /// waited for one that failed or was cancelled, and in turn the tasks
+    /// waiting for those. At the time each awaited task ended.
+    fn settle_awaited(&mut self, revision: u64, changed: &mut Vec<TaskId>) {
+        while let Some(id) = self.ended_awaited.pop() {
+            let ended = &self.tasks[&id];
+            let (now_ms, succeeded) = (ended.updated_at_ms, ended.state == TaskState::Succeeded);
+            if succeeded {
+                let released = self.waiting_by_dependency.remove(&id).unwrap_or_default();
+                for waiting in released {
+                    if self.waits_for_any(waiting) {
+                        continue;
+                    }
+                    let task = &self.tasks[&waiting];
+                    let to =
+                        if task.run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
+                    self.transition(waiting, to, revision, now_ms);
+                    changed.push(waiting);
+                }
+            } else {
+                let doomed: Vec<TaskId> = self
+                    .waiting_by_dependency
+                    .get(&id)
+                    .map(|waiting| waiting.iter().copied().collect())
+                    .unwrap_or_default();
+                for waiting in doomed {
+                    self.transition(waiting, TaskState::Cancelled, revision, now_ms);
+                    changed.push(waiting);
+                }
+                assert!(
+                    !self.waiting_by_dependency.contains_key(&id),
+                    "task {id} ended but tasks still wait for it"
+                );
+            }
+        }
+    }
+
+    /// Whether a WAITING task still waits for any task.
+    fn waits_for_any(&self, id: TaskId) -> bool {
+        self.tasks[&id].after.iter().any(|dependency| {
+            self.waiting_by_dependency.get(dependency).is_some_and(|waiting| waiting.contains(&id))
+        })
+    }
+
+    /// The tasks of `after` that have not succeeded, among those still kept
+    /// (a purged one had succeeded: one that failed or was cancelled
+    /// cancelled the tasks waiting for it before it could be purged).
+    fn unsucceeded<'a>(&'a self, after: &'a [TaskId]) -> impl Iterator<Item = TaskId> + 'a {
+        after.iter().copied().filter(|dependency| {
+            self.tasks.get(dependency).is_some_and(|task| task.state != TaskState::Succeeded)
+        })
     }
 
     fn submit(
@@ -521,11 +631,18 @@ impl State {
         now_ms: u64,
         queued_tasks_max: u64,
         specs: &[TaskSpec],
+        after: &[Vec<TaskId>],
         changed: &mut Vec<TaskId>,
     ) -> Result<Vec<Submitted>, Rejection> {
         let ceiling = &Limits::CEILING;
         if specs.is_empty() {
             return Err(Rejection::new(RejectionKind::InvalidArgument, "the batch holds no tasks"));
+        }
+        if !after.is_empty() && after.len() != specs.len() {
+            return Err(Rejection::new(
+                RejectionKind::InvalidArgument,
+                format!("{} tasks but {} lists of tasks to run after", specs.len(), after.len()),
+            ));
         }
         if specs.len() > ceiling.batch_tasks_max {
             return Err(Rejection::new(
@@ -541,13 +658,40 @@ impl State {
         let mut n_new: u64 = 0;
         let mut keys_in_batch = BTreeSet::new();
         for (spec_idx, spec) in specs.iter().enumerate() {
-            if let Err(err) = ceiling.check_spec(spec, now_ms) {
-                let message = if specs.len() == 1 {
-                    err.0
+            let in_batch = |message: String| {
+                if specs.len() == 1 {
+                    message
                 } else {
-                    format!("task {spec_idx} of the batch: {}", err.0)
-                };
-                return Err(Rejection::new(RejectionKind::InvalidArgument, message));
+                    format!("task {spec_idx} of the batch: {message}")
+                }
+            };
+            if let Err(err) = ceiling.check_spec(spec, now_ms) {
+                return Err(Rejection::new(RejectionKind::InvalidArgument, in_batch(err.0)));
+            }
+            let spec_after = after.get(spec_idx).map_or(&[][..], Vec::as_slice);
+            if let Err(err) = ceiling.check_after(spec_after) {
+                return Err(Rejection::new(RejectionKind::InvalidArgument, in_batch(err.0)));
+            }
+            for dependency in spec_after {
+                match self.tasks.get(dependency).map(|task| task.state) {
+                    None => {
+                        return Err(Rejection::new(
+                            RejectionKind::NotFound,
+                            in_batch(format!(
+                                "task {dependency}, to run after, does not exist (or was purged)"
+                            )),
+                        ));
+                    }
+                    Some(state @ (TaskState::Failed | TaskState::Cancelled)) => {
+                        return Err(Rejection::new(
+                            RejectionKind::FailedPrecondition,
+                            in_batch(format!(
+                                "task {dependency}, to run after, is {state}, so this task would never run"
+                            )),
+                        ));
+                    }
+                    Some(_) => {}
+                }
             }
             let is_new = match &spec.idempotency_key {
                 Some(key) => {
@@ -569,7 +713,7 @@ impl State {
         }
 
         let mut results = Vec::with_capacity(specs.len());
-        for spec in specs {
+        for (spec_idx, spec) in specs.iter().enumerate() {
             if let Some(existing) =
                 spec.idempotency_key.as_ref().and_then(|key| self.task_by_idempotency_key.get(key))
             {
@@ -577,18 +721,22 @@ impl State {
                     .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
                 continue;
             }
-            let task = self.insert_task(revision, now_ms, spec.clone(), changed);
+            let mut spec_after = after.get(spec_idx).cloned().unwrap_or_default();
+            spec_after.sort_unstable();
+            let task = self.insert_task(revision, now_ms, spec.clone(), spec_after.into(), changed);
             results.push(Submitted { task, already_existed: false });
         }
         Ok(results)
     }
 
-    /// Creates a task from a spec already checked.
+    /// Creates a task from a spec already checked, to run after the tasks
+    /// of `after` (checked too, and sorted).
     fn insert_task(
         &mut self,
         revision: u64,
         now_ms: u64,
         mut spec: TaskSpec,
+        after: TaskIds,
         changed: &mut Vec<TaskId>,
     ) -> Arc<Task> {
         let id = TaskId(self.meta.next_task_id);
@@ -598,7 +746,13 @@ impl State {
             Schedule::AtUnixMs(at_ms) => at_ms,
             Schedule::DelayMs(delay_ms) => now_ms.saturating_add(delay_ms),
         };
-        let state = if run_at_ms > now_ms { TaskState::Pending } else { TaskState::Ready };
+        let state = if self.unsucceeded(&after).next().is_some() {
+            TaskState::Waiting
+        } else if run_at_ms > now_ms {
+            TaskState::Pending
+        } else {
+            TaskState::Ready
+        };
         self.interner.intern_spec(&mut spec);
         let task = Task {
             id,
@@ -609,6 +763,7 @@ impl State {
             updated_at_ms: now_ms,
             revision,
             attempts: Vec::new(),
+            after,
         };
         self.index_insert(&task);
         let task = Arc::new(task);
@@ -757,7 +912,7 @@ impl State {
             } else {
                 let mut spec = periodic_mut.spec.clone();
                 spec.idempotency_key = Some(key.into_boxed_str());
-                let task = self.insert_task(revision, now_ms, spec, changed);
+                let task = self.insert_task(revision, now_ms, spec, TaskIds::default(), changed);
                 periodic_mut.last_task = Some(task.id);
                 periodic_mut.fired_total += 1;
                 fired.push(task.id);
@@ -828,10 +983,15 @@ impl State {
         self.index_remove(&task);
         // Copies the task only if something else still holds it: a frozen
         // state, an event, an answer.
+        let was_terminal = task.state.is_terminal();
         let task_mut = Arc::make_mut(&mut task);
         let result = change(task_mut);
         task_mut.revision = revision;
         task_mut.updated_at_ms = task_mut.updated_at_ms.max(now_ms);
+        if !was_terminal && task.state.is_terminal() && self.waiting_by_dependency.contains_key(&id)
+        {
+            self.ended_awaited.push(id);
+        }
         self.index_insert(&task);
         self.tasks.insert(id, task);
         result
@@ -1161,6 +1321,13 @@ impl State {
 
     fn index_insert(&mut self, task: &Task) {
         match task.state {
+            TaskState::Waiting => {
+                let awaited: Vec<TaskId> = self.unsucceeded(&task.after).collect();
+                assert!(!awaited.is_empty(), "task {} waits for nothing", task.id);
+                for dependency in awaited {
+                    self.waiting_by_dependency.entry(dependency).or_default().insert(task.id);
+                }
+            }
             TaskState::Pending => {
                 self.pending_by_run_at.insert((task.run_at_ms, task.id));
             }
@@ -1188,6 +1355,16 @@ impl State {
 
     fn index_remove(&mut self, task: &Task) {
         match task.state {
+            TaskState::Waiting => {
+                for dependency in task.after.iter() {
+                    if let Some(waiting) = self.waiting_by_dependency.get_mut(dependency) {
+                        waiting.remove(&task.id);
+                        if waiting.is_empty() {
+                            self.waiting_by_dependency.remove(dependency);
+                        }
+                    }
+                }
+            }
             TaskState::Pending => {
                 assert!(
                     self.pending_by_run_at.remove(&(task.run_at_ms, task.id)),
@@ -1268,6 +1445,9 @@ impl State {
         }
         if rebuilt.finished_by_time != self.finished_by_time {
             return Err("finished index differs from the tasks".into());
+        }
+        if rebuilt.waiting_by_dependency != self.waiting_by_dependency {
+            return Err("waiting index differs from the tasks".into());
         }
         let rebuilt = rebuilt.with_periodics(self.periodics().cloned())?;
         if rebuilt.periodic_by_next_fire != self.periodic_by_next_fire {

@@ -103,6 +103,39 @@ impl<'de> Deserialize<'de> for StringMap {
     }
 }
 
+/// Task ids that most tasks have none of (the tasks a task runs after):
+/// one pointer when empty. Reads see the slice; serialized as the plain
+/// sequence, so the encoding is that of a `Vec<TaskId>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[expect(clippy::box_collection, reason = "one word per task when empty, not two")]
+pub struct TaskIds(Option<Box<Vec<TaskId>>>);
+
+impl Deref for TaskIds {
+    type Target = [TaskId];
+
+    fn deref(&self) -> &[TaskId] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl From<Vec<TaskId>> for TaskIds {
+    fn from(ids: Vec<TaskId>) -> TaskIds {
+        TaskIds((!ids.is_empty()).then(|| Box::new(ids)))
+    }
+}
+
+impl Serialize for TaskIds {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.deref().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskIds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TaskIds, D::Error> {
+        Vec::deserialize(deserializer).map(TaskIds::from)
+    }
+}
+
 /// Exponential backoff between attempts of one task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backoff {
@@ -163,9 +196,13 @@ impl TaskSpec {
 
 /// The lifecycle of a task.
 ///
+/// `Waiting` → `Pending` or `Ready` when every task it runs after has
+/// succeeded (→ `Cancelled` when one of them fails or is cancelled);
 /// `Pending` → `Ready` when its run-at time has come; `Ready` → `Assigned`
 /// when the leader places it; `Assigned` → `Running` when the executor starts
 /// it; then one of the three terminal states.
+///
+/// Stored by variant index, so a new state goes last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum TaskState {
     Pending,
@@ -175,10 +212,14 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Waits for the tasks it runs after ([`Task::after`]) to succeed.
+    Waiting,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 7] = [
+    /// In the order of the lifecycle.
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Waiting,
         TaskState::Pending,
         TaskState::Ready,
         TaskState::Assigned,
@@ -195,6 +236,7 @@ impl TaskState {
     /// The upper-case name used by the API, the CLI and the docs.
     pub fn name(self) -> &'static str {
         match self {
+            TaskState::Waiting => "WAITING",
             TaskState::Pending => "PENDING",
             TaskState::Ready => "READY",
             TaskState::Assigned => "ASSIGNED",
@@ -318,6 +360,9 @@ pub struct Task {
     /// The Raft log index of the last change to this task.
     pub revision: u64,
     pub attempts: Vec<Attempt>,
+    /// The tasks that must succeed before this one may run, by id, sorted
+    /// and each once; empty for most tasks. Set at submission, never changed.
+    pub after: TaskIds,
 }
 
 #[cfg(test)]
@@ -336,9 +381,11 @@ mod tests {
     }
 
     /// A million pending tasks are mostly this struct (plus their payload),
-    /// so it stays compact: 296 bytes before the compact layout.
+    /// so it stays compact: 296 bytes before the compact layout, 224 before
+    /// the tasks to run after (one pointer).
     #[test]
     fn a_task_stays_compact() {
-        assert!(std::mem::size_of::<Task>() <= 224, "{}", std::mem::size_of::<Task>());
+        assert!(std::mem::size_of::<Task>() <= 232, "{}", std::mem::size_of::<Task>());
+        assert_eq!(std::mem::size_of::<TaskIds>(), std::mem::size_of::<usize>());
     }
 }

@@ -190,7 +190,7 @@ fn cancel_moves_a_live_task_to_cancelled_and_refuses_a_finished_one() {
     delayed.schedule = Schedule::DelayMs(1_000);
     let pending = h.submit_one(delayed);
     let counts = |h: &Harness| TaskState::ALL.map(|state| h.state.n_tasks_in(state));
-    assert_eq!(counts(&h), [1, 1, 0, 0, 0, 0, 0], "one pending, one ready");
+    assert_eq!(counts(&h), [0, 1, 1, 0, 0, 0, 0, 0], "one pending, one ready");
     for id in [ready.id, pending.id] {
         match h.apply(Command::CancelTask { now_ms: NOW_MS + 1, id }) {
             Response::Cancelled(task) => assert_eq!(task.state, TaskState::Cancelled),
@@ -198,7 +198,7 @@ fn cancel_moves_a_live_task_to_cancelled_and_refuses_a_finished_one() {
         }
     }
     assert_eq!(h.state.n_tasks_queued(), 0);
-    assert_eq!(counts(&h), [0, 0, 0, 0, 0, 0, 2], "both cancelled");
+    assert_eq!(counts(&h), [0, 0, 0, 0, 0, 0, 0, 2], "both cancelled");
     assert_eq!(h.state.ready_queue_depths().count(), 0);
     assert!(h.ready_ids("default").is_empty());
     assert_eq!(h.state.next_pending_run_at_ms(), None);

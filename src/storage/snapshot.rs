@@ -10,15 +10,16 @@
 //! log flushes once took 900 ms together, and their leader, having heard
 //! from no majority for a second, refused writes.
 //!
-//! Layout: the magic `TRSNAP04`, a little-endian CRC-32 of everything after
+//! Layout: the magic `TRSNAP05`, a little-endian CRC-32 of everything after
 //! it, the length of the metadata as a little-endian u64, the postcard-encoded
 //! [`SnapshotMeta`], then the postcard-encoded body (meta, tasks, the
 //! periodic tasks, then the queue limits). Each task is a `TaskRecord`, its
-//! run-at and update times relative to its creation: absolute, each took 6
-//! bytes, about 4 % of a pending task of 256 bytes. Files of the formats
-//! before (`TRSNAP03`, with no queue limits, `TRSNAP02`, with no periodic
-//! tasks either, and `TRSNAP01`, each task as a [`Task`]) are still read; a
-//! node of an earlier version cannot read this one.
+//! run-at and update times relative to its creation (absolute, each took 6
+//! bytes, about 4 % of a pending task of 256 bytes), then the ids of the
+//! tasks it runs after. Files of the formats before (`TRSNAP04`, with no
+//! tasks to run after, `TRSNAP03`, with no queue limits either, `TRSNAP02`,
+//! with no periodic tasks either, and `TRSNAP01`, each task with absolute
+//! times) are still read; a node of an earlier version cannot read this one.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -32,17 +33,19 @@ use serde::{Deserialize, Serialize};
 use crate::raft::SnapshotMeta;
 use crate::raft::codec;
 use crate::scheduler::{
-    Attempt, FrozenState, Periodic, State, StateMeta, Task, TaskId, TaskSpec, TaskState,
+    Attempt, FrozenState, Periodic, State, StateMeta, Task, TaskId, TaskIds, TaskSpec, TaskState,
 };
 
-/// The magic of the format written: each task a [`TaskRecord`], then the
-/// periodic tasks, then the queue limits.
-const MAGIC: &[u8; 8] = b"TRSNAP04";
+/// The magic of the format written: each task a [`TaskRecord`] and the
+/// tasks it runs after, then the periodic tasks, then the queue limits.
+const MAGIC: &[u8; 8] = b"TRSNAP05";
+/// The magic of the format before, still read: no tasks to run after.
+const MAGIC_QUEUE_LIMITS: &[u8; 8] = b"TRSNAP04";
 /// The magic of the format before, still read: no queue limits.
 const MAGIC_PERIODICS: &[u8; 8] = b"TRSNAP03";
 /// The magic of the format before, still read: no periodic tasks.
 const MAGIC_TASK_RECORDS: &[u8; 8] = b"TRSNAP02";
-/// The magic of the format before, still read: each task a [`Task`].
+/// The magic of the format before, still read: each task a [`TaskAbsolute`].
 const MAGIC_TASKS_ABSOLUTE: &[u8; 8] = b"TRSNAP01";
 const HEADER_BYTES: u64 = 8 + 4 + 8;
 /// The metadata of a snapshot is small; anything larger is a corrupt file.
@@ -160,7 +163,7 @@ impl<W: Write> Write for CrcWriter<W> {
 /// Which of the formats a file is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Format {
-    /// `TRSNAP01`: each task as a [`Task`].
+    /// `TRSNAP01`: each task as a [`TaskAbsolute`].
     TasksAbsolute,
     /// `TRSNAP02`: each task as a [`TaskRecord`].
     TaskRecords,
@@ -168,6 +171,49 @@ enum Format {
     TaskRecordsPeriodics,
     /// `TRSNAP04`: as `TRSNAP03`, then the queue limits.
     QueueLimits,
+    /// `TRSNAP05`: as `TRSNAP04`, each task's record followed by the tasks
+    /// it runs after.
+    After,
+}
+
+/// A task as `TRSNAP01` holds it: a [`Task`] of the time, with absolute
+/// times and no tasks to run after.
+#[derive(Serialize, Deserialize)]
+struct TaskAbsolute {
+    id: TaskId,
+    spec: TaskSpec,
+    state: TaskState,
+    run_at_ms: u64,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    revision: u64,
+    attempts: Vec<Attempt>,
+}
+
+impl From<TaskAbsolute> for Task {
+    fn from(task: TaskAbsolute) -> Task {
+        let TaskAbsolute {
+            id,
+            spec,
+            state,
+            run_at_ms,
+            created_at_ms,
+            updated_at_ms,
+            revision,
+            attempts,
+        } = task;
+        Task {
+            id,
+            spec,
+            state,
+            run_at_ms,
+            created_at_ms,
+            updated_at_ms,
+            revision,
+            attempts,
+            after: TaskIds::default(),
+        }
+    }
 }
 
 /// A task as a snapshot holds it: a [`Task`] whose run-at and update times
@@ -234,6 +280,7 @@ impl From<TaskRecord> for Task {
             updated_at_ms: since_base(record.updated_at_from_created_ms, record.created_at_ms),
             revision: record.revision,
             attempts: record.attempts,
+            after: TaskIds::default(),
         }
     }
 }
@@ -261,7 +308,23 @@ fn write_after_crc<W: Write>(
             Format::TaskRecords | Format::TaskRecordsPeriodics | Format::QueueLimits => {
                 codec::encode_into(&TaskRecordRef::of(task), &mut task_bytes)
             }
-            Format::TasksAbsolute => codec::encode_into(task, &mut task_bytes),
+            Format::After => {
+                codec::encode_into(&TaskRecordRef::of(task), &mut task_bytes);
+                codec::encode_into(&task.after, &mut task_bytes);
+            }
+            Format::TasksAbsolute => codec::encode_into(
+                &TaskAbsolute {
+                    id: task.id,
+                    spec: task.spec.clone(),
+                    state: task.state,
+                    run_at_ms: task.run_at_ms,
+                    created_at_ms: task.created_at_ms,
+                    updated_at_ms: task.updated_at_ms,
+                    revision: task.revision,
+                    attempts: task.attempts.clone(),
+                },
+                &mut task_bytes,
+            ),
         }
         out.write_all(&task_bytes)?;
     }
@@ -283,7 +346,7 @@ fn write_after_crc<W: Write>(
 /// tests, which check the two agree.
 #[cfg(test)]
 pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
-    encode_in(Format::QueueLimits, meta, state)
+    encode_in(Format::After, meta, state)
 }
 
 /// Encodes a snapshot in `format`; for tests.
@@ -291,7 +354,8 @@ pub fn encode(meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
 fn encode_in(format: Format, meta: &SnapshotMeta, state: &FrozenState) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize);
     bytes.extend_from_slice(match format {
-        Format::QueueLimits => MAGIC,
+        Format::After => MAGIC,
+        Format::QueueLimits => MAGIC_QUEUE_LIMITS,
         Format::TaskRecordsPeriodics => MAGIC_PERIODICS,
         Format::TaskRecords => MAGIC_TASK_RECORDS,
         Format::TasksAbsolute => MAGIC_TASKS_ABSOLUTE,
@@ -320,7 +384,7 @@ pub fn write(
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, PacedFile::new(&tmp));
         out.write_all(MAGIC)?;
         out.write_all(&[0; 4])?;
-        let crc = write_after_crc(Format::QueueLimits, meta, state, &mut out)?;
+        let crc = write_after_crc(Format::After, meta, state, &mut out)?;
         out.flush()?;
         drop(out);
         tmp.write_all_at(&crc.to_le_bytes(), MAGIC.len() as u64)?;
@@ -409,11 +473,19 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
             return None;
         }
         let decoded = match format {
-            Format::TasksAbsolute => codec::decode_prefix::<Task>("snapshot task", rest),
+            Format::TasksAbsolute => codec::decode_prefix::<TaskAbsolute>("snapshot task", rest)
+                .map(|(task, after)| (Task::from(task), after)),
             Format::TaskRecords | Format::TaskRecordsPeriodics | Format::QueueLimits => {
                 codec::decode_prefix::<TaskRecord>("snapshot task", rest)
                     .map(|(record, after)| (Task::from(record), after))
             }
+            Format::After => codec::decode_prefix::<TaskRecord>("snapshot task", rest).and_then(
+                |(record, rest)| {
+                    let (after, rest): (TaskIds, _) =
+                        codec::decode_prefix("snapshot task's after", rest)?;
+                    Ok((Task { after, ..Task::from(record) }, rest))
+                },
+            ),
         };
         match decoded {
             Ok((task, after)) => {
@@ -461,7 +533,8 @@ fn decode_body(format: Format, bytes: &[u8]) -> io::Result<State> {
 /// of its metadata.
 fn check_header(header: &[u8], file_len: u64) -> io::Result<(Format, u64)> {
     let format = match &header[..8] {
-        magic if magic == MAGIC => Format::QueueLimits,
+        magic if magic == MAGIC => Format::After,
+        magic if magic == MAGIC_QUEUE_LIMITS => Format::QueueLimits,
         magic if magic == MAGIC_PERIODICS => Format::TaskRecordsPeriodics,
         magic if magic == MAGIC_TASK_RECORDS => Format::TaskRecords,
         magic if magic == MAGIC_TASKS_ABSOLUTE => Format::TasksAbsolute,
@@ -605,6 +678,39 @@ mod tests {
         let (_, before) = decode(&encode_in(Format::TaskRecords, &meta, &state.frozen())).unwrap();
         assert_eq!(before.n_periodics(), 0);
         assert_eq!(before.n_tasks(), 4);
+    }
+
+    /// Tasks that run after others come back with their lists and WAITING
+    /// state, their waiting index rebuilt; the format before, which has no
+    /// such lists, still reads (tasks without them).
+    #[test]
+    fn tasks_to_run_after_come_back_from_a_snapshot() {
+        let mut state = state_with_tasks(3);
+        let after = Command::SubmitAfter {
+            now_ms: NOW_MS,
+            queued_tasks_max: 100,
+            specs: vec![TaskSpec::for_test("then"), TaskSpec::for_test("finally")],
+            after: vec![vec![TaskId(0), TaskId(2)], vec![TaskId(1)]],
+        };
+        state.apply(2, &after);
+        assert_eq!(state.n_tasks_in(TaskState::Waiting), 2);
+        let meta = SnapshotMeta::default();
+        let (_, decoded) = decode(&encode(&meta, &state.frozen())).unwrap();
+        decoded.check_invariants().unwrap();
+        assert_eq!(
+            decoded.frozen().tasks().collect::<Vec<_>>(),
+            state.frozen().tasks().collect::<Vec<_>>()
+        );
+        assert_eq!(&*decoded.task(TaskId(3)).unwrap().after, &[TaskId(0), TaskId(2)]);
+        // Cancelling what the rebuilt state waits for cancels the waiting
+        // task there too: the index came back.
+        let mut decoded = decoded;
+        let applied = decoded.apply(3, &Command::CancelTask { now_ms: NOW_MS, id: TaskId(1) });
+        assert_eq!(applied.changed, [TaskId(1), TaskId(4)]);
+        let without = state_with_tasks(3);
+        let (_, before) =
+            decode(&encode_in(Format::QueueLimits, &meta, &without.frozen())).unwrap();
+        assert_eq!(before.n_tasks(), 3);
     }
 
     /// Bytes written through a paced file past several chunks read back

@@ -4,6 +4,7 @@
 mod api;
 mod bad_input;
 mod catch_up;
+mod dependencies;
 mod execution;
 mod failover;
 mod membership;
