@@ -73,8 +73,16 @@ submit FAILED "times out after 1 s" --task-timeout 1s --max-attempts 1 -- sleep 
 for n in 1 2 3 4 5 6; do
   submit SUCCEEDED "long task $n (4 s)" -- sh -c "sleep 4; echo done on node \$TASKRAFT_NODE_ID"
 done
+last_id() { printf '%s\n' "${!name[@]}" | sort -n | tail -n1; }
+long_id=$(last_id)
+submit FAILED "fails after 2 s (exit 3)" --max-attempts 1 -- sh -c 'sleep 2; exit 3'
+failing_id=$(last_id)
+submit SUCCEEDED "runs after long task 6" --after "$long_id" -- echo "long task $long_id is done"
+echo "    $(state_of "$(last_id)") until task $long_id has succeeded"
+submit CANCELLED "runs after the task that fails" --after "$failing_id" -- echo "never printed"
+submit CANCELLED "runs after that one" --after "$(last_id)" -- echo "never printed"
 submit CANCELLED "cancelled while it runs" -- sleep 60
-cancel_id=$(printf '%s\n' "${!name[@]}" | sort -n | tail -n1)
+cancel_id=$(last_id)
 
 step "putting a periodic task: every second, it submits a task of its own"
 "$bin" periodic put demo-tick --every 1s -- sh -c 'echo "tick on node $TASKRAFT_NODE_ID"'

@@ -695,8 +695,28 @@ async fn client(run: ClientRun) -> anyhow::Result<()> {
         {
             spec.after = vec![task_id.clone()];
         }
+        // An eighth of the submissions are a chain of two in one batch, the
+        // second after the first by its index: a short task in the default
+        // queue, so the chains add little work to the backlog at the heal
+        // (the limited queue's alone takes much of the liveness deadline).
+        let mut specs = vec![spec];
+        if rng.below(8) == 0 {
+            let then = pb::TaskSpec {
+                command: Some(pb::Command {
+                    program: SIM_PROGRAM.into(),
+                    args: vec!["50".into()],
+                    ..Default::default()
+                }),
+                idempotency_key: format!("{}-then", specs[0].idempotency_key),
+                after_in_batch: vec![0],
+                max_attempts: 10,
+                backoff: specs[0].backoff,
+                ..Default::default()
+            };
+            specs.push(then);
+        }
         // Failures are in the history as `info`; only acks count.
-        if let Ok(ids) = submit_recorded(&mut client, history, process, vec![spec]).await {
+        if let Ok(ids) = submit_recorded(&mut client, history, process, specs).await {
             last_acknowledged = ids.last().cloned().or(last_acknowledged);
             let mut probed = run.probe.last_acknowledged.lock().unwrap_or_else(|p| p.into_inner());
             *probed = last_acknowledged.clone();

@@ -223,14 +223,30 @@ pub async fn wait_until_all_finished(
                 Err(status) => last_error = Some(status),
             }
         }
-        let n_unfinished = tasks.iter().filter(|task| !task.as_ref().is_some_and(finished)).count();
-        if n_unfinished == 0 {
+        let unfinished: Vec<String> = ids
+            .iter()
+            .zip(&tasks)
+            .filter(|(_, task)| !task.as_ref().is_some_and(finished))
+            .map(|(id, task)| match task {
+                Some(task) => format!(
+                    "{id} {} after {:?} attempts {:?}",
+                    pb::TaskState::try_from(task.state)
+                        .map_or("UNKNOWN", |state| state.as_str_name()),
+                    task.spec.as_ref().map(|spec| &spec.after),
+                    task.attempts.iter().map(|a| (a.fencing_token, &a.outcome)).collect::<Vec<_>>()
+                ),
+                None => format!("{id} never read"),
+            })
+            .collect();
+        if unfinished.is_empty() {
             return Ok(tasks.into_iter().flatten().collect());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{n_unfinished} of {} tasks unfinished after {timeout:?} (last read error: {last_error:?})",
-            ids.len()
+            "{} of {} tasks unfinished after {timeout:?} (last read error: {last_error:?}); the first: {:?}",
+            unfinished.len(),
+            ids.len(),
+            &unfinished[..unfinished.len().min(5)]
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

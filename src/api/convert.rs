@@ -6,8 +6,8 @@ use crate::proto::taskraft_v1 as pb;
 use crate::scheduler::periodic::check_name as check_periodic_name;
 use crate::scheduler::task::{Attempt, Outcome, QUEUE_DEFAULT};
 use crate::scheduler::{
-    Backoff, Cadence, CommandSpec, CronExpr, Limits, Overlap, Periodic, Schedule, State, Task,
-    TaskId, TaskSpec, TaskState,
+    Awaited, Backoff, Cadence, CommandSpec, CronExpr, Limits, Overlap, Periodic, Schedule, State,
+    Task, TaskId, TaskSpec, TaskState,
 };
 
 /// The per-attempt timeout of a spec that names none.
@@ -63,10 +63,26 @@ pub fn spec_from_pb(
     Ok(spec)
 }
 
-/// The tasks a submitted spec runs after, checked against the node's
-/// configured limits.
-pub fn after_from_pb(after: &[String], limits: &Limits) -> Result<Vec<TaskId>, ApiError> {
-    let after = after.iter().map(|id| parse_task_id(id)).collect::<Result<Vec<_>, _>>()?;
+/// The tasks the spec at `spec_idx` of a submission runs after, by id and
+/// by index in the batch, checked against the node's configured limits.
+pub fn after_from_pb(
+    spec: &pb::TaskSpec,
+    spec_idx: usize,
+    limits: &Limits,
+) -> Result<Vec<Awaited>, ApiError> {
+    let mut after = spec
+        .after
+        .iter()
+        .map(|id| parse_task_id(id).map(Awaited::Task))
+        .collect::<Result<Vec<_>, _>>()?;
+    for &idx in &spec.after_in_batch {
+        if idx as usize >= spec_idx {
+            return Err(ApiError::InvalidArgument(format!(
+                "after_in_batch names task {idx} of the batch, which does not come before it"
+            )));
+        }
+        after.push(Awaited::InBatch(idx));
+    }
     limits.check_after(&after).map_err(|err| ApiError::InvalidArgument(err.0))?;
     Ok(after)
 }
@@ -149,6 +165,7 @@ fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
         idempotency_key: spec.idempotency_key.as_deref().unwrap_or_default().to_owned(),
         labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         after: Vec::new(),
+        after_in_batch: Vec::new(),
     }
 }
 
@@ -192,7 +209,7 @@ pub fn periodic_from_pb(
     let spec = periodic
         .spec
         .ok_or_else(|| ApiError::InvalidArgument("the periodic task has no task spec".into()))?;
-    if !spec.after.is_empty() {
+    if !spec.after.is_empty() || !spec.after_in_batch.is_empty() {
         return Err(ApiError::InvalidArgument(
             "a periodic task's spec names no tasks to run after".into(),
         ));
@@ -314,7 +331,8 @@ mod tests {
         let back = task_to_pb(&task);
         assert_eq!((back.id.as_str(), back.state), ("7", pb::TaskState::Pending as i32));
         let back_spec = back.spec.unwrap();
-        assert_eq!(after_from_pb(&back_spec.after, &Limits::default()).unwrap(), &*task.after);
+        let after: Vec<Awaited> = task.after.iter().copied().map(Awaited::Task).collect();
+        assert_eq!(after_from_pb(&back_spec, 0, &Limits::default()).unwrap(), after);
         assert_eq!(spec_from_pb(back_spec, &Limits::default(), 0).unwrap(), spec);
     }
 
@@ -322,12 +340,17 @@ mod tests {
     fn bad_lists_of_tasks_to_run_after_are_refused() {
         let limits = Limits { after_tasks_max: 2, ..Limits::default() };
         let ids = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
-        for (after, expected) in [
-            (ids(&["1", "x"]), "task id \"x\" is not a number"),
-            (ids(&["1", "2", "3"]), "runs after 3 tasks, more than 2"),
-            (ids(&["4", "4"]), "runs after task 4 twice"),
+        for (after, in_batch, expected) in [
+            (ids(&["1", "x"]), vec![], "task id \"x\" is not a number"),
+            (ids(&["1", "2", "3"]), vec![], "runs after 3 tasks, more than 2"),
+            (ids(&["1"]), vec![0, 1], "runs after 3 tasks, more than 2"),
+            (ids(&["4", "4"]), vec![], "runs after task 4 twice"),
+            (vec![], vec![1, 1], "runs after task 1 of the batch twice"),
+            (vec![], vec![2], "names task 2 of the batch, which does not come before it"),
         ] {
-            match after_from_pb(&after, &limits) {
+            let spec =
+                pb::TaskSpec { after: after.clone(), after_in_batch: in_batch, ..pb_spec("x") };
+            match after_from_pb(&spec, 2, &limits) {
                 Err(ApiError::InvalidArgument(message)) => {
                     assert!(message.contains(expected), "{message}")
                 }

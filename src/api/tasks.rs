@@ -58,7 +58,7 @@ impl TasksService {
             .into_iter()
             .enumerate()
             .map(|(spec_idx, spec)| {
-                after_from_pb(&spec.after, limits)
+                after_from_pb(&spec, spec_idx, limits)
                     .and_then(|after| Ok((spec_from_pb(spec, limits, now_ms)?, after)))
                     .map_err(|err| match err {
                         ApiError::InvalidArgument(message) if n_specs > 1 => {

@@ -684,6 +684,7 @@ fn spec_from_args(args: &TaskArgs) -> Result<pb::TaskSpec, Failure> {
         idempotency_key: String::new(),
         labels,
         after: Vec::new(),
+        after_in_batch: Vec::new(),
     })
 }
 

@@ -89,8 +89,27 @@ pub enum Command {
         now_ms: u64,
         queued_tasks_max: u64,
         specs: Vec<TaskSpec>,
-        after: Vec<Vec<TaskId>>,
+        after: Vec<Vec<Awaited>>,
     },
+}
+
+/// A task a submitted task is to run after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Awaited {
+    /// A task that exists already.
+    Task(TaskId),
+    /// The task of an earlier spec of the same batch, by its index: a whole
+    /// graph of tasks goes in with one submission.
+    InBatch(u32),
+}
+
+impl fmt::Display for Awaited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Awaited::Task(id) => write!(f, "task {id}"),
+            Awaited::InBatch(idx) => write!(f, "task {idx} of the batch"),
+        }
+    }
 }
 
 /// The most periodic tasks one `FirePeriodic` entry fires; the leader

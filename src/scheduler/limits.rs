@@ -9,7 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::task::{Schedule, TaskId, TaskSpec};
+use crate::scheduler::command::Awaited;
+use crate::scheduler::task::{Schedule, TaskSpec};
 
 /// The most output of one stream kept for one attempt in the replicated
 /// state; executors keep less (their own configured tail).
@@ -162,7 +163,7 @@ impl Limits {
 
     /// Checks the tasks one task is to run after: at most
     /// `after_tasks_max` of them, each once.
-    pub fn check_after(&self, after: &[TaskId]) -> Result<(), LimitError> {
+    pub fn check_after(&self, after: &[Awaited]) -> Result<(), LimitError> {
         if after.len() > self.after_tasks_max {
             refuse!(
                 "the task runs after {} tasks, more than {}",
@@ -171,8 +172,8 @@ impl Limits {
             );
         }
         let mut seen = std::collections::BTreeSet::new();
-        if let Some(twice) = after.iter().find(|id| !seen.insert(**id)) {
-            refuse!("the task runs after task {twice} twice");
+        if let Some(twice) = after.iter().find(|awaited| !seen.insert(**awaited)) {
+            refuse!("the task runs after {twice} twice");
         }
         Ok(())
     }

@@ -26,8 +26,8 @@ pub mod state;
 pub mod task;
 
 pub use command::{
-    Assignment, AttemptReport, Command, LostAttempt, Recorded, Rejection, RejectionKind, Response,
-    Submitted,
+    Assignment, AttemptReport, Awaited, Command, LostAttempt, Recorded, Rejection, RejectionKind,
+    Response, Submitted,
 };
 pub use limits::Limits;
 pub use periodic::{Cadence, CronExpr, Overlap, Periodic};

@@ -11,8 +11,8 @@ use crate::scheduler::command::Placement;
 use crate::scheduler::lease::LeaseTable;
 use crate::scheduler::policy::{ExecutorCapacity, PlacementCursor, plan};
 use crate::scheduler::{
-    Assignment, AttemptReport, Backoff, Command, LostAttempt, Outcome, RejectionKind, Response,
-    Schedule, State, Task, TaskId, TaskSpec, TaskState,
+    Assignment, AttemptReport, Awaited, Backoff, Command, LostAttempt, Outcome, RejectionKind,
+    Response, Schedule, State, Task, TaskId, TaskSpec, TaskState,
 };
 
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -686,7 +686,7 @@ impl Cluster {
             now_ms: NOW_MS,
             queued_tasks_max: 1_000,
             specs: vec![spec],
-            after: vec![after.to_vec()],
+            after: vec![after.iter().copied().map(Awaited::Task).collect()],
         })
     }
 
@@ -848,7 +848,7 @@ fn a_submission_after_tasks_that_cannot_succeed_or_are_unknown_is_refused() {
         now_ms: NOW_MS,
         queued_tasks_max: 1_000,
         specs: vec![spec_in("q", 0), spec_in("q", 0)],
-        after: vec![vec![live]],
+        after: vec![vec![Awaited::Task(live)]],
     };
     assert_eq!(rejection_kind(cluster.apply(mismatched)), RejectionKind::InvalidArgument);
     // In a batch, one bad list refuses the whole batch.
@@ -856,7 +856,7 @@ fn a_submission_after_tasks_that_cannot_succeed_or_are_unknown_is_refused() {
         now_ms: NOW_MS,
         queued_tasks_max: 1_000,
         specs: vec![spec_in("q", 0), spec_in("q", 0)],
-        after: vec![vec![live], vec![failed]],
+        after: vec![vec![Awaited::Task(live)], vec![Awaited::Task(failed)]],
     };
     match cluster.apply(batch) {
         Response::Rejected(rejection) => {
@@ -892,4 +892,77 @@ fn parts_with_an_after_no_command_could_produce_are_refused() {
     assert!(err.contains("all succeeded"), "{err}");
     // As they are, they rebuild.
     State::from_parts(meta, vec![cluster.task(a).clone(), cluster.task(b).clone()]).unwrap();
+}
+
+#[test]
+fn a_batch_submits_a_graph_whose_tasks_run_after_earlier_ones_of_the_batch() {
+    let mut cluster = Cluster::new(vec![executor(1, 4, &[])]);
+    let before = cluster.submit(TaskSpec { idempotency_key: Some("k".into()), ..spec_in("q", 0) });
+    // A diamond: 0, then 1 and 2 after it, then 3 after both; 4 names a
+    // spec whose key names the task there was already, and that task.
+    let keyed = TaskSpec { idempotency_key: Some("k".into()), ..spec_in("q", 0) };
+    let specs = vec![
+        spec_in("q", 0),
+        spec_in("q", 0),
+        spec_in("q", 0),
+        spec_in("q", 0),
+        keyed,
+        spec_in("q", 0),
+    ];
+    let after = vec![
+        vec![],
+        vec![Awaited::InBatch(0)],
+        vec![Awaited::InBatch(0)],
+        vec![Awaited::InBatch(2), Awaited::InBatch(1)],
+        vec![],
+        vec![Awaited::InBatch(4), Awaited::Task(before)],
+    ];
+    let command = Command::SubmitAfter { now_ms: NOW_MS, queued_tasks_max: 1_000, specs, after };
+    let ids: Vec<TaskId> = match cluster.apply(command) {
+        Response::Submitted(results) => results.iter().map(|result| result.task.id).collect(),
+        other => panic!("{other:?}"),
+    };
+    let [top, left, right, bottom, existing, twice] = ids[..] else { panic!("{ids:?}") };
+    assert_eq!(existing, before, "the key named the task there was");
+    assert_eq!(&*cluster.task(bottom).after, &[left, right]);
+    assert_eq!(&*cluster.task(twice).after, &[before], "one task named twice is awaited once");
+    assert_eq!(
+        cluster.state_of(&[top, left, right, bottom]),
+        [TaskState::Ready, TaskState::Waiting, TaskState::Waiting, TaskState::Waiting]
+    );
+    let token = cluster.assign_now(top);
+    cluster.complete(top, token, Outcome::Exited { code: 0 }, NOW_MS + 10);
+    assert_eq!(
+        cluster.state_of(&[left, right, bottom]),
+        [TaskState::Ready, TaskState::Ready, TaskState::Waiting]
+    );
+    for id in [left, right] {
+        let token = cluster.assign_now(id);
+        cluster.complete(id, token, Outcome::Exited { code: 0 }, NOW_MS + 20);
+    }
+    assert_eq!(cluster.task(bottom).state, TaskState::Ready);
+
+    // An index that does not come before its spec is refused, whole.
+    let n_tasks = cluster.state.n_tasks();
+    for after in [vec![vec![], vec![Awaited::InBatch(1)]], vec![vec![Awaited::InBatch(0)], vec![]]]
+    {
+        let command = Command::SubmitAfter {
+            now_ms: NOW_MS,
+            queued_tasks_max: 1_000,
+            specs: vec![spec_in("q", 0), spec_in("q", 0)],
+            after,
+        };
+        match cluster.apply(command) {
+            Response::Rejected(rejection) => {
+                assert_eq!(rejection.kind, RejectionKind::InvalidArgument);
+                assert!(
+                    rejection.message.contains("does not come before it"),
+                    "{}",
+                    rejection.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(cluster.state.n_tasks(), n_tasks);
 }

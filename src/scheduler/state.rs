@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::scheduler::backoff::retry_delay_ms;
 use crate::scheduler::command::FIRES_PER_ENTRY_MAX;
 use crate::scheduler::command::{
-    Assignment, AttemptReport, Command, LostAttempt, Placement, Recorded, Rejection, RejectionKind,
-    Response, Submitted,
+    Assignment, AttemptReport, Awaited, Command, LostAttempt, Placement, Recorded, Rejection,
+    RejectionKind, Response, Submitted,
 };
 use crate::scheduler::limits::{Limits, OUTPUT_TAIL_BYTES_CEILING};
 use crate::scheduler::periodic::{self, Cadence, Overlap, Periodic};
@@ -631,7 +631,7 @@ impl State {
         now_ms: u64,
         queued_tasks_max: u64,
         specs: &[TaskSpec],
-        after: &[Vec<TaskId>],
+        after: &[Vec<Awaited>],
         changed: &mut Vec<TaskId>,
     ) -> Result<Vec<Submitted>, Rejection> {
         let ceiling = &Limits::CEILING;
@@ -672,8 +672,27 @@ impl State {
             if let Err(err) = ceiling.check_after(spec_after) {
                 return Err(Rejection::new(RejectionKind::InvalidArgument, in_batch(err.0)));
             }
-            for dependency in spec_after {
-                match self.tasks.get(dependency).map(|task| task.state) {
+            for awaited in spec_after {
+                let dependency = match *awaited {
+                    Awaited::Task(id) => id,
+                    Awaited::InBatch(idx) if idx as usize >= spec_idx => {
+                        return Err(Rejection::new(
+                            RejectionKind::InvalidArgument,
+                            in_batch(format!("{awaited}, to run after, does not come before it")),
+                        ));
+                    }
+                    // A task of this batch is new, unless its key names a
+                    // task there is already: then that one is awaited.
+                    Awaited::InBatch(idx) => match specs[idx as usize]
+                        .idempotency_key
+                        .as_ref()
+                        .and_then(|key| self.task_by_idempotency_key.get(key))
+                    {
+                        Some(existing) => *existing,
+                        None => continue,
+                    },
+                };
+                match self.tasks.get(&dependency).map(|task| task.state) {
                     None => {
                         return Err(Rejection::new(
                             RejectionKind::NotFound,
@@ -712,7 +731,7 @@ impl State {
             ));
         }
 
-        let mut results = Vec::with_capacity(specs.len());
+        let mut results: Vec<Submitted> = Vec::with_capacity(specs.len());
         for (spec_idx, spec) in specs.iter().enumerate() {
             if let Some(existing) =
                 spec.idempotency_key.as_ref().and_then(|key| self.task_by_idempotency_key.get(key))
@@ -721,8 +740,19 @@ impl State {
                     .push(Submitted { task: self.tasks[existing].clone(), already_existed: true });
                 continue;
             }
-            let mut spec_after = after.get(spec_idx).cloned().unwrap_or_default();
+            let mut spec_after: Vec<TaskId> = after
+                .get(spec_idx)
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .map(|awaited| match *awaited {
+                    Awaited::Task(id) => id,
+                    Awaited::InBatch(idx) => results[idx as usize].task.id,
+                })
+                .collect();
+            // Two entries may name one task (an id, and a spec whose key
+            // named that task): it is awaited once.
             spec_after.sort_unstable();
+            spec_after.dedup();
             let task = self.insert_task(revision, now_ms, spec.clone(), spec_after.into(), changed);
             results.push(Submitted { task, already_existed: false });
         }

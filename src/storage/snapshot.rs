@@ -556,7 +556,7 @@ fn corrupt(message: String) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{Command, Schedule, TaskSpec};
+    use crate::scheduler::{Awaited, Command, Schedule, TaskSpec};
 
     /// A time of the kind a cluster stamps: milliseconds since 1970, in 2025.
     const NOW_MS: u64 = 1_750_000_000_000;
@@ -690,7 +690,10 @@ mod tests {
             now_ms: NOW_MS,
             queued_tasks_max: 100,
             specs: vec![TaskSpec::for_test("then"), TaskSpec::for_test("finally")],
-            after: vec![vec![TaskId(0), TaskId(2)], vec![TaskId(1)]],
+            after: vec![
+                vec![Awaited::Task(TaskId(0)), Awaited::Task(TaskId(2))],
+                vec![Awaited::Task(TaskId(1))],
+            ],
         };
         state.apply(2, &after);
         assert_eq!(state.n_tasks_in(TaskState::Waiting), 2);

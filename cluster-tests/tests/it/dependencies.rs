@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use cluster_tests::workload::wait_until_all_finished;
+use cluster_tests::workload::{submit_batch, wait_until_all_finished};
 use cluster_tests::{TestCluster, get, spec, submit};
 use taskraft::proto::taskraft_v1 as pb;
 
@@ -108,5 +108,64 @@ async fn a_task_runs_only_after_its_tasks_succeed_and_is_cancelled_when_one_fail
     assert_eq!(code, 4, "{stderr}");
     let (code, _, stderr) = cluster.cli(&["submit", "--after", "nope", "--", "true"])?;
     assert_eq!(code, 2, "{stderr}");
+    Ok(())
+}
+
+fn after_in_batch(mut spec: pb::TaskSpec, indexes: &[u32]) -> pb::TaskSpec {
+    spec.after_in_batch = indexes.to_vec();
+    spec
+}
+
+/// A whole graph in one `SubmitTasks` call: a diamond runs in its order,
+/// and a chain below a task that fails is cancelled; a batch whose index
+/// does not point back is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_submits_a_graph_that_runs_in_its_order() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3, &[]).await?;
+    let mut client = cluster.client()?;
+    let failing =
+        pb::TaskSpec { max_attempts: 1, ..spec("sh", &["-c", "sleep 0.3; exit 3"], None) };
+    let ids = submit_batch(
+        &mut client,
+        vec![
+            spec("sleep", &["0.5"], None),
+            after_in_batch(spec("sleep", &["0.3"], None), &[0]),
+            after_in_batch(spec("sleep", &["0.6"], None), &[0]),
+            after_in_batch(spec("true", &[], None), &[1, 2]),
+            failing,
+            after_in_batch(spec("true", &[], None), &[4]),
+            after_in_batch(spec("true", &[], None), &[5, 3]),
+        ],
+    )
+    .await?;
+    let tasks = wait_until_all_finished(&mut client, &ids, Duration::from_secs(60)).await?;
+    let states: Vec<i32> = tasks.iter().map(|task| task.state).collect();
+    let (succeeded, failed, cancelled) = (
+        pb::TaskState::Succeeded as i32,
+        pb::TaskState::Failed as i32,
+        pb::TaskState::Cancelled as i32,
+    );
+    assert_eq!(states, [succeeded, succeeded, succeeded, succeeded, failed, cancelled, cancelled]);
+    let after_of = |idx: usize| tasks[idx].spec.as_ref().expect("a spec").after.clone();
+    assert_eq!(after_of(3), [ids[1].clone(), ids[2].clone()], "read back as task ids");
+    for (task, before) in [(1, &[0][..]), (2, &[0]), (3, &[1, 2])] {
+        for before in before {
+            assert!(
+                first_assigned_ms(&tasks[task]) >= ended_ms(&tasks[*before]),
+                "task {task} of the batch was assigned before task {before} ended: {tasks:?}"
+            );
+        }
+    }
+    assert!(tasks[5..].iter().all(|task| task.attempts.is_empty()), "cancelled tasks ran");
+
+    let before = cluster_tests::list_all(&mut client, false).await?.len();
+    let forward = submit_batch(
+        &mut client,
+        vec![after_in_batch(spec("true", &[], None), &[1]), spec("true", &[], None)],
+    )
+    .await
+    .expect_err("an index that points forward");
+    assert!(forward.to_string().contains("does not come before it"), "{forward:#}");
+    assert_eq!(cluster_tests::list_all(&mut client, false).await?.len(), before);
     Ok(())
 }
