@@ -142,6 +142,11 @@ pub struct NodeMetrics {
     pub ready_by_queue: Vec<(String, u64)>,
     /// Queues with ready tasks that `ready_by_queue` leaves out.
     pub ready_queues_omitted: u64,
+    /// Limited queues by name, at most `queues_max` of them: the limit and
+    /// the tasks ASSIGNED or RUNNING.
+    pub queue_limits: Vec<(String, u32, u64)>,
+    /// Limited queues that `queue_limits` leaves out.
+    pub queue_limits_omitted: u64,
     pub periodic_tasks: u64,
     /// The earliest next fire time of a periodic task, Unix milliseconds.
     pub periodic_next_fire_ms: Option<u64>,
@@ -229,6 +234,15 @@ impl NodeMetrics {
             .map(|(queue, depth)| (queue.to_owned(), depth as u64))
             .collect();
         self.ready_queues_omitted = (n_queues - self.ready_by_queue.len()) as u64;
+        let limits = state.queue_limits();
+        let n_limits = limits.len();
+        self.queue_limits = limits
+            .take(queues_max)
+            .map(|(queue, running_max)| {
+                (queue.to_owned(), running_max, state.n_active_in_queue(queue))
+            })
+            .collect();
+        self.queue_limits_omitted = (n_limits - self.queue_limits.len()) as u64;
         self.executor_attempts_active = state.n_active_on(self.node_id) as u64;
         self.periodic_tasks = state.n_periodics() as u64;
         self.periodic_next_fire_ms = state.next_periodic_fire_ms();
@@ -359,6 +373,28 @@ pub fn render(metrics: &NodeMetrics) -> String {
         "gauge",
         "Queues with READY tasks left out of taskraft_ready_tasks (server.metrics_queues_max).",
         metrics.ready_queues_omitted,
+    );
+    out.family(
+        "taskraft_queue_running_max",
+        "gauge",
+        "The limit on ASSIGNED and RUNNING tasks of each limited queue (0: paused), the first by name.",
+    );
+    for (queue, running_max, _) in &metrics.queue_limits {
+        out.sample("taskraft_queue_running_max", &[("queue", queue)], u64::from(*running_max));
+    }
+    out.family(
+        "taskraft_queue_active_tasks",
+        "gauge",
+        "ASSIGNED and RUNNING tasks of each limited queue, as taskraft_queue_running_max names them.",
+    );
+    for (queue, _, n_active) in &metrics.queue_limits {
+        out.sample("taskraft_queue_active_tasks", &[("queue", queue)], *n_active);
+    }
+    out.single(
+        "taskraft_queue_limits_omitted",
+        "gauge",
+        "Limited queues left out of taskraft_queue_running_max (server.metrics_queues_max).",
+        metrics.queue_limits_omitted,
     );
 
     out.single(
@@ -635,7 +671,7 @@ fn respond<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{Command, Response, Schedule, TaskSpec};
+    use crate::scheduler::{Command, Response, Schedule, TaskId, TaskSpec};
 
     fn sample_metrics() -> NodeMetrics {
         NodeMetrics {
@@ -669,6 +705,8 @@ mod tests {
             tasks_by_state: TaskState::ALL.iter().zip(1..).map(|(state, n)| (*state, n)).collect(),
             ready_by_queue: vec![("default".into(), 4), ("odd \"q\"\\\nname".into(), 1)],
             ready_queues_omitted: 3,
+            queue_limits: vec![("serial".into(), 1, 1), ("paused".into(), 0, 0)],
+            queue_limits_omitted: 4,
             periodic_tasks: 2,
             periodic_next_fire_ms: Some(1_796_526_000_250),
             executor_slots: 2,
@@ -731,6 +769,10 @@ mod tests {
         assert_eq!(value("taskraft_tasks{state=\"CANCELLED\"}"), Some("8"));
         assert_eq!(value("taskraft_ready_tasks{queue=\"default\"}"), Some("4"));
         assert_eq!(value("taskraft_ready_queues_omitted"), Some("3"));
+        assert_eq!(value("taskraft_queue_running_max{queue=\"serial\"}"), Some("1"));
+        assert_eq!(value("taskraft_queue_running_max{queue=\"paused\"}"), Some("0"));
+        assert_eq!(value("taskraft_queue_active_tasks{queue=\"serial\"}"), Some("1"));
+        assert_eq!(value("taskraft_queue_limits_omitted"), Some("4"));
         assert_eq!(value("taskraft_periodic_tasks"), Some("2"));
         assert_eq!(value("taskraft_periodic_next_fire_timestamp_seconds"), Some("1796526000.25"));
         assert_eq!(value("taskraft_executor_lease_held"), Some("1"));
@@ -816,6 +858,21 @@ mod tests {
         metrics.read_tasks(&state, 0);
         assert!(metrics.ready_by_queue.is_empty());
         assert_eq!(metrics.ready_queues_omitted, 4);
+
+        // Limited queues, with their active tasks: task 1 is of queue a.
+        for (revision, queue) in [(2, "c"), (3, "a"), (4, "b")] {
+            let limit = Command::SetQueueLimit { queue: queue.into(), running_max: Some(2) };
+            state.apply(revision, &limit);
+        }
+        let assign = Command::Assign {
+            now_ms: 1_000,
+            assignments: vec![crate::scheduler::Assignment { task: TaskId(1), node: 1 }],
+        };
+        assert!(matches!(state.apply(5, &assign).response, Response::Assigned { .. }));
+        metrics.read_tasks(&state, 2);
+        assert_eq!(metrics.queue_limits, vec![("a".to_owned(), 2, 1), ("b".to_owned(), 2, 0)]);
+        assert_eq!(metrics.queue_limits_omitted, 1);
+        assert_eq!(metrics.executor_attempts_active, 1);
     }
 
     #[test]

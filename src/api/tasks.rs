@@ -492,11 +492,25 @@ impl Tasks for TasksService {
             Routed::Forwarded(reply) => return Ok(Response::new(reply)),
         };
         let pb::SetQueueLimitRequest { queue, running_max } = request.into_inner();
-        self.ctx
-            .config
-            .limits
-            .check_queue(&queue)
-            .map_err(|err| ApiError::InvalidArgument(err.0))?;
+        let limits = &self.ctx.config.limits;
+        limits.check_queue(&queue).map_err(|err| ApiError::InvalidArgument(err.0))?;
+        // Judged on this leader's state before proposing, so concurrent
+        // calls may pass it together; `apply` holds the ceiling exactly.
+        let n_limits = {
+            let applied = self.ctx.state_machine.read();
+            let state = &applied.state;
+            (state.queue_running_max(&queue).is_none() && running_max.is_some())
+                .then(|| state.queue_limits().len() as u64)
+        };
+        if let Some(n_limits) = n_limits
+            && n_limits >= limits.queue_limits_max
+        {
+            return Err(ApiError::ResourceExhausted(format!(
+                "{n_limits} queues have limits, the limit is {} (limits.queue_limits_max)",
+                limits.queue_limits_max
+            ))
+            .into());
+        }
         let command = Command::SetQueueLimit { queue: queue.clone(), running_max };
         match self.ctx.write(command).await? {
             Applied::Rejected(rejection) => Err(ApiError::from(rejection).into()),

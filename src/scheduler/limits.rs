@@ -46,6 +46,8 @@ pub struct Limits {
     pub periodic_tasks_max: u64,
     /// The tasks one task may run after.
     pub after_tasks_max: usize,
+    /// Queues with a limit on their active tasks.
+    pub queue_limits_max: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +71,7 @@ impl Default for Limits {
             batch_tasks_max: 1_000,
             periodic_tasks_max: 1_000,
             after_tasks_max: 64,
+            queue_limits_max: 1_000,
         }
     }
 }
@@ -103,12 +106,13 @@ impl Limits {
         batch_tasks_max: 100_000,
         periodic_tasks_max: 100_000,
         after_tasks_max: 4_096,
+        queue_limits_max: 100_000,
     };
 
     /// Checks that these limits are usable and within [`Limits::CEILING`].
     pub fn validate(&self) -> Result<(), LimitError> {
         let c = &Limits::CEILING;
-        let pairs: [(&str, u64, u64); 18] = [
+        let pairs: [(&str, u64, u64); 19] = [
             ("program_bytes_max", self.program_bytes_max as u64, c.program_bytes_max as u64),
             ("args_max", self.args_max as u64, c.args_max as u64),
             ("args_bytes_max", self.args_bytes_max as u64, c.args_bytes_max as u64),
@@ -139,6 +143,7 @@ impl Limits {
             ("batch_tasks_max", self.batch_tasks_max as u64, c.batch_tasks_max as u64),
             ("periodic_tasks_max", self.periodic_tasks_max, c.periodic_tasks_max),
             ("after_tasks_max", self.after_tasks_max as u64, c.after_tasks_max as u64),
+            ("queue_limits_max", self.queue_limits_max, c.queue_limits_max),
         ];
         for (name, value, ceiling) in pairs {
             if value == 0 {

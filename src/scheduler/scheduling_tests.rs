@@ -966,3 +966,24 @@ fn a_batch_submits_a_graph_whose_tasks_run_after_earlier_ones_of_the_batch() {
     }
     assert_eq!(cluster.state.n_tasks(), n_tasks);
 }
+
+#[test]
+fn queue_limits_are_bounded_by_the_ceiling_and_a_set_one_can_change() {
+    let mut state = State::default();
+    let ceiling = crate::scheduler::Limits::CEILING.queue_limits_max;
+    let limit =
+        |queue: String, running_max: Option<u32>| Command::SetQueueLimit { queue, running_max };
+    for idx in 0..ceiling {
+        let applied = state.apply(idx + 1, &limit(format!("q{idx}"), Some(1)));
+        assert_eq!(applied.response, Response::Empty);
+    }
+    let refused = state.apply(ceiling + 1, &limit("one-more".into(), Some(1))).response;
+    assert_eq!(rejection_kind(refused), RejectionKind::ResourceExhausted);
+    assert_eq!(state.queue_limits().len() as u64, ceiling);
+    // A queue that has a limit may change it; a lifted one frees a place.
+    assert_eq!(state.apply(ceiling + 2, &limit("q0".into(), Some(5))).response, Response::Empty);
+    assert_eq!(state.queue_running_max("q0"), Some(5));
+    assert_eq!(state.apply(ceiling + 3, &limit("q1".into(), None)).response, Response::Empty);
+    let taken = state.apply(ceiling + 4, &limit("one-more".into(), Some(1))).response;
+    assert_eq!(taken, Response::Empty);
+}

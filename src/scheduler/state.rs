@@ -874,6 +874,14 @@ impl State {
             .map_err(|message| Rejection::new(RejectionKind::InvalidArgument, message))?;
         match running_max {
             Some(running_max) => {
+                let n_limits = self.running_max_by_queue.len() as u64;
+                let ceiling = Limits::CEILING.queue_limits_max;
+                if n_limits >= ceiling && !self.running_max_by_queue.contains_key(queue) {
+                    return Err(Rejection::new(
+                        RejectionKind::ResourceExhausted,
+                        format!("{n_limits} queues have limits, the most there may be"),
+                    ));
+                }
                 self.running_max_by_queue.insert(queue.into(), running_max);
             }
             None => {

@@ -82,3 +82,65 @@ async fn a_limited_queue_runs_one_task_at_a_time_and_a_paused_one_none() -> anyh
     assert!(stderr.contains("may hold only"), "{stderr}");
     Ok(())
 }
+
+/// A node's `limits.queue_limits_max` bounds how many queues have a limit:
+/// one more is RESOURCE_EXHAUSTED (CLI exit 1) and changes nothing, while a
+/// queue that has one may change it, and a lifted one frees its place. Each
+/// node's metrics show the limits it applied and the active tasks under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_number_of_queue_limits_is_bounded_and_the_metrics_show_them() -> anyhow::Result<()> {
+    let (_config_dir, config_arg) = cluster_tests::config_file("[limits]\nqueue_limits_max = 2\n")?;
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    for (queue, running_max) in [("serial", "1"), ("paused", "0")] {
+        let (code, _, stderr) =
+            cluster.cli(&["queue", "limit", queue, "--running-max", running_max])?;
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let (code, _, stderr) = cluster.cli(&["queue", "limit", "third", "--running-max", "1"])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("2 queues have limits, the limit is 2"), "{stderr}");
+    let (code, _, stderr) = cluster.cli(&["queue", "limit", "serial", "--running-max", "3"])?;
+    assert_eq!(code, 0, "changing a limit that is set: {stderr}");
+
+    // A task held in the paused queue is not active; one running in serial is.
+    let mut client = cluster.client()?;
+    let running =
+        submit(&mut client, in_queue("serial", "sleep", &["30"])).await?.task.expect("a task");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(&mut client, &running.id, false).await?.state != pb::TaskState::Running as i32 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the serial task never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in 1..=3 {
+        let metrics_deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let metrics = loop {
+            let metrics = cluster.metrics(node).await?;
+            let active = metrics.get("taskraft_queue_active_tasks{queue=\"serial\"}").copied();
+            if active == Some(1.0) || std::time::Instant::now() > metrics_deadline {
+                break metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let value = |name: &str| metrics.get(name).copied();
+        assert_eq!(value("taskraft_queue_running_max{queue=\"serial\"}"), Some(3.0), "node {node}");
+        assert_eq!(value("taskraft_queue_running_max{queue=\"paused\"}"), Some(0.0), "node {node}");
+        assert_eq!(
+            value("taskraft_queue_active_tasks{queue=\"serial\"}"),
+            Some(1.0),
+            "node {node}"
+        );
+        assert_eq!(
+            value("taskraft_queue_active_tasks{queue=\"paused\"}"),
+            Some(0.0),
+            "node {node}"
+        );
+        assert_eq!(value("taskraft_queue_running_max{queue=\"third\"}"), None, "node {node}");
+        assert_eq!(value("taskraft_queue_limits_omitted"), Some(0.0), "node {node}");
+    }
+
+    let (code, _, stderr) = cluster.cli(&["queue", "limit", "paused", "--unlimited"])?;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = cluster.cli(&["queue", "limit", "third", "--running-max", "1"])?;
+    assert_eq!(code, 0, "a lifted limit frees its place: {stderr}");
+    Ok(())
+}
