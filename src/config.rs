@@ -213,6 +213,9 @@ pub struct ExecutionConfig {
     pub assign_batch_max: usize,
     /// How long finished tasks are kept before they are purged.
     pub retention_ms: u64,
+    /// The most finished tasks kept: beyond it the oldest are purged before
+    /// their retention ends (within about a purge batch).
+    pub finished_tasks_max: u64,
     pub purge_interval_ms: u64,
     /// Tasks purged in one Raft write.
     pub purge_batch_max: u32,
@@ -235,6 +238,7 @@ impl Default for ExecutionConfig {
             report_batch_bytes_max: 4 * 1024 * 1024,
             assign_batch_max: 256,
             retention_ms: 7 * 24 * 3600 * 1000,
+            finished_tasks_max: 1 << 20,
             purge_interval_ms: 60_000,
             purge_batch_max: 1_000,
         }
@@ -487,9 +491,11 @@ impl NodeConfig {
             || execution.assign_batch_max == 0
             || execution.purge_batch_max == 0
             || execution.purge_interval_ms == 0
+            || execution.finished_tasks_max == 0
         {
             return invalid(
-                "execution queue and batch sizes and the purge interval must be at least 1".into(),
+                "execution queue and batch sizes, finished_tasks_max and the purge interval must be at least 1"
+                    .into(),
             );
         }
         self.limits.validate().map_err(|err| ConfigError::Invalid(err.0))?;

@@ -5,7 +5,7 @@
 //! fenced to its own leadership (`write().with_leader(..)`). Each round it
 //! promotes delayed tasks that are due, re-queues attempts whose executors'
 //! leases ran out, places ready tasks on executors with free slots, and now
-//! and then purges finished tasks past their retention. Between rounds it
+//! and then purges finished tasks past their retention or their count. Between rounds it
 //! sleeps until the earliest of: a change to the state, a heartbeat, the next
 //! run-at time, the next lease expiry, the next purge. It never polls.
 //!
@@ -547,11 +547,21 @@ impl SchedulingLoop {
             },
             until: Instant::now() + Duration::from_millis(config.heartbeat_interval_ms),
         }));
-        if Instant::now() >= self.next_purge_at {
+        let purge_timer_due = Instant::now() >= self.next_purge_at;
+        if purge_timer_due {
             self.next_purge_at = Instant::now() + Duration::from_millis(config.purge_interval_ms);
+        }
+        if let Some(cutoff_ms) = state.purge_cutoff_ms(
+            now_ms,
+            config.retention_ms,
+            config.finished_tasks_max,
+            config.purge_batch_max,
+            purge_timer_due,
+        ) {
+            // Everything that finished at or before the cutoff, oldest first.
             commands.push(Command::PurgeFinished {
-                now_ms,
-                retention_ms: config.retention_ms,
+                now_ms: cutoff_ms,
+                retention_ms: 0,
                 tasks_max: config.purge_batch_max,
             });
         }

@@ -987,3 +987,37 @@ fn queue_limits_are_bounded_by_the_ceiling_and_a_set_one_can_change() {
     let taken = state.apply(ceiling + 4, &limit("one-more".into(), Some(1))).response;
     assert_eq!(taken, Response::Empty);
 }
+
+#[test]
+fn finished_tasks_are_purged_past_retention_or_beyond_their_count_a_batch_at_a_time() {
+    let mut cluster = Cluster::new(vec![executor(1, 8, &[])]);
+    let mut ids = Vec::new();
+    for ended_ms in [100, 200, 300, 400, 500] {
+        let id = cluster.submit(spec_in("q", 0));
+        let token = cluster.assign_now(id);
+        cluster.complete(id, token, Outcome::Exited { code: 0 }, NOW_MS + ended_ms);
+        ids.push(id);
+    }
+    let state = &cluster.state;
+    assert_eq!(state.n_tasks_finished(), 5);
+    let now_ms = NOW_MS + 1_000;
+    // Nothing past a retention of 10 s, and fewer than the count: nothing.
+    assert_eq!(state.purge_cutoff_ms(now_ms, 10_000, 5, 2, true), None);
+    // Past a retention of 750 ms: those that ended by 250 ms, when the
+    // timer is due, or at once when a whole batch (2) waits.
+    assert_eq!(state.purge_cutoff_ms(now_ms, 750, 5, 3, true), Some(NOW_MS + 250));
+    assert_eq!(state.purge_cutoff_ms(now_ms, 750, 5, 3, false), None);
+    assert_eq!(state.purge_cutoff_ms(now_ms, 750, 5, 2, false), Some(NOW_MS + 250));
+    // Beyond a count of 2: the 3 oldest, at most a batch of them at once.
+    assert_eq!(state.purge_cutoff_ms(now_ms, 10_000, 2, 10, true), Some(NOW_MS + 300));
+    assert_eq!(state.purge_cutoff_ms(now_ms, 10_000, 2, 2, false), Some(NOW_MS + 200));
+    // Both: the later cutoff.
+    assert_eq!(state.purge_cutoff_ms(now_ms, 650, 3, 10, true), Some(NOW_MS + 350));
+
+    // The leader's purge at that cutoff keeps the newest ones.
+    let cutoff_ms = state.purge_cutoff_ms(now_ms, 10_000, 2, 10, true).unwrap();
+    let purge = Command::PurgeFinished { now_ms: cutoff_ms, retention_ms: 0, tasks_max: 10 };
+    assert_eq!(cluster.apply(purge), Response::Purged(ids[..3].to_vec()));
+    assert_eq!(cluster.state.n_tasks_finished(), 2);
+    assert_eq!(cluster.state.purge_cutoff_ms(now_ms, 10_000, 2, 10, true), None);
+}

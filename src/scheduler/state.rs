@@ -492,6 +492,38 @@ impl State {
     }
 
     /// The earliest run-at time among pending tasks.
+    /// Tasks in a terminal state, kept until they are purged.
+    pub fn n_tasks_finished(&self) -> usize {
+        self.finished_by_time.len()
+    }
+
+    /// The finish time up to which finished tasks should be purged now, if
+    /// any: those that finished `retention_ms` or more before `now_ms`, and
+    /// the oldest beyond `finished_tasks_max`. One `PurgeFinished` removes
+    /// at most `tasks_max` of them, so a purge is due at once only when a
+    /// whole batch is waiting; less waits for `timer_due` (the purge
+    /// interval), so that retention costs a write per interval, not one per
+    /// task, however fast tasks finish.
+    pub fn purge_cutoff_ms(
+        &self,
+        now_ms: u64,
+        retention_ms: u64,
+        finished_tasks_max: u64,
+        tasks_max: u32,
+        timer_due: bool,
+    ) -> Option<u64> {
+        let batch = (tasks_max as usize).max(1);
+        let time_of = |rank: usize| self.finished_by_time.iter().nth(rank).map(|(ms, _)| *ms);
+        let n_over = (self.finished_by_time.len() as u64).saturating_sub(finished_tasks_max);
+        let over_cutoff_ms = match n_over {
+            0 => None,
+            n_over => time_of((n_over as usize).min(batch) - 1),
+        };
+        let cutoff_ms = now_ms.saturating_sub(retention_ms).max(over_cutoff_ms.unwrap_or(0));
+        let is_due = |rank: usize| time_of(rank).is_some_and(|ms| ms <= cutoff_ms);
+        (is_due(batch - 1) || (timer_due && is_due(0))).then_some(cutoff_ms)
+    }
+
     pub fn next_pending_run_at_ms(&self) -> Option<u64> {
         self.pending_by_run_at.first().map(|(run_at_ms, _)| *run_at_ms)
     }

@@ -760,3 +760,43 @@ async fn a_task_runs_in_its_directory_a_missing_program_fails_and_the_process_di
     );
     Ok(())
 }
+
+/// With `execution.finished_tasks_max` set low, the leader purges the
+/// oldest finished tasks beyond it long before their retention ends, and
+/// keeps the newest: the state stays bounded however fast tasks finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_tasks_beyond_their_count_are_purged_oldest_first() -> anyhow::Result<()> {
+    let (_config_dir, config_arg) = cluster_tests::config_file(
+        "[execution]\nfinished_tasks_max = 3\npurge_interval_ms = 200\n",
+    )?;
+    let cluster = TestCluster::start(3, &["--config", &config_arg]).await?;
+    let mut client = cluster.client()?;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let task =
+            cluster_tests::submit(&mut client, cluster_tests::spec("true", &[], None)).await?;
+        ids.push(task.task.expect("a submitted task").id);
+    }
+    cluster_tests::workload::wait_until_all_finished(
+        &mut client,
+        &ids[7..],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let kept = loop {
+        let kept: Vec<String> = cluster_tests::list_all(&mut client, false)
+            .await?
+            .into_iter()
+            .map(|task| task.id)
+            .collect();
+        if kept.len() <= 3 || std::time::Instant::now() > deadline {
+            break kept;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(kept, ids[5..], "the three newest finished tasks are kept");
+    let purged = cluster_tests::get(&mut client, &ids[0], false).await.expect_err("purged");
+    assert_eq!(purged.code(), tonic::Code::NotFound);
+    Ok(())
+}
